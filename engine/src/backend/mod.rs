@@ -1,0 +1,73 @@
+//! Volumes behind virtual disks, shaped like SPDK's bdev function table.
+//!
+//! A backend turns one block operation into at most one io_uring submission on the calling
+//! reactor's ring (so completions come back to the thread that owns the queue), or finishes it
+//! on the spot. It never blocks and never allocates per operation.
+
+mod file;
+mod null;
+
+pub use file::FileBackend;
+pub use null::NullBackend;
+
+use io_uring::squeue;
+use std::io;
+
+/// What a volume is and can do; fixed at open time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// Volume size in bytes.
+    pub size_bytes: u64,
+    /// Buffer address and length alignment the volume needs (O_DIRECT); 1 when it needs none.
+    pub dio_alignment: u32,
+    /// Whether data and metadata can be made durable (FLUSH does something).
+    pub volatile_cache: bool,
+    /// Whether the volume can deallocate ranges (DISCARD, WRITE_ZEROES with unmap).
+    pub discard: bool,
+}
+
+/// One block operation. Offsets and lengths are in bytes and already range-checked.
+#[derive(Clone, Copy, Debug)]
+pub enum IoOp {
+    /// Read into guest buffers.
+    Read {
+        offset: u64,
+        iov: *const libc::iovec,
+        iov_count: u32,
+    },
+    /// Write from guest buffers; `fua` makes this write durable before it completes.
+    Write {
+        offset: u64,
+        iov: *const libc::iovec,
+        iov_count: u32,
+        fua: bool,
+    },
+    /// Make every completed write durable.
+    Flush,
+    /// Deallocate a range; later reads return zeroes.
+    Discard { offset: u64, len: u64 },
+    /// Zero a range, keeping it allocated unless `unmap`.
+    WriteZeroes { offset: u64, len: u64, unmap: bool },
+}
+
+/// How a backend took an operation.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Submitted {
+    /// An SQE carrying the caller's user_data was pushed; its CQE finishes the operation.
+    Queued,
+    /// Finished without I/O: the result is what a CQE would carry (0 or bytes, or -errno).
+    Done(i32),
+}
+
+/// A volume. Shared by the reactors that serve its queues; `submit` is called from them.
+pub trait Backend: Send + Sync {
+    /// What the volume is.
+    fn info(&self) -> BackendInfo;
+
+    /// Starts `op`. The caller guarantees a free SQ entry and keeps the iovecs (and the
+    /// memory they point to) alive until the CQE arrives.
+    fn submit(&self, op: &IoOp, user_data: u64, sq: &mut squeue::SubmissionQueue<'_>) -> Submitted;
+
+    /// Makes everything written durable (shutdown, detach); may block.
+    fn sync_all(&self) -> io::Result<()>;
+}

@@ -1,0 +1,127 @@
+//! A virtio-blk disk: a volume plus what the guest sees of it (features, config space).
+//! Transports (vhost-user, Xen) share one `BlkDevice` with the reactors serving its queues.
+
+use crate::backend::Backend;
+use crate::blk::{self, feature, BlkConfig};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// How a disk is presented; chosen by the operator.
+#[derive(Clone, Debug)]
+pub struct DiskOptions {
+    /// Name for logs (e.g. "disk0").
+    pub name: String,
+    /// Logical block size the guest sees: 512 or 4096.
+    pub block_size: u32,
+    /// Refuse writes, discards and write-zeroes (VIRTIO_BLK_F_RO).
+    pub readonly: bool,
+    /// GET_ID answer, at most 20 bytes.
+    pub serial: String,
+    /// Most queues a front end may use.
+    pub num_queues: u16,
+}
+
+/// A disk served to guests.
+pub struct BlkDevice {
+    options: DiskOptions,
+    backend: Arc<dyn Backend>,
+    serial: [u8; blk::ID_BYTES],
+    /// Write-back cache on (the guest may turn it off through CONFIG_WCE); when off, every
+    /// write is made durable before it completes.
+    writeback: AtomicBool,
+}
+
+impl BlkDevice {
+    /// A disk over `backend`. Panics on options the CLI must have refused.
+    pub fn new(options: DiskOptions, backend: Arc<dyn Backend>) -> BlkDevice {
+        assert!(options.block_size == 512 || options.block_size == 4096);
+        assert!(options.serial.len() <= blk::ID_BYTES);
+        assert!(options.num_queues >= 1);
+        assert_eq!(backend.info().size_bytes % u64::from(options.block_size), 0);
+        let mut serial = [0u8; blk::ID_BYTES];
+        serial[..options.serial.len()].copy_from_slice(options.serial.as_bytes());
+        BlkDevice {
+            options,
+            backend,
+            serial,
+            writeback: AtomicBool::new(true),
+        }
+    }
+
+    /// The operator's options.
+    pub fn options(&self) -> &DiskOptions {
+        &self.options
+    }
+
+    /// The volume.
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.backend.info().size_bytes / blk::SECTOR_SIZE
+    }
+
+    /// The GET_ID answer (zero padded).
+    pub fn serial(&self) -> &[u8; blk::ID_BYTES] {
+        &self.serial
+    }
+
+    /// Whether writes must be durable before completion (write-through).
+    pub fn write_through(&self) -> bool {
+        !self.writeback.load(Ordering::Relaxed)
+    }
+
+    /// The driver wrote the `writeback` config field.
+    pub fn set_writeback(&self, on: bool) {
+        self.writeback.store(on, Ordering::Relaxed);
+    }
+
+    /// virtio feature bits this disk offers (device and ring bits; no transport bits).
+    pub fn features(&self) -> u64 {
+        let info = self.backend.info();
+        let mut bits = [
+            feature::VERSION_1,
+            feature::RING_EVENT_IDX,
+            feature::RING_INDIRECT_DESC,
+            feature::SIZE_MAX,
+            feature::SEG_MAX,
+            feature::BLK_SIZE,
+            feature::TOPOLOGY,
+            feature::FLUSH,
+            feature::CONFIG_WCE,
+            feature::MQ,
+        ]
+        .iter()
+        .fold(0u64, |acc, bit| acc | 1 << bit);
+        if self.options.readonly {
+            bits |= 1 << feature::RO;
+        } else if info.discard {
+            bits |= 1 << feature::DISCARD | 1 << feature::WRITE_ZEROES;
+        }
+        bits
+    }
+
+    /// The config space as the guest reads it now.
+    pub fn config(&self) -> BlkConfig {
+        let sectors_per_block = self.options.block_size / blk::SECTOR_SIZE as u32;
+        BlkConfig {
+            capacity_sectors: self.capacity_sectors(),
+            size_max: blk::SIZE_MAX,
+            seg_max: blk::SEG_MAX,
+            blk_size: self.options.block_size,
+            physical_block_exp: 0,
+            min_io_size: 1,
+            opt_io_size: 0,
+            writeback: u8::from(!self.write_through()),
+            num_queues: self.options.num_queues,
+            max_discard_sectors: blk::MAX_DWZ_SECTORS,
+            max_discard_seg: blk::MAX_DWZ_SEG,
+            discard_sector_alignment: sectors_per_block,
+            max_write_zeroes_sectors: blk::MAX_DWZ_SECTORS,
+            max_write_zeroes_seg: blk::MAX_DWZ_SEG,
+            write_zeroes_may_unmap: 1,
+        }
+    }
+}

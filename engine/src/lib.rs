@@ -1,0 +1,15 @@
+//! pollblk-engine: everything of pollblk that is not a transport.
+//!
+//! - [`reactor`]: per-core polled threads owning virtqueues and an io_uring each.
+//! - [`virtqueue`]: the device side of split virtqueues.
+//! - [`blk`]: virtio-blk requests, status, features and config space.
+//! - [`backend`]: volumes (null, file).
+//! - [`device`]: a disk as guests see it.
+//! - [`mem`]: guest memory shared by a front end.
+
+pub mod backend;
+pub mod blk;
+pub mod device;
+pub mod mem;
+pub mod reactor;
+pub mod virtqueue;

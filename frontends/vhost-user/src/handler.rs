@@ -1,0 +1,408 @@
+//! The vhost-user-blk message handler: turns front-end requests into engine operations.
+//!
+//! Message framing, fd passing, header and size validation and feature gating are the `vhost`
+//! crate's (its `BackendReqHandler`); this file holds the state of one front-end connection
+//! (negotiated features, memory table, per-vring setup) and starts, reconfigures and stops
+//! queues on the reactors.
+
+use pollblk_engine::blk::{self, BlkConfig};
+use pollblk_engine::device::BlkDevice;
+use pollblk_engine::mem::{GuestMemory, MmapRegion, MAX_REGIONS};
+use pollblk_engine::reactor::{QueueId, QueueSetup, ReactorHandle};
+use pollblk_engine::virtqueue::{RingAddrs, MAX_QUEUE_SIZE};
+use std::fs::File;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::Arc;
+use vhost::vhost_user::message::*;
+use vhost::vhost_user::{Backend, Error, GpuBackend, Result, VhostUserBackendReqHandlerMut};
+use vhost::VhostUserMemoryRegionBase;
+use vmm_sys_util::eventfd::EventFd;
+
+/// VHOST_USER_F_PROTOCOL_FEATURES: rings start disabled and need SET_VRING_ENABLE.
+const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+
+/// Setup of one vring as the front end has described it so far.
+#[derive(Default)]
+struct Vring {
+    size: u16,
+    addrs: Option<RingAddrs>,
+    base: u16,
+    call: Option<EventFd>,
+    err: Option<EventFd>,
+    enabled: bool,
+    /// Set while the queue runs on a reactor.
+    running: Option<QueueId>,
+}
+
+/// Back-end state of one front-end connection to one disk.
+pub struct BlkHandler {
+    device: Arc<BlkDevice>,
+    reactors: Vec<ReactorHandle>,
+    acked_features: u64,
+    acked_protocol: VhostUserProtocolFeatures,
+    regions: Vec<Arc<MmapRegion>>,
+    mem: Arc<GuestMemory>,
+    vrings: Vec<Vring>,
+}
+
+fn invalid(what: &'static str) -> Error {
+    Error::InvalidOperation(what)
+}
+
+impl BlkHandler {
+    /// A fresh connection to `device`, whose queue i runs on `reactors[i % len]`.
+    pub fn new(device: Arc<BlkDevice>, reactors: Vec<ReactorHandle>) -> BlkHandler {
+        assert!(!reactors.is_empty());
+        let queues = usize::from(device.options().num_queues);
+        BlkHandler {
+            device,
+            reactors,
+            acked_features: 0,
+            acked_protocol: VhostUserProtocolFeatures::empty(),
+            regions: Vec::new(),
+            mem: Arc::new(GuestMemory::default()),
+            vrings: (0..queues).map(|_| Vring::default()).collect(),
+        }
+    }
+
+    /// Features this back end offers: the disk's, plus the vhost-user transport bit.
+    pub fn offered_features(&self) -> u64 {
+        self.device.features() | PROTOCOL_FEATURES_BIT
+    }
+
+    /// Protocol features offered (REPLY_ACK is added by the vhost crate).
+    pub fn offered_protocol() -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn reactor(&self, index: usize) -> &ReactorHandle {
+        &self.reactors[index % self.reactors.len()]
+    }
+
+    fn vring(&mut self, index: u32) -> Result<&mut Vring> {
+        self.vrings
+            .get_mut(index as usize)
+            .ok_or(invalid("vring index out of range"))
+    }
+
+    /// Stops every running queue (draining it) and forgets the memory table: the connection
+    /// ended or the front end reset the device.
+    pub fn stop_all(&mut self) {
+        for index in 0..self.vrings.len() {
+            self.stop_queue(index);
+        }
+        for vring in &mut self.vrings {
+            *vring = Vring::default();
+        }
+        self.regions.clear();
+        self.mem = Arc::new(GuestMemory::default());
+    }
+
+    fn stop_queue(&mut self, index: usize) -> Option<u16> {
+        let id = self.vrings[index].running.take()?;
+        let base = self.reactor(index).stop(id);
+        self.vrings[index].base = base;
+        Some(base)
+    }
+
+    fn start_queue(&mut self, index: usize, kick: EventFd) -> Result<()> {
+        if self.vrings[index].running.is_some() {
+            self.stop_queue(index);
+        }
+        let features = self.acked_features;
+        let vring = &self.vrings[index];
+        let addrs = vring.addrs.ok_or(invalid("kick before vring address"))?;
+        if vring.size == 0 {
+            return Err(invalid("kick before vring size"));
+        }
+        let dup = |fd: &Option<EventFd>| fd.as_ref().and_then(|fd| fd.try_clone().ok());
+        let setup = QueueSetup {
+            device: self.device.clone(),
+            mem: self.mem.clone(),
+            addrs,
+            size: vring.size,
+            base: vring.base,
+            event_idx: features & 1 << blk::feature::RING_EVENT_IDX != 0,
+            indirect: features & 1 << blk::feature::RING_INDIRECT_DESC != 0,
+            kick,
+            call: dup(&vring.call),
+            err: dup(&vring.err),
+            // Without PROTOCOL_FEATURES a ring is enabled as soon as it starts.
+            enabled: vring.enabled || features & PROTOCOL_FEATURES_BIT == 0,
+        };
+        let id = QueueId::fresh();
+        self.reactor(index).attach(id, setup).map_err(|why| {
+            tracing::warn!(disk = %self.device.options().name, index, ?why, "vring refused");
+            invalid("vring not in guest memory")
+        })?;
+        self.vrings[index].running = Some(id);
+        Ok(())
+    }
+
+    fn set_memory(&mut self, regions: Vec<Arc<MmapRegion>>) -> Result<()> {
+        let mem = Arc::new(GuestMemory::new(regions.clone()).map_err(|e| {
+            tracing::warn!(error = %e, "memory table refused");
+            Error::InvalidParam
+        })?);
+        for index in 0..self.vrings.len() {
+            if let Some(id) = self.vrings[index].running {
+                if let Err(why) = self.reactor(index).set_memory(id, mem.clone()) {
+                    tracing::warn!(index, ?why, "vring no longer in guest memory");
+                }
+            }
+        }
+        self.regions = regions;
+        self.mem = mem;
+        Ok(())
+    }
+}
+
+fn map_region(region: &VhostUserMemoryRegion, file: &File) -> Result<Arc<MmapRegion>> {
+    MmapRegion::map(
+        file,
+        region.guest_phys_addr,
+        region.user_addr,
+        region.memory_size,
+        region.mmap_offset,
+    )
+    .map(Arc::new)
+    .map_err(|e| {
+        tracing::warn!(error = %e, "cannot map guest memory region");
+        Error::InvalidParam
+    })
+}
+
+fn eventfd(file: Option<File>) -> Option<EventFd> {
+    // SAFETY: the front end sent an eventfd; we take sole ownership of the descriptor.
+    file.map(|f| unsafe { EventFd::from_raw_fd(f.into_raw_fd()) })
+}
+
+impl VhostUserBackendReqHandlerMut for BlkHandler {
+    fn set_owner(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> Result<()> {
+        self.stop_all();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> Result<()> {
+        self.stop_all();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> Result<u64> {
+        Ok(self.offered_features())
+    }
+
+    fn set_features(&mut self, features: u64) -> Result<()> {
+        if features & !self.offered_features() != 0 {
+            return Err(Error::FeatureMismatch);
+        }
+        self.acked_features = features;
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        regions: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> Result<Option<Vec<VhostUserMemoryRegionBase>>> {
+        let mapped = regions
+            .iter()
+            .zip(&files)
+            .map(|(region, file)| map_region(region, file))
+            .collect::<Result<Vec<_>>>()?;
+        self.set_memory(mapped)?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
+        if num == 0 || num > u32::from(MAX_QUEUE_SIZE) || !num.is_power_of_two() {
+            return Err(Error::InvalidParam);
+        }
+        self.vring(index)?.size = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> Result<()> {
+        self.vring(index)?.addrs = Some(RingAddrs {
+            desc: descriptor,
+            avail: available,
+            used,
+        });
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
+        self.vring(index)?.base = u16::try_from(base).map_err(|_| Error::InvalidParam)?;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> Result<VhostUserVringState> {
+        self.vring(index)?;
+        // Answers only after every request in flight on the queue has completed.
+        let base = match self.stop_queue(index as usize) {
+            Some(base) => base,
+            None => self.vrings[index as usize].base,
+        };
+        let vring = &mut self.vrings[index as usize];
+        vring.enabled = false;
+        Ok(VhostUserVringState::new(index, u32::from(base)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+        self.vring(u32::from(index))?;
+        // Polling mode without a kick fd is not supported: a kick fd starts the ring.
+        let kick = eventfd(fd).ok_or(invalid("vring kick without an eventfd"))?;
+        self.start_queue(usize::from(index), kick)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+        let index = usize::from(index);
+        let call = eventfd(fd);
+        let running = self.vring(index as u32)?.running;
+        if let Some(id) = running {
+            let dup = call.as_ref().and_then(|fd| fd.try_clone().ok());
+            self.reactor(index).set_call(id, dup);
+        }
+        self.vrings[index].call = call;
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+        self.vring(u32::from(index))?.err = eventfd(fd);
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> Result<VhostUserProtocolFeatures> {
+        Ok(Self::offered_protocol())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> Result<()> {
+        let acked = VhostUserProtocolFeatures::from_bits(features).ok_or(Error::InvalidParam)?;
+        self.acked_protocol = acked;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> Result<u64> {
+        Ok(self.vrings.len() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
+        let vring = self.vring(index)?;
+        vring.enabled = enable;
+        if let Some(id) = vring.running {
+            self.reactor(index as usize).set_enabled(id, enable);
+        }
+        Ok(())
+    }
+
+    fn get_config(&mut self, offset: u32, size: u32, _: VhostUserConfigFlags) -> Result<Vec<u8>> {
+        let config = self.device.config().to_bytes();
+        let start = offset as usize;
+        let end = start
+            .checked_add(size as usize)
+            .ok_or(Error::InvalidParam)?;
+        if end > config.len() {
+            // QEMU reads the whole virtio_blk_config struct, which may be longer than the
+            // fields pollblk fills: the rest reads as zero.
+            let mut padded = config.to_vec();
+            padded.resize(end.min(VHOST_USER_CONFIG_SIZE as usize), 0);
+            return padded
+                .get(start..end)
+                .map(<[u8]>::to_vec)
+                .ok_or(Error::InvalidParam);
+        }
+        Ok(config[start..end].to_vec())
+    }
+
+    fn set_config(&mut self, offset: u32, buf: &[u8], _: VhostUserConfigFlags) -> Result<()> {
+        // The only writable field is `writeback` (VIRTIO_BLK_F_CONFIG_WCE).
+        if offset as usize == BlkConfig::WRITEBACK_OFFSET && buf.len() == 1 {
+            self.device.set_writeback(buf[0] != 0);
+            return Ok(());
+        }
+        Err(invalid("only the writeback config field is writable"))
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> Result<()> {
+        Err(invalid("not a GPU device"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> Result<File> {
+        Err(invalid("shared objects are not supported"))
+    }
+
+    fn get_inflight_fd(&mut self, _: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(invalid("INFLIGHT_SHMFD is not offered"))
+    }
+
+    fn set_inflight_fd(&mut self, _: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(invalid("INFLIGHT_SHMFD is not offered"))
+    }
+
+    fn get_max_mem_slots(&mut self) -> Result<u64> {
+        Ok(MAX_REGIONS as u64)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy: Option<bool>,
+    ) -> Result<Option<VhostUserMemoryRegionBase>> {
+        let mapped = map_region(region, &fd)?;
+        let mut regions = self.regions.clone();
+        regions.push(mapped);
+        self.set_memory(regions)?;
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> Result<()> {
+        let mut regions = self.regions.clone();
+        let before = regions.len();
+        regions.retain(|r| {
+            !(r.guest_phys_addr == region.guest_phys_addr && r.size == region.memory_size)
+        });
+        if regions.len() == before {
+            return Err(Error::InvalidParam);
+        }
+        self.set_memory(regions)
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _: VhostTransferStateDirection,
+        _: VhostTransferStatePhase,
+        _fd: File,
+    ) -> Result<Option<File>> {
+        Err(invalid("DEVICE_STATE is not offered"))
+    }
+
+    fn check_device_state(&mut self) -> Result<()> {
+        Err(invalid("DEVICE_STATE is not offered"))
+    }
+
+    fn get_shmem_config(&mut self) -> Result<VhostUserShMemConfig> {
+        Err(invalid("SHMEM is not offered"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
+        Err(invalid("LOG_SHMFD is not offered"))
+    }
+}

@@ -1,0 +1,11 @@
+//! pollblk's vhost-user-blk back end: one listening socket per disk, one front end at a time.
+//!
+//! A [`Server`] owns its socket's listener on a control thread. A front end (QEMU, Cloud
+//! Hypervisor, a test driver) connects; its messages are handled by [`handler::BlkHandler`] and
+//! its virtqueues run on the engine's reactors. When it disconnects every queue is drained and
+//! stopped and the socket takes the next connection (a restarted QEMU reconnects).
+
+pub mod handler;
+mod server;
+
+pub use server::{Server, ServerError};

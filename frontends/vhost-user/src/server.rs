@@ -1,0 +1,187 @@
+//! The listening socket and the per-connection message loop.
+
+use crate::handler::BlkHandler;
+use pollblk_engine::device::BlkDevice;
+use pollblk_engine::reactor::ReactorHandle;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why a socket could not be served.
+#[derive(Debug)]
+pub enum ServerError {
+    /// Another process accepts connections on the path.
+    SocketInUse(PathBuf),
+    /// The path exists and is not a socket; it is left alone.
+    NotASocket(PathBuf),
+    /// Binding or another system call failed.
+    Io(PathBuf, io::Error),
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerError::SocketInUse(p) => {
+                write!(f, "socket {} is in use by another process", p.display())
+            }
+            ServerError::NotASocket(p) => {
+                write!(f, "{} exists and is not a socket", p.display())
+            }
+            ServerError::Io(p, e) => write!(f, "socket {}: {e}", p.display()),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// Serves one disk on one vhost-user socket.
+pub struct Server {
+    path: PathBuf,
+    shutdown: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Binds `path`, replacing a stale socket file nobody listens on.
+fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ServerError::NotASocket(path.to_owned()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ServerError::SocketInUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(|e| ServerError::Io(path.to_owned(), e))?;
+    }
+    UnixListener::bind(path).map_err(|e| ServerError::Io(path.to_owned(), e))
+}
+
+impl Server {
+    /// Listens on `path` and serves `device` to whichever front end connects.
+    pub fn start(
+        path: &Path,
+        device: Arc<BlkDevice>,
+        reactors: Vec<ReactorHandle>,
+    ) -> Result<Server, ServerError> {
+        let listener = bind(path)?;
+        let shutdown = Arc::new(EventFd::new(0).map_err(|e| ServerError::Io(path.to_owned(), e))?);
+        let thread_shutdown = shutdown.clone();
+        let name = device.options().name.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vhost-user-{name}"))
+            .spawn(move || accept_loop(listener, &thread_shutdown, device, reactors))
+            .map_err(|e| ServerError::Io(path.to_owned(), e))?;
+        Ok(Server {
+            path: path.to_owned(),
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Disconnects the front end (after draining its queues), stops listening and removes
+    /// the socket file.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        let _ = self.shutdown.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// Waits until `fd` is readable; false if the shutdown eventfd fired first.
+fn wait_readable(fd: RawFd, shutdown: &EventFd) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: shutdown.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: polls two valid descriptors in a local array.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return fds[1].revents == 0;
+    }
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    shutdown: &EventFd,
+    device: Arc<BlkDevice>,
+    reactors: Vec<ReactorHandle>,
+) {
+    let name = device.options().name.clone();
+    while wait_readable(listener.as_raw_fd(), shutdown) {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(disk = %name, error = %e, "accept failed");
+                continue;
+            }
+        };
+        tracing::info!(disk = %name, "front end connected");
+        let handler = Arc::new(Mutex::new(BlkHandler::new(
+            device.clone(),
+            reactors.clone(),
+        )));
+        serve_connection(stream, &handler, shutdown, &name);
+        // Drain and stop every queue before the next front end may connect.
+        handler.lock().unwrap().stop_all();
+        tracing::info!(disk = %name, "front end disconnected");
+    }
+}
+
+fn serve_connection(
+    stream: UnixStream,
+    handler: &Arc<Mutex<BlkHandler>>,
+    shutdown: &EventFd,
+    name: &str,
+) {
+    let fd = stream.as_raw_fd();
+    let mut endpoint = BackendReqHandler::from_stream(stream, handler.clone());
+    while wait_readable(fd, shutdown) {
+        match endpoint.handle_request() {
+            Ok(()) => {}
+            Err(
+                VhostError::Disconnected
+                | VhostError::PartialMessage
+                | VhostError::SocketBroken(_)
+                | VhostError::SocketError(_),
+            ) => return,
+            Err(e) => {
+                // The message was read whole; the front end gets no reply and sees its
+                // request fail, the connection stays up.
+                tracing::warn!(disk = %name, error = %e, "vhost-user request failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The `--export` option: one virtual disk, its transport and its volume.
+//!
+//! `vhost-user-blk,socket=PATH,file=PATH[,num-queues=N][,readonly=on][,block-size=512|4096][,serial=ID]`
+//! `vhost-user-blk,socket=PATH,null,size=BYTES[,...same options]`
+
+use std::path::PathBuf;
+
+/// Queues a disk offers unless told otherwise: QEMU asks for one per vCPU and refuses a back
+/// end that offers fewer, and an unused queue costs nothing until a front end starts it.
+pub const DEFAULT_NUM_QUEUES: u16 = 16;
+/// Most queues one disk may offer.
+pub const MAX_NUM_QUEUES: u16 = 256;
+
+/// Where a disk's data lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Volume {
+    /// A raw image file or block device that must exist.
+    File(PathBuf),
+    /// Stores nothing: reads return zeroes.
+    Null { size_bytes: u64 },
+}
+
+/// One parsed `--export`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Export {
+    pub socket: PathBuf,
+    pub volume: Volume,
+    pub num_queues: u16,
+    pub readonly: bool,
+    pub block_size: u32,
+    pub serial: Option<String>,
+}
+
+/// Parses a size: plain bytes or with a K/M/G/T suffix (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim_end_matches("iB").trim_end_matches('B');
+    let (digits, shift) = match trimmed.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&trimmed[..i], 10),
+        Some((i, 'm' | 'M')) => (&trimmed[..i], 20),
+        Some((i, 'g' | 'G')) => (&trimmed[..i], 30),
+        Some((i, 't' | 'T')) => (&trimmed[..i], 40),
+        _ => (trimmed, 0),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("size {text:?} is not a number of bytes (e.g. 1073741824 or 1G)"))?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+fn parse_on_off(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{key}={value}: expected on or off")),
+    }
+}
+
+impl std::str::FromStr for Export {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Export, String> {
+        let mut parts = spec.split(',');
+        match parts.next() {
+            Some("vhost-user-blk") => {}
+            Some(other) => {
+                return Err(format!(
+                    "unknown export type {other:?}: the supported type is vhost-user-blk"
+                ))
+            }
+            None => unreachable!("split yields at least one part"),
+        }
+        let mut socket = None;
+        let mut file = None;
+        let mut null = false;
+        let mut size = None;
+        let mut num_queues = DEFAULT_NUM_QUEUES;
+        let mut readonly = false;
+        let mut block_size = 512;
+        let mut serial = None;
+        for part in parts {
+            let (key, value) = part.split_once('=').unwrap_or((part, ""));
+            let need_value = || {
+                if value.is_empty() {
+                    Err(format!("{key} needs a value ({key}=...)"))
+                } else {
+                    Ok(value)
+                }
+            };
+            match key {
+                "socket" => socket = Some(PathBuf::from(need_value()?)),
+                "file" => file = Some(PathBuf::from(need_value()?)),
+                "null" if value.is_empty() => null = true,
+                "size" => size = Some(parse_size(need_value()?)?),
+                "num-queues" => {
+                    num_queues = need_value()?
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_NUM_QUEUES).contains(n))
+                        .ok_or_else(|| {
+                            format!("num-queues={value}: expected 1 to {MAX_NUM_QUEUES}")
+                        })?
+                }
+                "readonly" => readonly = parse_on_off(key, need_value()?)?,
+                "block-size" => {
+                    block_size = match need_value()? {
+                        "512" => 512,
+                        "4096" => 4096,
+                        _ => return Err(format!("block-size={value}: expected 512 or 4096")),
+                    }
+                }
+                "serial" => {
+                    let id = need_value()?;
+                    if id.len() > 20 || !id.is_ascii() {
+                        return Err(format!("serial={id}: at most 20 ASCII characters"));
+                    }
+                    serial = Some(id.to_string());
+                }
+                _ => return Err(format!("unknown export option {part:?}")),
+            }
+        }
+        let socket = socket.ok_or("socket=PATH is required")?;
+        let volume = match (file, null, size) {
+            (Some(path), false, None) => Volume::File(path),
+            (Some(_), false, Some(_)) => {
+                return Err("size= goes with null; a file's size is its length".into())
+            }
+            (None, true, Some(size_bytes)) => Volume::Null { size_bytes },
+            (None, true, None) => return Err("null needs size=BYTES".into()),
+            (Some(_), true, _) => return Err("give either file=PATH or null, not both".into()),
+            (None, false, _) => return Err("a volume is required: file=PATH or null".into()),
+        };
+        if let Volume::Null { size_bytes } = volume {
+            if size_bytes == 0 || size_bytes % u64::from(block_size) != 0 {
+                return Err(format!(
+                    "size {size_bytes} is not a non-zero multiple of the block size {block_size}"
+                ));
+            }
+        }
+        Ok(Export {
+            socket,
+            volume,
+            num_queues,
+            readonly,
+            block_size,
+            serial,
+        })
+    }
+}
+
+/// Parses `--cores`: a list like `0-3,6`.
+pub fn parse_cores(text: &str) -> Result<Vec<usize>, String> {
+    let mut cores = Vec::new();
+    for part in text.split(',') {
+        let bad = || format!("--cores {text:?}: expected a list like 0-3,6");
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?),
+            None => {
+                let core = part.parse().map_err(|_| bad())?;
+                (core, core)
+            }
+        };
+        if first > last {
+            return Err(bad());
+        }
+        for core in first..=last {
+            if !cores.contains(&core) {
+                cores.push(core);
+            }
+        }
+    }
+    Ok(cores)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_export_with_every_option() {
+        let e: Export =
+            "vhost-user-blk,socket=/s,file=/f,num-queues=4,readonly=on,block-size=4096,serial=abc"
+                .parse()
+                .unwrap();
+        assert_eq!(e.socket, PathBuf::from("/s"));
+        assert_eq!(e.volume, Volume::File("/f".into()));
+        assert_eq!((e.num_queues, e.readonly, e.block_size), (4, true, 4096));
+        assert_eq!(e.serial.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn null_export_takes_a_size() {
+        let e: Export = "vhost-user-blk,socket=/s,null,size=1G".parse().unwrap();
+        assert_eq!(
+            e.volume,
+            Volume::Null {
+                size_bytes: 1 << 30
+            }
+        );
+        assert_eq!(e.num_queues, DEFAULT_NUM_QUEUES);
+    }
+
+    #[test]
+    fn bad_exports_say_what_is_wrong() {
+        let err = |s: &str| s.parse::<Export>().unwrap_err();
+        assert!(err("nbd,socket=/s,null,size=1M").contains("unknown export type"));
+        assert!(err("vhost-user-blk,file=/f").contains("socket=PATH is required"));
+        assert!(err("vhost-user-blk,socket=/s").contains("a volume is required"));
+        assert!(err("vhost-user-blk,socket=/s,null").contains("null needs size"));
+        assert!(err("vhost-user-blk,socket=/s,null,size=1000").contains("multiple"));
+        assert!(
+            err("vhost-user-blk,socket=/s,null,size=4k,block-size=4096,x=1")
+                .contains("unknown export option")
+        );
+        assert!(
+            err("vhost-user-blk,socket=/s,null,size=8k,block-size=1024").contains("512 or 4096")
+        );
+        assert!(err("vhost-user-blk,socket=/s,file=/f,num-queues=0").contains("num-queues"));
+        assert!(
+            err("vhost-user-blk,socket=/s,file=/f,serial=123456789012345678901")
+                .contains("at most 20")
+        );
+        assert!(err("vhost-user-blk,socket=/s,file=/f,null").contains("not both"));
+        assert!(err("vhost-user-blk,socket=/s,null,size=lots").contains("not a number"));
+    }
+
+    #[test]
+    fn cores_lists() {
+        assert_eq!(parse_cores("0-2,5,1").unwrap(), vec![0, 1, 2, 5]);
+        assert!(parse_cores("3-1").is_err());
+        assert!(parse_cores("a").is_err());
+    }
+}

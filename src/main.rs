@@ -1,0 +1,246 @@
+//! pollblk: the command line. Everything else lives in the engine and transport crates.
+
+mod export;
+
+use clap::{Parser, Subcommand};
+use export::{Export, Volume};
+use pollblk_engine::backend::{Backend, FileBackend, NullBackend};
+use pollblk_engine::device::{BlkDevice, DiskOptions};
+use pollblk_engine::reactor::{PollConfig, Reactors};
+use pollblk_vhost_user::Server;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Polled vhost-user-blk storage host service.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve virtual disks until SIGINT or SIGTERM.
+    ///
+    /// Without --export, serves ./pollblk-data/disk0.img (created sparse, 1 GiB, if missing)
+    /// on ./pollblk-data/disk0.sock and prints the QEMU command line that attaches a guest.
+    Serve {
+        /// A disk: vhost-user-blk,socket=PATH,file=PATH[,num-queues=N][,readonly=on]
+        /// [,block-size=512|4096][,serial=ID] or vhost-user-blk,socket=PATH,null,size=BYTES.
+        /// Repeatable.
+        #[arg(long = "export", value_name = "SPEC")]
+        exports: Vec<Export>,
+        /// Cores to run reactors on, e.g. 0-3,6 (default: all cores).
+        #[arg(long, value_name = "LIST", value_parser = export::parse_cores)]
+        cores: Option<std::vec::Vec<usize>>,
+    },
+}
+
+const DEFAULT_DIR: &str = "pollblk-data";
+const DEFAULT_SIZE: u64 = 1 << 30;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { exports, cores } => serve(exports, cores),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("pollblk: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The built-in default: one 1 GiB sparse image next to its socket.
+fn default_export() -> Result<Export, String> {
+    let dir = PathBuf::from(DEFAULT_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let image = dir.join("disk0.img");
+    if !image.exists() {
+        let file =
+            std::fs::File::create(&image).map_err(|e| format!("{}: {e}", image.display()))?;
+        file.set_len(DEFAULT_SIZE)
+            .map_err(|e| format!("{}: {e}", image.display()))?;
+        eprintln!("pollblk: created {} (sparse, 1 GiB)", image.display());
+    }
+    Ok(Export {
+        socket: dir.join("disk0.sock"),
+        volume: Volume::File(image),
+        num_queues: export::DEFAULT_NUM_QUEUES,
+        readonly: false,
+        block_size: 512,
+        serial: None,
+    })
+}
+
+fn open_device(index: usize, export: &Export) -> Result<Arc<BlkDevice>, String> {
+    let backend: Arc<dyn Backend> = match &export.volume {
+        Volume::File(path) => Arc::new(
+            FileBackend::open(path, export.readonly, export.block_size)
+                .map_err(|e| format!("file {}: {e}", path.display()))?,
+        ),
+        Volume::Null { size_bytes } => Arc::new(NullBackend::new(*size_bytes)),
+    };
+    let size = backend.info().size_bytes;
+    if size == 0 || size % u64::from(export.block_size) != 0 {
+        return Err(format!(
+            "{}: size {size} is not a non-zero multiple of the block size {}",
+            export.socket.display(),
+            export.block_size
+        ));
+    }
+    let name = format!("disk{index}");
+    Ok(Arc::new(BlkDevice::new(
+        DiskOptions {
+            serial: export.serial.clone().unwrap_or_else(|| name.clone()),
+            name,
+            block_size: export.block_size,
+            readonly: export.readonly,
+            num_queues: export.num_queues,
+        },
+        backend,
+    )))
+}
+
+fn all_cores() -> Vec<usize> {
+    match core_ids() {
+        ids if !ids.is_empty() => ids,
+        _ => vec![0],
+    }
+}
+
+fn core_ids() -> Vec<usize> {
+    let count = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: sched_getaffinity fills the zeroed set for this process.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if rc != 0 {
+        return (0..count).collect();
+    }
+    // SAFETY: CPU_ISSET reads the set filled above.
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
+/// Blocks SIGINT and SIGTERM in every thread (threads inherit the mask), so that only
+/// `wait_for_signal` sees them.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: builds a signal set and applies it to the calling thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut signal = 0;
+    // SAFETY: waits for one of the blocked signals in `set`.
+    unsafe { libc::sigwait(set, &mut signal) };
+    signal
+}
+
+fn qemu_command_line(socket: &Path, queues: u16) -> String {
+    let socket = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_owned());
+    format!(
+        "qemu-system-x86_64 -machine q35,accel=kvm:tcg -cpu max -smp 2 -m 1G \\\n  \
+         -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n  \
+         -chardev socket,id=disk0,path={} \\\n  \
+         -device vhost-user-blk-pci,chardev=disk0,num-queues={} \\\n  \
+         -kernel YOUR-KERNEL -initrd YOUR-INITRD -append console=ttyS0 -nographic",
+        socket.display(),
+        queues.min(2)
+    )
+}
+
+fn serve(mut exports: Vec<Export>, cores: Option<Vec<usize>>) -> Result<(), String> {
+    let is_default = exports.is_empty();
+    if is_default {
+        exports.push(default_export()?);
+    }
+    let available = all_cores();
+    let cores = cores.unwrap_or_else(|| available.clone());
+    if let Some(core) = cores.iter().find(|c| !available.contains(c)) {
+        return Err(format!(
+            "--cores: core {core} is not available to this process (available: {available:?})"
+        ));
+    }
+    for (i, a) in exports.iter().enumerate() {
+        if exports[..i].iter().any(|b| b.socket == a.socket) {
+            return Err(format!("socket {} is given twice", a.socket.display()));
+        }
+    }
+    let devices = exports
+        .iter()
+        .enumerate()
+        .map(|(i, export)| open_device(i, export))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let signals = block_signals();
+    let reactors = Reactors::start(&cores, PollConfig::default())
+        .map_err(|e| format!("starting reactors: {e}"))?;
+    let handles: Vec<_> = (0..reactors.len())
+        .map(|i| reactors.for_queue(i).clone())
+        .collect();
+    let mut servers = Vec::with_capacity(exports.len());
+    for (export, device) in exports.iter().zip(&devices) {
+        match Server::start(&export.socket, device.clone(), handles.clone()) {
+            Ok(server) => servers.push(server),
+            Err(e) => {
+                drop(servers);
+                reactors.shutdown();
+                return Err(e.to_string());
+            }
+        }
+    }
+    for (export, device) in exports.iter().zip(&devices) {
+        tracing::info!(
+            disk = %device.options().name,
+            socket = %export.socket.display(),
+            sectors = device.capacity_sectors(),
+            queues = export.num_queues,
+            "serving"
+        );
+    }
+    if is_default {
+        println!(
+            "pollblk: serving {} on {}\nAttach a guest with:\n{}",
+            DEFAULT_DIR.to_string() + "/disk0.img",
+            exports[0].socket.display(),
+            qemu_command_line(&exports[0].socket, exports[0].num_queues)
+        );
+    }
+    println!(
+        "pollblk: ready, {} reactor(s) on cores {cores:?}",
+        reactors.len()
+    );
+
+    let signal = wait_for_signal(&signals);
+    tracing::info!(signal, "shutting down");
+    for server in servers {
+        server.stop();
+    }
+    let mut result = Ok(());
+    for device in &devices {
+        if let Err(e) = device.backend().sync_all() {
+            result = Err(format!("{}: sync failed: {e}", device.options().name));
+        }
+    }
+    reactors.shutdown();
+    result
+}

@@ -1,0 +1,158 @@
+#!/bin/sh
+# /init of the pollblk test guest (busybox sh). Loads virtio-blk, exercises
+# /dev/vda and powers off. Every step prints "POLLBLK-GUEST: <step> rc=<n>";
+# fio's JSON is framed by "POLLBLK-GUEST: begin-json <step>" / "end-json <step>".
+# Parameters come from the kernel command line as pollblk.<name>=<value>.
+
+# The initramfs has no /dev/console node (building it needs no root), so
+# stdin/stdout/stderr only exist once devtmpfs is mounted.
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t debugfs debugfs /sys/kernel/debug
+export PATH=/usr/sbin:/usr/bin:/bin
+
+# Whatever happens (error, early exit), never leave QEMU running.
+trap 'poweroff -f' EXIT
+
+mark() { echo "POLLBLK-GUEST: $*"; }
+
+# param NAME DEFAULT: value of pollblk.NAME= on the kernel command line.
+param() {
+	v=$(tr ' ' '\n' </proc/cmdline | sed -n "s/^pollblk\.$1=//p" | tail -n 1)
+	echo "${v:-$2}"
+}
+
+# bytes SIZE: 64M -> 67108864 (K, M, G suffixes, powers of 1024).
+bytes() {
+	case $1 in
+	*[kK]) echo $((${1%?} * 1024)) ;;
+	*[mM]) echo $((${1%?} * 1024 * 1024)) ;;
+	*[gG]) echo $((${1%?} * 1024 * 1024 * 1024)) ;;
+	*) echo "$1" ;;
+	esac
+}
+
+SIZE=$(param size 64M)          # region written by each of the two fio jobs
+IODEPTH=$(param iodepth 16)
+IOENGINE=$(param ioengine libaio)
+RUNTIME=$(param runtime 0)      # >0 adds a time-based write+verify soak step
+RANGE=$(param range 16M)        # length of the discard, write-zeroes and flush ranges
+WAIT=$(param wait 20)           # seconds to wait for /dev/vda
+
+MiB=1048576
+SIZE_B=$(bytes "$SIZE")
+RANGE_B=$(bytes "$RANGE")
+# Layout on the disk: [fio job 0][fio job 1][discard][write-zeroes][flush]
+DISCARD_OFF=$((2 * SIZE_B))
+ZERO_OFF=$((DISCARD_OFF + RANGE_B))
+FLUSH_OFF=$((ZERO_OFF + RANGE_B))
+
+mark "kernel $(uname -r)"
+mark "params size=$SIZE iodepth=$IODEPTH ioengine=$IOENGINE runtime=$RUNTIME range=$RANGE"
+
+# Modules in dependency order, worked out at build time from modules.dep.
+for m in $(cat /lib/modules/load-order); do
+	insmod "/lib/modules/$m.ko" || { mark "insmod-$m rc=$?"; exit 1; }
+done
+
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt $((WAIT * 10)) ]; do
+	sleep 0.1
+	i=$((i + 1))
+done
+[ -b /dev/vda ] || { mark "vda rc=1"; exit 1; }
+mark "vda rc=0"
+
+failed=0
+# step NAME RC [EXTRA...]: print the marker and count failures.
+step() {
+	[ "$2" -eq 0 ] || failed=$((failed + 1))
+	name=$1 rc=$2
+	shift 2
+	mark "$name rc=$rc${*:+ $*}"
+}
+
+# run_fio STEP ARGS...: JSON goes to a file so fio's warnings and verify
+# messages (stderr) cannot end up inside the framed JSON.
+run_fio() {
+	name=$1
+	shift
+	fio --output-format=json --output="/tmp/$name.json" "$@" 2>"/tmp/$name.err"
+	rc=$?
+	cat "/tmp/$name.err"
+	mark "begin-json $name"
+	cat "/tmp/$name.json"
+	mark "end-json $name"
+	step "$name" $rc "verify_errors=$(grep -c '^verify:' "/tmp/$name.err")"
+}
+
+# zeroes OFF LEN: "yes" if the range reads back as zeroes (O_DIRECT, no cache).
+zeroes() {
+	got=$(dd if=/dev/vda bs=$MiB skip=$(($1 / MiB)) count=$(($2 / MiB)) iflag=direct 2>/dev/null | md5sum)
+	want=$(dd if=/dev/zero bs=$MiB count=$(($2 / MiB)) 2>/dev/null | md5sum)
+	[ "$got" = "$want" ] && echo yes || echo no
+}
+
+# fill OFF LEN: random data, so a later "reads as zeroes" proves something.
+fill() {
+	dd if=/dev/urandom of=/dev/vda bs=$MiB seek=$(($1 / MiB)) count=$(($2 / MiB)) oflag=direct 2>/dev/null
+}
+
+# a) Two jobs on disjoint halves, pinned to different vCPUs so blk-mq submits
+# on both virtqueues. Options before the first --name are shared: an option
+# after a --name only applies to that job.
+FIO="--filename=/dev/vda --direct=1 --rw=randwrite --bssplit=4k/80:64k/20
+ --size=$SIZE --iodepth=$IODEPTH --ioengine=$IOENGINE
+ --verify=crc32c --verify_fatal=1 --group_reporting"
+JOBS="--name=q0 --offset=0 --cpus_allowed=0 --name=q1 --offset=$SIZE_B --cpus_allowed=1"
+run_fio fio-write-verify $FIO --do_verify=1 $JOBS
+# Same job definitions and seeds: re-reads and checks what the first pass wrote.
+run_fio fio-read-verify $FIO --verify_only $JOBS
+if [ "$RUNTIME" -gt 0 ]; then
+	# verify_backlog verifies while writing; a plain runtime cap skips the verify phase.
+	run_fio fio-soak $FIO --do_verify=1 --time_based --runtime="$RUNTIME" --verify_backlog=1024 $JOBS
+fi
+
+# b) Discard, then report (not judge) whether the range reads as zeroes.
+fill $DISCARD_OFF $RANGE_B
+blkdiscard -o $DISCARD_OFF -l $RANGE_B /dev/vda
+step discard $?
+mark "discard-zeroes $(zeroes $DISCARD_OFF $RANGE_B)"
+
+# Write-zeroes (BLKZEROOUT) must read back as zeroes, unlike discard.
+fill $ZERO_OFF $RANGE_B
+blkdiscard -z -o $ZERO_OFF -l $RANGE_B /dev/vda
+step write-zeroes $?
+[ "$(zeroes $ZERO_OFF $RANGE_B)" = yes ]
+step write-zeroes-readback $?
+
+# c) Buffered write, then fsync the block device: plain `sync` writes dirty
+# pages back but does not send a FLUSH for a raw block device.
+dd if=/dev/urandom of=/tmp/flush.dat bs=$MiB count=$((RANGE_B / MiB)) 2>/dev/null
+flushes_before=$(awk '{print $16}' /sys/block/vda/stat)
+dd if=/tmp/flush.dat of=/dev/vda bs=$MiB seek=$((FLUSH_OFF / MiB)) 2>/dev/null &&
+	sync /dev/vda
+rc=$?
+step flush $rc "flush_requests=$(($(awk '{print $16}' /sys/block/vda/stat) - flushes_before))"
+echo 3 >/proc/sys/vm/drop_caches
+[ "$(dd if=/dev/vda bs=$MiB skip=$((FLUSH_OFF / MiB)) count=$((RANGE_B / MiB)) iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)" = \
+	"$(md5sum </tmp/flush.dat | cut -d' ' -f1)" ]
+step flush-readback $?
+
+# d) What the guest saw of the device.
+q=/sys/block/vda/queue
+mark "sysfs size=$(cat /sys/block/vda/size)"
+mark "sysfs logical_block_size=$(cat $q/logical_block_size)"
+mark "sysfs mq_queues=$(ls /sys/block/vda/mq | wc -l)"
+mark "sysfs discard_max_bytes=$(cat $q/discard_max_bytes)"
+mark "sysfs write_zeroes_max_bytes=$(cat $q/write_zeroes_max_bytes)"
+mark "sysfs write_cache=$(sed 's/ /-/g' $q/write_cache)"
+# Requests queued per hardware queue: shows whether both virtqueues carried I/O.
+for h in /sys/kernel/debug/block/vda/hctx*; do
+	mark "debugfs ${h##*/}_queued=$(cat "$h/queued")"
+done
+
+mark "summary failed=$failed"
+mark done
