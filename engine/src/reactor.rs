@@ -758,6 +758,7 @@ fn start_request(
     slot.ops_pending = 0;
     slot.bounce = None;
     slot.is_read = false;
+    slot.expected = 0;
     slot.data = 0..0;
     if let Err(why) = queue.ring.walk_chain(&queue.mem, head, &mut slot.segs) {
         // The head is taken but the ring is not trustworthy: stop the queue here.
@@ -778,7 +779,10 @@ fn start_request(
     let user_data = TAG_IO | (qi as u64) << 32 | u64::from(slot_index);
     let result = match blk::parse(&mut slot.segs) {
         Ok(req) => dispatch(device, slot, &req, user_data, sq),
-        Err(_) => Err(status::IOERR),
+        Err(why) => {
+            tracing::debug!(disk = %device.options().name, ?why, "malformed request");
+            Err(status::IOERR)
+        }
     };
     match result {
         Ok(ops) if ops > 0 => {

@@ -127,7 +127,8 @@ copy_with_libs() {
 	done
 }
 copy_with_libs /usr/bin/fio
-# util-linux blkdiscard: busybox's lacks -z (BLKZEROOUT); it shadows busybox's via PATH.
+# util-linux blkdiscard: busybox's lacks -z (BLKZEROOUT). /init calls it by full
+# path because busybox sh runs its own applets ahead of PATH.
 copy_with_libs /usr/sbin/blkdiscard
 
 install -m 0755 "$here/guest-init.sh" "$root/init"

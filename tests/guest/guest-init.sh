@@ -10,8 +10,9 @@ mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
-mount -t debugfs debugfs /sys/kernel/debug
 export PATH=/usr/sbin:/usr/bin:/bin
+# Start markers on a fresh line: the firmware leaves escape codes on the console.
+echo
 
 # Whatever happens (error, early exit), never leave QEMU running.
 trap 'poweroff -f' EXIT
@@ -79,7 +80,7 @@ step() {
 run_fio() {
 	name=$1
 	shift
-	fio --output-format=json --output="/tmp/$name.json" "$@" 2>"/tmp/$name.err"
+	fio --eta=never --output-format=json --output="/tmp/$name.json" "$@" 2>"/tmp/$name.err"
 	rc=$?
 	cat "/tmp/$name.err"
 	mark "begin-json $name"
@@ -117,19 +118,27 @@ fi
 
 # b) Discard, then report (not judge) whether the range reads as zeroes.
 fill $DISCARD_OFF $RANGE_B
-blkdiscard -o $DISCARD_OFF -l $RANGE_B /dev/vda
+/usr/sbin/blkdiscard -o $DISCARD_OFF -l $RANGE_B /dev/vda
 step discard $?
 mark "discard-zeroes $(zeroes $DISCARD_OFF $RANGE_B)"
 
 # Write-zeroes (BLKZEROOUT) must read back as zeroes, unlike discard.
 fill $ZERO_OFF $RANGE_B
-blkdiscard -z -o $ZERO_OFF -l $RANGE_B /dev/vda
+/usr/sbin/blkdiscard -z -o $ZERO_OFF -l $RANGE_B /dev/vda
 step write-zeroes $?
 [ "$(zeroes $ZERO_OFF $RANGE_B)" = yes ]
 step write-zeroes-readback $?
 
-# c) Buffered write, then fsync the block device: plain `sync` writes dirty
-# pages back but does not send a FLUSH for a raw block device.
+# c) Buffered write, then fsync the block device: plain `sync` only writes back
+# a raw block device's page cache, fsync also sends a FLUSH if the device
+# reports a write-back cache (flush_requests counts them).
+# A device offering CONFIG_WCE (feature bit 11) may start write-through, where
+# the guest never sends FLUSH: switch it to write-back (a config-space write).
+if [ "$(cut -c12 /sys/block/vda/device/features)" = 1 ] &&
+	[ "$(cat /sys/block/vda/queue/write_cache)" = "write through" ]; then
+	echo "write back" >/sys/block/vda/cache_type
+	step cache-writeback $?
+fi
 dd if=/dev/urandom of=/tmp/flush.dat bs=$MiB count=$((RANGE_B / MiB)) 2>/dev/null
 flushes_before=$(awk '{print $16}' /sys/block/vda/stat)
 dd if=/tmp/flush.dat of=/dev/vda bs=$MiB seek=$((FLUSH_OFF / MiB)) 2>/dev/null &&
@@ -149,10 +158,12 @@ mark "sysfs mq_queues=$(ls /sys/block/vda/mq | wc -l)"
 mark "sysfs discard_max_bytes=$(cat $q/discard_max_bytes)"
 mark "sysfs write_zeroes_max_bytes=$(cat $q/write_zeroes_max_bytes)"
 mark "sysfs write_cache=$(sed 's/ /-/g' $q/write_cache)"
-# Requests queued per hardware queue: shows whether both virtqueues carried I/O.
-for h in /sys/kernel/debug/block/vda/hctx*; do
-	mark "debugfs ${h##*/}_queued=$(cat "$h/queued")"
-done
+# Negotiated virtio feature bits, bit 0 first (FLUSH=9 CONFIG_WCE=11 MQ=12 DISCARD=13 WRITE_ZEROES=14).
+mark "sysfs virtio_features=$(cat /sys/block/vda/device/features)"
+# Completion interrupts per virtqueue: shows whether every queue carried I/O.
+awk 'NR == 1 { ncpu = NF }
+	$NF ~ /-req\.[0-9]+$/ { n = 0; for (i = 2; i <= ncpu + 1; i++) n += $i; sub(/.*-/, "", $NF); print $NF "=" n }' /proc/interrupts |
+	while read -r q; do mark "irq $q"; done
 
 mark "summary failed=$failed"
 mark done

@@ -1,0 +1,327 @@
+//! A virtio-blk driver over vhost-user: connect, negotiate, set up queues, run requests.
+
+use crate::memory::{GuestRam, USER_BASE};
+use crate::ring::{Buf, DriverQueue};
+use std::path::Path;
+use std::time::Duration;
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+
+pub const F_RO: u64 = 1 << 5;
+pub const F_BLK_SIZE: u64 = 1 << 6;
+pub const F_FLUSH: u64 = 1 << 9;
+pub const F_CONFIG_WCE: u64 = 1 << 11;
+pub const F_MQ: u64 = 1 << 12;
+pub const F_DISCARD: u64 = 1 << 13;
+pub const F_WRITE_ZEROES: u64 = 1 << 14;
+pub const F_INDIRECT_DESC: u64 = 1 << 28;
+pub const F_EVENT_IDX: u64 = 1 << 29;
+pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// How the driver sets up the device.
+#[derive(Clone, Debug)]
+pub struct DriverOptions {
+    pub queues: usize,
+    pub queue_size: u16,
+    /// Features to accept if offered (others offered are declined).
+    pub accept: u64,
+    pub ram_bytes: u64,
+}
+
+impl Default for DriverOptions {
+    fn default() -> Self {
+        DriverOptions {
+            queues: 1,
+            queue_size: 128,
+            accept: u64::MAX,
+            ram_bytes: 256 << 20,
+        }
+    }
+}
+
+/// One virtio-blk request to send.
+#[derive(Clone, Debug, Default)]
+pub struct Request {
+    pub kind: u32,
+    pub sector: u64,
+    /// Device-readable payload after the header (write data, discard segments).
+    pub out: Vec<u8>,
+    /// Bytes of device-writable data buffer before the status byte.
+    pub in_len: usize,
+    /// Put the chain in an indirect table.
+    pub indirect: bool,
+    /// Split each data payload into buffers of at most this many bytes (0: one buffer).
+    pub split: usize,
+    /// Offset data buffers by this many bytes from a 4 KiB boundary (unaligned buffers).
+    pub misalign: u64,
+}
+
+/// What came back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub status: u8,
+    pub used_len: u32,
+    pub data: Vec<u8>,
+}
+
+/// A request on the ring, not yet completed.
+pub struct Pending {
+    pub queue: usize,
+    pub head: u16,
+    status_gpa: u64,
+    in_bufs: Vec<(u64, usize)>,
+}
+
+/// A connected virtio-blk driver.
+pub struct BlkDriver {
+    pub frontend: Frontend,
+    pub ram: GuestRam,
+    pub queues: Vec<DriverQueue>,
+    pub features: u64,
+    pub offered: u64,
+    pub config: Vec<u8>,
+}
+
+/// One 16-byte discard / write-zeroes segment.
+pub fn dwz_segment(sector: u64, num_sectors: u32, flags: u32) -> Vec<u8> {
+    let mut s = Vec::with_capacity(16);
+    s.extend_from_slice(&sector.to_le_bytes());
+    s.extend_from_slice(&num_sectors.to_le_bytes());
+    s.extend_from_slice(&flags.to_le_bytes());
+    s
+}
+
+impl BlkDriver {
+    /// Connects to a vhost-user-blk socket and brings `options.queues` queues up.
+    pub fn connect(socket: &Path, options: DriverOptions) -> BlkDriver {
+        let mut frontend = Frontend::connect(socket, options.queues as u64).expect("connect");
+        frontend.set_owner().unwrap();
+        let offered = frontend.get_features().unwrap();
+        let features = offered & options.accept;
+        frontend.set_features(features).unwrap();
+        let protocol = frontend.get_protocol_features().unwrap();
+        frontend.set_protocol_features(protocol).unwrap();
+        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Every request waits for the back end's ack, as QEMU does: a memory table change
+            // is in force before the next request is kicked.
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            let max = frontend.get_queue_num().unwrap();
+            assert!(
+                max as usize >= options.queues,
+                "back end offers {max} queues"
+            );
+        }
+        let (_, config) = frontend
+            .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
+            .unwrap();
+        let ram = GuestRam::new(options.ram_bytes);
+        let mut driver = BlkDriver {
+            frontend,
+            ram,
+            queues: Vec::new(),
+            features,
+            offered,
+            config: config.to_vec(),
+        };
+        driver.set_mem_table();
+        for index in 0..options.queues {
+            let queue = DriverQueue::new(&mut driver.ram, options.queue_size);
+            driver.queues.push(queue);
+            driver.start_queue(index, 0);
+        }
+        driver
+    }
+
+    fn set_mem_table(&mut self) {
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: self.ram.size(),
+            userspace_addr: USER_BASE,
+            mmap_offset: 0,
+            mmap_handle: self.ram.fd(),
+        };
+        self.frontend.set_mem_table(&[region]).unwrap();
+    }
+
+    /// Sends the vring setup of queue `index` starting at avail index `base`, then enables it.
+    pub fn start_queue(&mut self, index: usize, base: u16) {
+        let q = &self.queues[index];
+        let f = &self.frontend;
+        f.set_vring_num(index, q.size).unwrap();
+        f.set_vring_base(index, base).unwrap();
+        f.set_vring_addr(
+            index,
+            &VringConfigData {
+                queue_max_size: q.size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: USER_BASE + q.desc,
+                used_ring_addr: USER_BASE + q.used,
+                avail_ring_addr: USER_BASE + q.avail,
+                log_addr: None,
+            },
+        )
+        .unwrap();
+        f.set_vring_call(index, &q.call).unwrap();
+        f.set_vring_kick(index, &q.kick).unwrap();
+        self.frontend.set_vring_enable(index, true).unwrap();
+    }
+
+    /// Stops queue `index` (GET_VRING_BASE): returns the avail index the device reached.
+    pub fn stop_queue(&mut self, index: usize) -> u32 {
+        self.frontend.get_vring_base(index).unwrap()
+    }
+
+    /// Capacity from the config space, in sectors.
+    pub fn capacity(&self) -> u64 {
+        u64::from_le_bytes(self.config[0..8].try_into().unwrap())
+    }
+
+    /// A config field: `len` bytes at `offset`, little-endian.
+    pub fn config_u32(&self, offset: usize) -> u32 {
+        u32::from_le_bytes(self.config[offset..offset + 4].try_into().unwrap())
+    }
+
+    fn place(
+        &mut self,
+        payload: &[u8],
+        len: usize,
+        writable: bool,
+        req: &Request,
+        bufs: &mut Vec<Buf>,
+    ) -> Vec<(u64, usize)> {
+        let mut placed = Vec::new();
+        let chunk = if req.split == 0 {
+            len.max(1)
+        } else {
+            req.split
+        };
+        let mut done = 0;
+        while done < len {
+            let n = chunk.min(len - done);
+            let gpa = self.ram.alloc(n as u64 + req.misalign, 4096) + req.misalign;
+            if !writable {
+                self.ram.write(gpa, &payload[done..done + n]);
+            }
+            bufs.push(Buf {
+                gpa,
+                len: n as u32,
+                writable,
+            });
+            placed.push((gpa, n));
+            done += n;
+        }
+        placed
+    }
+
+    /// Puts `req` on queue `queue` and kicks.
+    pub fn submit(&mut self, queue: usize, req: &Request) -> Pending {
+        let mut bufs = Vec::new();
+        let header = self.ram.alloc(16, 16);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&req.kind.to_le_bytes());
+        h[8..16].copy_from_slice(&req.sector.to_le_bytes());
+        self.ram.write(header, &h);
+        bufs.push(Buf {
+            gpa: header,
+            len: 16,
+            writable: false,
+        });
+        self.place(&req.out.clone(), req.out.len(), false, req, &mut bufs);
+        let in_bufs = self.place(&[], req.in_len, true, req, &mut bufs);
+        let status_gpa = self.ram.alloc(1, 1);
+        self.ram.write(status_gpa, &[0xff]);
+        bufs.push(Buf {
+            gpa: status_gpa,
+            len: 1,
+            writable: true,
+        });
+        let head = self.queues[queue].add(&mut self.ram, &bufs, req.indirect);
+        self.queues[queue].kick.write(1).unwrap();
+        Pending {
+            queue,
+            head,
+            status_gpa,
+            in_bufs,
+        }
+    }
+
+    /// Waits for `pending` (which must be the next to complete on its queue).
+    pub fn wait(&mut self, pending: Pending) -> Completion {
+        let (head, used_len) = self.queues[pending.queue]
+            .wait_used(&self.ram, Duration::from_secs(10))
+            .expect("request completed within 10 s");
+        assert_eq!(
+            head, pending.head,
+            "completions in submission order for one request"
+        );
+        self.collect(&pending, used_len)
+    }
+
+    /// Reads back status and data of a completed request.
+    pub fn collect(&self, pending: &Pending, used_len: u32) -> Completion {
+        let status = self.ram.read(pending.status_gpa, 1)[0];
+        let mut data = Vec::new();
+        for &(gpa, len) in &pending.in_bufs {
+            data.extend_from_slice(&self.ram.read(gpa, len));
+        }
+        Completion {
+            status,
+            used_len,
+            data,
+        }
+    }
+
+    /// Runs one request to completion and frees its guest memory.
+    pub fn run(&mut self, queue: usize, req: &Request) -> Completion {
+        let mark = self.ram.mark();
+        let pending = self.submit(queue, req);
+        let done = self.wait(pending);
+        self.ram.release(mark);
+        done
+    }
+
+    /// Writes `data` at `sector`.
+    pub fn write(&mut self, queue: usize, sector: u64, data: &[u8]) -> u8 {
+        self.run(
+            queue,
+            &Request {
+                kind: T_OUT,
+                sector,
+                out: data.to_vec(),
+                ..Default::default()
+            },
+        )
+        .status
+    }
+
+    /// Reads `len` bytes at `sector`.
+    pub fn read(&mut self, queue: usize, sector: u64, len: usize) -> (u8, Vec<u8>) {
+        let done = self.run(
+            queue,
+            &Request {
+                kind: T_IN,
+                sector,
+                in_len: len,
+                ..Default::default()
+            },
+        );
+        (done.status, done.data)
+    }
+}
