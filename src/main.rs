@@ -93,7 +93,7 @@ fn open_device(index: usize, export: &Export) -> Result<Arc<BlkDevice>, String> 
         Volume::Null { size_bytes } => Arc::new(NullBackend::new(*size_bytes)),
     };
     let size = backend.info().size_bytes;
-    if size == 0 || size % u64::from(export.block_size) != 0 {
+    if size == 0 || !size.is_multiple_of(u64::from(export.block_size)) {
         return Err(format!(
             "{}: size {size} is not a non-zero multiple of the block size {}",
             export.socket.display(),

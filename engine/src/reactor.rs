@@ -815,7 +815,7 @@ fn dispatch(
     let range_ok = |sector: u64, len: u64| {
         let offset = sector.checked_mul(blk::SECTOR_SIZE)?;
         let end = offset.checked_add(len)?;
-        (end <= info.size_bytes && offset % block_size == 0 && len % block_size == 0)
+        (end <= info.size_bytes && offset % block_size == 0 && len.is_multiple_of(block_size))
             .then_some(offset)
     };
     let op = match req.kind {
@@ -903,7 +903,7 @@ fn dispatch_dwz(
         });
     }
     let count = req.data_len as usize / blk::DWZ_SEGMENT_SIZE;
-    if req.data_len as usize % blk::DWZ_SEGMENT_SIZE != 0 || count == 0 {
+    if !(req.data_len as usize).is_multiple_of(blk::DWZ_SEGMENT_SIZE) || count == 0 {
         return Err(status::IOERR);
     }
     if count > blk::MAX_DWZ_SEG as usize {
@@ -934,7 +934,7 @@ fn dispatch_dwz(
         if seg.num_sectors > blk::MAX_DWZ_SECTORS
             || end > info.size_bytes
             || offset % block_size != 0
-            || len % block_size != 0
+            || !len.is_multiple_of(block_size)
         {
             return Err(status::IOERR);
         }

@@ -35,6 +35,7 @@ bytes() {
 	esac
 }
 
+# Sizes take K/M/G suffixes and must be whole MiB (dd works in 1 MiB blocks).
 SIZE=$(param size 64M)          # region written by each of the two fio jobs
 IODEPTH=$(param iodepth 16)
 IOENGINE=$(param ioengine libaio)
@@ -63,7 +64,9 @@ while [ ! -b /dev/vda ] && [ $i -lt $((WAIT * 10)) ]; do
 	sleep 0.1
 	i=$((i + 1))
 done
-[ -b /dev/vda ] || { mark "vda rc=1"; exit 1; }
+[ -b /dev/vda ] || { mark "vda rc=1 missing"; exit 1; }
+need=$((FLUSH_OFF + RANGE_B))
+[ $(($(cat /sys/block/vda/size) * 512)) -ge $need ] || { mark "vda rc=1 smaller-than=$need"; exit 1; }
 mark "vda rc=0"
 
 failed=0
@@ -103,7 +106,8 @@ fill() {
 
 # a) Two jobs on disjoint halves, pinned to different vCPUs so blk-mq submits
 # on both virtqueues. Options before the first --name are shared: an option
-# after a --name only applies to that job.
+# after a --name only applies to that job. $FIO and $JOBS are split into words
+# on purpose.
 FIO="--filename=/dev/vda --direct=1 --rw=randwrite --bssplit=4k/80:64k/20
  --size=$SIZE --iodepth=$IODEPTH --ioengine=$IOENGINE
  --verify=crc32c --verify_fatal=1 --group_reporting"
@@ -117,16 +121,16 @@ if [ "$RUNTIME" -gt 0 ]; then
 fi
 
 # b) Discard, then report (not judge) whether the range reads as zeroes.
-fill $DISCARD_OFF $RANGE_B
-/usr/sbin/blkdiscard -o $DISCARD_OFF -l $RANGE_B /dev/vda
+fill "$DISCARD_OFF" "$RANGE_B"
+/usr/sbin/blkdiscard -o "$DISCARD_OFF" -l "$RANGE_B" /dev/vda
 step discard $?
-mark "discard-zeroes $(zeroes $DISCARD_OFF $RANGE_B)"
+mark "discard-zeroes $(zeroes "$DISCARD_OFF" "$RANGE_B")"
 
 # Write-zeroes (BLKZEROOUT) must read back as zeroes, unlike discard.
-fill $ZERO_OFF $RANGE_B
-/usr/sbin/blkdiscard -z -o $ZERO_OFF -l $RANGE_B /dev/vda
+fill "$ZERO_OFF" "$RANGE_B"
+/usr/sbin/blkdiscard -z -o "$ZERO_OFF" -l "$RANGE_B" /dev/vda
 step write-zeroes $?
-[ "$(zeroes $ZERO_OFF $RANGE_B)" = yes ]
+[ "$(zeroes "$ZERO_OFF" "$RANGE_B")" = yes ]
 step write-zeroes-readback $?
 
 # c) Buffered write, then fsync the block device: plain `sync` only writes back
@@ -166,4 +170,4 @@ awk 'NR == 1 { ncpu = NF }
 	while read -r q; do mark "irq $q"; done
 
 mark "summary failed=$failed"
-mark done
+mark "done"

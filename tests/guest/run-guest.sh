@@ -8,7 +8,7 @@ set -euo pipefail
 usage="usage: $0 --socket PATH --guest-dir DIR [--queues N] [--log FILE] [--timeout SECS] [--append 'pollblk.size=16M ...']"
 die() { echo "run-guest: $*" >&2; exit 2; }
 
-socket= guest_dir= queues=2 log= timeout=300 append=
+socket='' guest_dir='' queues=2 log='' timeout=300 append=''
 while [[ $# -gt 0 ]]; do
 	[[ $# -ge 2 ]] || die "$usage"
 	case $1 in
@@ -35,6 +35,7 @@ done
 
 # vhost-user needs guest RAM in a shared memfd so the back end can map it.
 # panic=-1 plus -no-reboot turns a guest kernel panic into a QEMU exit.
+# shellcheck disable=SC2054 # commas belong to QEMU's option syntax
 qemu=(
 	qemu-system-x86_64 -machine q35,accel=tcg -cpu max -smp 2 -m 1G
 	-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem

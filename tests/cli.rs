@@ -1,0 +1,72 @@
+//! The command line as users and scripts rely on it.
+
+mod common;
+
+use common::{image, Daemon, BIN};
+use std::process::Command;
+
+fn serve(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_arguments_say_what_is_wrong_and_exit_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (vec!["--export", "nbd,socket=s,null,size=1M"], "unknown export type"),
+        (vec!["--export", "vhost-user-blk,null,size=1M"], "socket=PATH is required"),
+        (vec!["--export", "vhost-user-blk,socket=s,null,size=1000"], "multiple of the block size"),
+        (vec!["--export", "vhost-user-blk,socket=s,file=missing.img"], "missing.img"),
+        (vec!["--export", "vhost-user-blk,socket=s,null,size=1M", "--cores", "9999"], "core 9999"),
+        (vec!["--bogus"], "--bogus"),
+    ];
+    for (args, message) in cases {
+        let (code, stderr) = serve(dir.path(), &args);
+        assert_ne!(code, 0, "{args:?} must fail");
+        assert!(stderr.contains(message), "{args:?}: expected {message:?} in {stderr:?}");
+    }
+}
+
+#[test]
+fn a_file_whose_size_is_not_whole_blocks_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = image(dir.path(), "odd.img", 3 * 4096 + 512);
+    let spec = format!("vhost-user-blk,socket=s,file={},block-size=4096", file.display());
+    let (code, stderr) = serve(dir.path(), &["--export", &spec]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("not a non-zero multiple of the block size 4096"), "{stderr}");
+}
+
+#[test]
+fn a_socket_in_use_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "vhost-user-blk,socket=busy.sock,null,size=1M";
+    let mut first = Daemon::start(dir.path(), &["--export".into(), spec.into()]);
+    let (code, stderr) = serve(dir.path(), &["--export", spec]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("in use"), "{stderr}");
+    assert!(dir.path().join("busy.sock").exists(), "the first daemon's socket survives");
+    assert_eq!(first.stop(), Some(0));
+}
+
+#[test]
+fn no_arguments_serves_the_default_disk_and_prints_the_qemu_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(dir.path(), &[]);
+    let image = dir.path().join("pollblk-data/disk0.img");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 1 << 30);
+    assert!(dir.path().join("pollblk-data/disk0.sock").exists());
+    let out = daemon.stdout.join("\n");
+    assert!(out.contains("vhost-user-blk-pci,chardev=disk0"), "{out}");
+    assert!(out.contains("memory-backend-memfd"), "{out}");
+    assert_eq!(daemon.stop(), Some(0));
+    // A second start reuses the image.
+    let mut again = Daemon::start(dir.path(), &[]);
+    assert_eq!(again.stop(), Some(0));
+}

@@ -1,0 +1,123 @@
+//! A real Linux guest on pollblk: QEMU (TCG) with a vhost-user-blk-pci disk, the guest's own
+//! virtio_blk driver, and fio writing and verifying data on /dev/vda.
+//!
+//! The guest is built by tests/guest/build-guest.sh (Debian's kernel, busybox, fio) and booted
+//! by tests/guest/run-guest.sh; its /init prints `POLLBLK-GUEST: <step> rc=<n>` markers and
+//! fio's JSON, which this test judges. It needs qemu-system-x86_64 and the packages the build
+//! script installs; without them it is skipped with a message, unless POLLBLK_REQUIRE_GUEST=1
+//! (set by .ci/run), where a missing tool is a failure.
+
+mod common;
+
+use common::{file_export, image, Daemon};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn guest_required() -> bool {
+    std::env::var("POLLBLK_REQUIRE_GUEST").is_ok_and(|v| v == "1")
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The console's marker lines, without the prefix and without \r.
+fn markers(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("POLLBLK-GUEST: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// fio's JSON output for `step`, between its begin-json and end-json markers.
+fn fio_json(log: &str, step: &str) -> serde_json::Value {
+    let text = log.replace('\r', "");
+    let begin = format!("POLLBLK-GUEST: begin-json {step}\n");
+    let end = format!("POLLBLK-GUEST: end-json {step}");
+    let start = text.find(&begin).unwrap_or_else(|| panic!("no JSON for {step}")) + begin.len();
+    let stop = start + text[start..].find(&end).expect("end of JSON");
+    serde_json::from_str(&text[start..stop]).unwrap_or_else(|e| panic!("{step} JSON: {e}"))
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn linux_guest_runs_fio_verify_on_pollblk() {
+    if !have("qemu-system-x86_64") && !guest_required() {
+        eprintln!("SKIPPED linux_guest_runs_fio_verify_on_pollblk: qemu-system-x86_64 not installed (.ci/run installs it)");
+        return;
+    }
+    let guest_dir = repo().join("target/guest");
+    let build = Command::new(repo().join("tests/guest/build-guest.sh"))
+        .arg(&guest_dir)
+        .status()
+        .expect("run build-guest.sh");
+    assert!(build.success(), "building the guest failed");
+
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let file = image(dir.path(), "guest.img", 1 << 30);
+    let socket = dir.path().join("guest.sock");
+    let mut daemon = Daemon::start(dir.path(), &file_export(&socket, &file, ",num-queues=2"));
+
+    let log_path = dir.path().join("console.log");
+    let started = std::time::Instant::now();
+    let run = Command::new(repo().join("tests/guest/run-guest.sh"))
+        .args(["--socket", path_str(&socket), "--guest-dir", path_str(&guest_dir)])
+        .args(["--queues", "2", "--log", path_str(&log_path), "--timeout", "900"])
+        .status()
+        .expect("run run-guest.sh");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(run.success(), "the guest did not finish; console log:\n{log}");
+    let seconds = started.elapsed().as_secs();
+
+    let marks = markers(&log);
+    for m in &marks {
+        if let Some((_, rc)) = m.split_once(" rc=") {
+            let rc = rc.split_whitespace().next().unwrap();
+            assert_eq!(rc, "0", "guest step failed: {m}");
+        }
+    }
+    let has = |prefix: &str| marks.iter().any(|m| m.starts_with(prefix));
+    for step in ["vda rc=0", "fio-write-verify rc=0 verify_errors=0", "fio-read-verify rc=0 verify_errors=0",
+        "discard rc=0", "write-zeroes-readback rc=0", "flush rc=0", "flush-readback rc=0", "summary failed=0"] {
+        assert!(has(step), "missing guest step {step:?}; markers: {marks:#?}");
+    }
+    let flushes: u64 = marks
+        .iter()
+        .find_map(|m| m.strip_prefix("flush rc=0 flush_requests="))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("flush count");
+    assert!(flushes > 0, "the guest sent no FLUSH");
+    assert!(has("sysfs mq_queues=2"), "guest did not use 2 queues: {marks:#?}");
+    assert!(has(&format!("sysfs size={}", (1u64 << 30) / 512)));
+    let irq_queues = marks.iter().filter(|m| m.starts_with("irq req.") && !m.ends_with("=0")).count();
+    assert_eq!(irq_queues, 2, "both virtqueues completed I/O: {marks:#?}");
+
+    let write = fio_json(&log, "fio-write-verify");
+    let read = fio_json(&log, "fio-read-verify");
+    for (name, json) in [("write", &write), ("read", &read)] {
+        let job = &json["jobs"][0];
+        assert_eq!(job["error"], 0, "fio {name} job error: {job}");
+    }
+    let write_iops = write["jobs"][0]["write"]["iops"].as_f64().unwrap();
+    let verify_iops = write["jobs"][0]["read"]["iops"].as_f64().unwrap();
+    let reverify_iops = read["jobs"][0]["read"]["iops"].as_f64().unwrap();
+    let written = write["jobs"][0]["write"]["io_bytes"].as_u64().unwrap();
+    let verified = read["jobs"][0]["read"]["io_bytes"].as_u64().unwrap();
+    assert!(written > 0 && verified >= written, "re-verify read everything written");
+    eprintln!(
+        "guest fio (TCG): randwrite {write_iops:.0} IOPS, verify read {verify_iops:.0} IOPS, \
+         re-verify {reverify_iops:.0} IOPS, {} MiB written and verified, guest run {seconds} s",
+        written >> 20
+    );
+    assert_eq!(daemon.stop(), Some(0), "pollblk exits cleanly after the guest");
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
