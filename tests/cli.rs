@@ -12,24 +12,50 @@ fn serve(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
         .current_dir(dir)
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn bad_arguments_say_what_is_wrong_and_exit_non_zero() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        (vec!["--export", "nbd,socket=s,null,size=1M"], "unknown export type"),
-        (vec!["--export", "vhost-user-blk,null,size=1M"], "socket=PATH is required"),
-        (vec!["--export", "vhost-user-blk,socket=s,null,size=1000"], "multiple of the block size"),
-        (vec!["--export", "vhost-user-blk,socket=s,file=missing.img"], "missing.img"),
-        (vec!["--export", "vhost-user-blk,socket=s,null,size=1M", "--cores", "9999"], "core 9999"),
+        (
+            vec!["--export", "nbd,socket=s,null,size=1M"],
+            "unknown export type",
+        ),
+        (
+            vec!["--export", "vhost-user-blk,null,size=1M"],
+            "socket=PATH is required",
+        ),
+        (
+            vec!["--export", "vhost-user-blk,socket=s,null,size=1000"],
+            "multiple of the block size",
+        ),
+        (
+            vec!["--export", "vhost-user-blk,socket=s,file=missing.img"],
+            "missing.img",
+        ),
+        (
+            vec![
+                "--export",
+                "vhost-user-blk,socket=s,null,size=1M",
+                "--cores",
+                "9999",
+            ],
+            "core 9999",
+        ),
         (vec!["--bogus"], "--bogus"),
     ];
     for (args, message) in cases {
         let (code, stderr) = serve(dir.path(), &args);
         assert_ne!(code, 0, "{args:?} must fail");
-        assert!(stderr.contains(message), "{args:?}: expected {message:?} in {stderr:?}");
+        assert!(
+            stderr.contains(message),
+            "{args:?}: expected {message:?} in {stderr:?}"
+        );
     }
 }
 
@@ -37,10 +63,16 @@ fn bad_arguments_say_what_is_wrong_and_exit_non_zero() {
 fn a_file_whose_size_is_not_whole_blocks_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = image(dir.path(), "odd.img", 3 * 4096 + 512);
-    let spec = format!("vhost-user-blk,socket=s,file={},block-size=4096", file.display());
+    let spec = format!(
+        "vhost-user-blk,socket=s,file={},block-size=4096",
+        file.display()
+    );
     let (code, stderr) = serve(dir.path(), &["--export", &spec]);
     assert_ne!(code, 0);
-    assert!(stderr.contains("not a non-zero multiple of the block size 4096"), "{stderr}");
+    assert!(
+        stderr.contains("not a non-zero multiple of the block size 4096"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -51,7 +83,10 @@ fn a_socket_in_use_is_refused_and_left_alone() {
     let (code, stderr) = serve(dir.path(), &["--export", spec]);
     assert_ne!(code, 0);
     assert!(stderr.contains("in use"), "{stderr}");
-    assert!(dir.path().join("busy.sock").exists(), "the first daemon's socket survives");
+    assert!(
+        dir.path().join("busy.sock").exists(),
+        "the first daemon's socket survives"
+    );
     assert_eq!(first.stop(), Some(0));
 }
 

@@ -37,7 +37,10 @@ fn fio_json(log: &str, step: &str) -> serde_json::Value {
     let text = log.replace('\r', "");
     let begin = format!("POLLBLK-GUEST: begin-json {step}\n");
     let end = format!("POLLBLK-GUEST: end-json {step}");
-    let start = text.find(&begin).unwrap_or_else(|| panic!("no JSON for {step}")) + begin.len();
+    let start = text
+        .find(&begin)
+        .unwrap_or_else(|| panic!("no JSON for {step}"))
+        + begin.len();
     let stop = start + text[start..].find(&end).expect("end of JSON");
     serde_json::from_str(&text[start..stop]).unwrap_or_else(|e| panic!("{step} JSON: {e}"))
 }
@@ -67,12 +70,27 @@ fn linux_guest_runs_fio_verify_on_pollblk() {
     let log_path = dir.path().join("console.log");
     let started = std::time::Instant::now();
     let run = Command::new(repo().join("tests/guest/run-guest.sh"))
-        .args(["--socket", path_str(&socket), "--guest-dir", path_str(&guest_dir)])
-        .args(["--queues", "2", "--log", path_str(&log_path), "--timeout", "900"])
+        .args([
+            "--socket",
+            path_str(&socket),
+            "--guest-dir",
+            path_str(&guest_dir),
+        ])
+        .args([
+            "--queues",
+            "2",
+            "--log",
+            path_str(&log_path),
+            "--timeout",
+            "900",
+        ])
         .status()
         .expect("run run-guest.sh");
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    assert!(run.success(), "the guest did not finish; console log:\n{log}");
+    assert!(
+        run.success(),
+        "the guest did not finish; console log:\n{log}"
+    );
     let seconds = started.elapsed().as_secs();
 
     let marks = markers(&log);
@@ -83,9 +101,20 @@ fn linux_guest_runs_fio_verify_on_pollblk() {
         }
     }
     let has = |prefix: &str| marks.iter().any(|m| m.starts_with(prefix));
-    for step in ["vda rc=0", "fio-write-verify rc=0 verify_errors=0", "fio-read-verify rc=0 verify_errors=0",
-        "discard rc=0", "write-zeroes-readback rc=0", "flush rc=0", "flush-readback rc=0", "summary failed=0"] {
-        assert!(has(step), "missing guest step {step:?}; markers: {marks:#?}");
+    for step in [
+        "vda rc=0",
+        "fio-write-verify rc=0 verify_errors=0",
+        "fio-read-verify rc=0 verify_errors=0",
+        "discard rc=0",
+        "write-zeroes-readback rc=0",
+        "flush rc=0",
+        "flush-readback rc=0",
+        "summary failed=0",
+    ] {
+        assert!(
+            has(step),
+            "missing guest step {step:?}; markers: {marks:#?}"
+        );
     }
     let flushes: u64 = marks
         .iter()
@@ -93,9 +122,15 @@ fn linux_guest_runs_fio_verify_on_pollblk() {
         .and_then(|n| n.trim().parse().ok())
         .expect("flush count");
     assert!(flushes > 0, "the guest sent no FLUSH");
-    assert!(has("sysfs mq_queues=2"), "guest did not use 2 queues: {marks:#?}");
+    assert!(
+        has("sysfs mq_queues=2"),
+        "guest did not use 2 queues: {marks:#?}"
+    );
     assert!(has(&format!("sysfs size={}", (1u64 << 30) / 512)));
-    let irq_queues = marks.iter().filter(|m| m.starts_with("irq req.") && !m.ends_with("=0")).count();
+    let irq_queues = marks
+        .iter()
+        .filter(|m| m.starts_with("irq req.") && !m.ends_with("=0"))
+        .count();
     assert_eq!(irq_queues, 2, "both virtqueues completed I/O: {marks:#?}");
 
     let write = fio_json(&log, "fio-write-verify");
@@ -109,13 +144,20 @@ fn linux_guest_runs_fio_verify_on_pollblk() {
     let reverify_iops = read["jobs"][0]["read"]["iops"].as_f64().unwrap();
     let written = write["jobs"][0]["write"]["io_bytes"].as_u64().unwrap();
     let verified = read["jobs"][0]["read"]["io_bytes"].as_u64().unwrap();
-    assert!(written > 0 && verified >= written, "re-verify read everything written");
+    assert!(
+        written > 0 && verified >= written,
+        "re-verify read everything written"
+    );
     eprintln!(
         "guest fio (TCG): randwrite {write_iops:.0} IOPS, verify read {verify_iops:.0} IOPS, \
          re-verify {reverify_iops:.0} IOPS, {} MiB written and verified, guest run {seconds} s",
         written >> 20
     );
-    assert_eq!(daemon.stop(), Some(0), "pollblk exits cleanly after the guest");
+    assert_eq!(
+        daemon.stop(),
+        Some(0),
+        "pollblk exits cleanly after the guest"
+    );
 }
 
 fn path_str(p: &Path) -> &str {

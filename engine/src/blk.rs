@@ -56,8 +56,10 @@ pub const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 
 /// Most data buffers one request may carry (config `seg_max`).
 pub const SEG_MAX: u32 = 128;
-/// Largest single data buffer (config `size_max`).
-pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest single data buffer (config `size_max`). SeaBIOS's virtio-blk driver divides
+/// `size_max * seg_max` by the block size into a u16 sector count: at 32 MiB or more it wraps to
+/// 0 and the BIOS loops forever on empty reads, so the product stays at 16 MiB.
+pub const SIZE_MAX: u32 = 128 << 10;
 /// Most segments in one discard or write-zeroes request.
 pub const MAX_DWZ_SEG: u32 = 32;
 /// Most sectors one discard or write-zeroes segment may cover (2 GiB).
@@ -293,6 +295,12 @@ impl DwzSegment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_limit_fits_seabios_sector_count() {
+        // SeaBIOS keeps size_max * seg_max / 512 in a u16 (see SIZE_MAX).
+        assert!(u64::from(SIZE_MAX) * u64::from(SEG_MAX) / SECTOR_SIZE < 1 << 16);
+    }
 
     #[test]
     fn config_layout_matches_the_spec_offsets() {

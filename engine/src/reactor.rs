@@ -669,7 +669,10 @@ impl Reactor {
                     self.arm_wake();
                 }
             }
-            TAG_CANCEL => self.ops_in_flight -= 1,
+            TAG_CANCEL => {
+                self.ops_in_flight -= 1;
+                tracing::debug!(result, "cancel completed");
+            }
             _ => unreachable!("unknown user_data {user_data:#x}"),
         }
     }
@@ -703,6 +706,7 @@ impl Reactor {
             }
             if queue.kick_armed {
                 if !queue.kick_cancel_sent {
+                    tracing::debug!(qi, "cancelling kick read");
                     queue.kick_cancel_sent = true;
                     let cancel = opcode::AsyncCancel::new(TAG_KICK | qi as u64)
                         .build()
@@ -810,6 +814,7 @@ fn dispatch(
     user_data: u64,
     sq: &mut squeue::SubmissionQueue<'_>,
 ) -> Result<usize, u8> {
+    tracing::trace!(kind = ?req.kind, sector = req.sector, len = req.data_len, "request");
     let info = device.backend().info();
     let block_size = u64::from(device.options().block_size);
     let range_ok = |sector: u64, len: u64| {

@@ -215,7 +215,9 @@ impl SplitQueue {
         let used = mem.translate_user(addrs.used, 6 + 8 * size);
         match (desc, avail, used) {
             (Some(desc), Some(avail), Some(used))
-                if (desc as usize).is_multiple_of(16) && (avail as usize).is_multiple_of(2) && (used as usize).is_multiple_of(4) =>
+                if (desc as usize).is_multiple_of(16)
+                    && (avail as usize).is_multiple_of(2)
+                    && (used as usize).is_multiple_of(4) =>
             {
                 self.desc = desc;
                 self.avail = avail;

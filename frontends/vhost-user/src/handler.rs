@@ -103,6 +103,7 @@ impl BlkHandler {
     fn stop_queue(&mut self, index: usize) -> Option<u16> {
         let id = self.vrings[index].running.take()?;
         let base = self.reactor(index).stop(id);
+        tracing::debug!(disk = %self.device.options().name, index, base, "vring stopped");
         self.vrings[index].base = base;
         Some(base)
     }
@@ -138,10 +139,13 @@ impl BlkHandler {
             invalid("vring not in guest memory")
         })?;
         self.vrings[index].running = Some(id);
+        tracing::debug!(disk = %self.device.options().name, index, size = self.vrings[index].size,
+            base = self.vrings[index].base, features = format_args!("{features:#x}"), "vring started");
         Ok(())
     }
 
     fn set_memory(&mut self, regions: Vec<Arc<MmapRegion>>) -> Result<()> {
+        tracing::debug!(regions = regions.len(), "memory table");
         let mem = Arc::new(GuestMemory::new(regions.clone()).map_err(|e| {
             tracing::warn!(error = %e, "memory table refused");
             Error::InvalidParam
@@ -302,6 +306,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
+        tracing::debug!(index, enable, "vring enable");
         let vring = self.vring(index)?;
         vring.enabled = enable;
         if let Some(id) = vring.running {
