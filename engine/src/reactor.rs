@@ -8,8 +8,8 @@
 //!
 //! Adaptive polling: while there is work the reactor busy-polls with kicks suppressed; after
 //! `idle` without work it re-enables kicks, re-checks every ring (a request that arrived in
-//! between is not lost), and sleeps in one `io_uring_enter` that returns on a kick (an eventfd
-//! read armed per queue), a control message (the mailbox eventfd) or an I/O completion.
+//! between is not lost), and sleeps in one `io_uring_enter` that returns on a kick (a poll on the
+//! kick eventfd, armed per queue), a control message (the mailbox eventfd) or an I/O completion.
 //!
 //! Per request nothing is allocated (request slots, their iovec arrays and the free list are
 //! made when a queue is attached), nothing is locked, and no system call is made except the
@@ -305,7 +305,6 @@ struct QueueState {
     addrs: RingAddrs,
     ring: SplitQueue,
     kick: EventFd,
-    kick_buf: Box<u64>,
     kick_armed: bool,
     kick_cancel_sent: bool,
     call: Option<EventFd>,
@@ -341,8 +340,6 @@ struct Reactor {
     ring: IoUring,
     rx: Receiver<Msg>,
     wake: Arc<EventFd>,
-    wake_buf: Box<u64>,
-    wake_armed: bool,
     queues: Vec<Option<Box<QueueState>>>,
     /// io_uring operations submitted and not completed (CQ overflow guard).
     ops_in_flight: usize,
@@ -368,8 +365,6 @@ impl Reactor {
             ring,
             rx,
             wake,
-            wake_buf: Box::new(0),
-            wake_armed: false,
             queues: Vec::new(),
             ops_in_flight: 0,
             poll,
@@ -379,18 +374,26 @@ impl Reactor {
         Ok(reactor)
     }
 
-    fn arm_wake(&mut self) {
-        let read = opcode::Read::new(
-            types::Fd(self.wake.as_raw_fd()),
-            (&mut *self.wake_buf as *mut u64).cast(),
-            8,
-        )
-        .build()
-        .user_data(TAG_MAILBOX);
-        // SAFETY: wake_buf is boxed and lives until the reactor ends, after this read's CQE.
-        unsafe { self.ring.submission().push(&read) }.expect("SQ has room between iterations");
+    /// Arms a one-shot poll for readability of an eventfd (kick or mailbox).
+    ///
+    /// A poll rather than a read: front ends hand over O_NONBLOCK eventfds, and io_uring may
+    /// answer a read of one with -EAGAIN instead of waiting. A poll holds no buffer either, so
+    /// the kernel never writes into memory of ours after the fact. The CQE's handler drains the
+    /// eventfd (one read, only on this wake-up path) and arms the poll again.
+    fn arm_poll(&mut self, fd: i32, user_data: u64) {
+        let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(user_data);
+        if self.ring.submission().is_full() {
+            self.enter(false);
+        }
+        // SAFETY: a poll references no memory of ours.
+        unsafe { self.ring.submission().push(&poll) }.expect("SQ has room after a submit");
         self.ops_in_flight += 1;
-        self.wake_armed = true;
+    }
+
+    fn arm_wake(&mut self) {
+        self.arm_poll(self.wake.as_raw_fd(), TAG_MAILBOX);
     }
 
     fn run(&mut self) {
@@ -414,7 +417,7 @@ impl Reactor {
                 idle_since = Instant::now();
             }
         }
-        self.end();
+        // The mailbox poll still armed references no memory: dropping the ring cancels it.
     }
 
     /// Submits queued SQEs and runs deferred task work, without a syscall when neither.
@@ -499,7 +502,13 @@ impl Reactor {
                             if queue.in_flight > 0 {
                                 queue.retired_mem.push(old);
                             }
-                            queue.ring.remap(&queue.mem, queue.addrs)
+                            let result = queue.ring.remap(&queue.mem, queue.addrs);
+                            if let Err(why) = result {
+                                // The old ring pointers must not be used once their memory
+                                // is retired: the queue stops here.
+                                queue.mark_broken(why);
+                            }
+                            result
                         }
                         None => Ok(()),
                     };
@@ -543,7 +552,6 @@ impl Reactor {
             addrs: setup.addrs,
             ring,
             kick: setup.kick,
-            kick_buf: Box::new(0),
             kick_armed: false,
             kick_cancel_sent: false,
             call: setup.call,
@@ -571,20 +579,9 @@ impl Reactor {
 
     fn arm_kick(&mut self, qi: usize) {
         let queue = self.queues[qi].as_mut().unwrap();
-        let read = opcode::Read::new(
-            types::Fd(queue.kick.as_raw_fd()),
-            (&mut *queue.kick_buf as *mut u64).cast(),
-            8,
-        )
-        .build()
-        .user_data(TAG_KICK | qi as u64);
         queue.kick_armed = true;
-        if self.ring.submission().is_full() {
-            self.enter(false);
-        }
-        // SAFETY: kick_buf is boxed in the queue, which is only freed after this read's CQE.
-        unsafe { self.ring.submission().push(&read) }.expect("SQ has room after a submit");
-        self.ops_in_flight += 1;
+        let fd = queue.kick.as_raw_fd();
+        self.arm_poll(fd, TAG_KICK | qi as u64);
     }
 
     /// Takes up to a batch of new requests from queue `qi`; true if it took any.
@@ -595,12 +592,12 @@ impl Reactor {
         if !queue.takes_requests() {
             return false;
         }
+        let mut sq = self.ring.submission();
         let mut taken = 0;
         while taken < AVAIL_BATCH && !queue.free_slots.is_empty() {
             if self.ops_in_flight + MAX_OPS_PER_REQUEST > CQ_ENTRIES as usize {
                 break;
             }
-            let mut sq = self.ring.submission();
             if sq.capacity() - sq.len() < MAX_OPS_PER_REQUEST {
                 break;
             }
@@ -656,23 +653,27 @@ impl Reactor {
                     .as_deref_mut()
                     .expect("kick of a live queue");
                 queue.kick_armed = false;
+                // Clear the count so the next poll waits for a new kick. Only after POLLIN:
+                // the fd may be blocking, and a read of a zero count would block the reactor.
+                if result > 0 {
+                    let _ = queue.kick.read();
+                }
                 if result >= 0 && queue.stopping.is_none() {
                     self.arm_kick(qi);
                 } else if result < 0 && result != -libc::ECANCELED {
-                    tracing::warn!(errno = -result, "kick eventfd read failed");
+                    tracing::warn!(errno = -result, "kick eventfd poll failed");
                 }
             }
             TAG_MAILBOX => {
                 self.ops_in_flight -= 1;
-                self.wake_armed = false;
+                if result > 0 {
+                    let _ = self.wake.read();
+                }
                 if result >= 0 && !self.shutting_down {
                     self.arm_wake();
                 }
             }
-            TAG_CANCEL => {
-                self.ops_in_flight -= 1;
-                tracing::debug!(result, "cancel completed");
-            }
+            TAG_CANCEL => self.ops_in_flight -= 1,
             _ => unreachable!("unknown user_data {user_data:#x}"),
         }
     }
@@ -706,7 +707,6 @@ impl Reactor {
             }
             if queue.kick_armed {
                 if !queue.kick_cancel_sent {
-                    tracing::debug!(qi, "cancelling kick read");
                     queue.kick_cancel_sent = true;
                     let cancel = opcode::AsyncCancel::new(TAG_KICK | qi as u64)
                         .build()
@@ -726,23 +726,6 @@ impl Reactor {
                 .as_ref()
                 .unwrap()
                 .send(queue.ring.last_avail_idx());
-        }
-    }
-
-    /// Cancels the mailbox read and waits for it, so no kernel write outlives its buffer.
-    fn end(&mut self) {
-        if self.wake_armed {
-            let cancel = opcode::AsyncCancel::new(TAG_MAILBOX)
-                .build()
-                .user_data(TAG_CANCEL);
-            // SAFETY: AsyncCancel references no memory.
-            if unsafe { self.ring.submission().push(&cancel) }.is_ok() {
-                self.ops_in_flight += 1;
-            }
-        }
-        while self.ops_in_flight > 0 {
-            self.enter(true);
-            self.reap();
         }
     }
 }
