@@ -114,19 +114,12 @@ fn open_device(index: usize, export: &Export) -> Result<Arc<BlkDevice>, String> 
     )))
 }
 
+/// The cores this process may run on (its affinity mask), in order.
 fn all_cores() -> Vec<usize> {
-    match core_ids() {
-        ids if !ids.is_empty() => ids,
-        _ => vec![0],
-    }
-}
-
-fn core_ids() -> Vec<usize> {
-    let count = std::thread::available_parallelism().map_or(1, |n| n.get());
     // SAFETY: sched_getaffinity fills the zeroed set for this process.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
-    if rc != 0 {
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } != 0 {
+        let count = std::thread::available_parallelism().map_or(1, |n| n.get());
         return (0..count).collect();
     }
     // SAFETY: CPU_ISSET reads the set filled above.

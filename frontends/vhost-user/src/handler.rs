@@ -316,22 +316,15 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn get_config(&mut self, offset: u32, size: u32, _: VhostUserConfigFlags) -> Result<Vec<u8>> {
+        // The vhost crate has checked offset + size <= VHOST_USER_CONFIG_SIZE. QEMU reads its
+        // whole virtio_blk_config, which may be longer than the fields pollblk fills: the rest
+        // reads as zero.
         let config = self.device.config().to_bytes();
-        let start = offset as usize;
-        let end = start
-            .checked_add(size as usize)
-            .ok_or(Error::InvalidParam)?;
-        if end > config.len() {
-            // QEMU reads the whole virtio_blk_config struct, which may be longer than the
-            // fields pollblk fills: the rest reads as zero.
-            let mut padded = config.to_vec();
-            padded.resize(end.min(VHOST_USER_CONFIG_SIZE as usize), 0);
-            return padded
-                .get(start..end)
-                .map(<[u8]>::to_vec)
-                .ok_or(Error::InvalidParam);
-        }
-        Ok(config[start..end].to_vec())
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(config.len());
+        let end = (offset as usize + size as usize).min(config.len());
+        out[..end - start].copy_from_slice(&config[start..end]);
+        Ok(out)
     }
 
     fn set_config(&mut self, offset: u32, buf: &[u8], _: VhostUserConfigFlags) -> Result<()> {
