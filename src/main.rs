@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use export::{Export, Volume};
 use pollblk_engine::backend::{Backend, FileBackend, NullBackend};
 use pollblk_engine::device::{BlkDevice, DiskOptions};
-use pollblk_engine::reactor::{PollConfig, Reactors};
+use pollblk_engine::reactor::{PollConfig, PollMode, Reactors};
 use pollblk_vhost_user::Server;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -35,6 +35,14 @@ enum Command {
         /// Cores to run reactors on, e.g. 0-3,6 (default: all cores).
         #[arg(long, value_name = "LIST", value_parser = export::parse_cores)]
         cores: Option<std::vec::Vec<usize>>,
+        /// How reactors wait for work: poll (busy-poll, a full core each), adaptive (busy-poll
+        /// while busy, sleep on kicks when idle) or interrupt (sleep whenever idle).
+        #[arg(long, value_name = "MODE", default_value = "adaptive")]
+        poll_mode: PollMode,
+        /// Adaptive mode: microseconds without work before a reactor sleeps.
+        #[arg(long, value_name = "N", default_value_t = PollConfig::DEFAULT_IDLE.as_micros() as u64,
+              value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+        poll_idle_us: u64,
     },
 }
 
@@ -52,7 +60,18 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { exports, cores } => serve(exports, cores),
+        Command::Serve {
+            exports,
+            cores,
+            poll_mode,
+            poll_idle_us,
+        } => {
+            let poll = PollConfig {
+                mode: poll_mode,
+                idle: std::time::Duration::from_micros(poll_idle_us),
+            };
+            serve(exports, cores, poll)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -162,7 +181,11 @@ fn qemu_command_line(socket: &Path, queues: u16) -> String {
     )
 }
 
-fn serve(mut exports: Vec<Export>, cores: Option<Vec<usize>>) -> Result<(), String> {
+fn serve(
+    mut exports: Vec<Export>,
+    cores: Option<Vec<usize>>,
+    poll: PollConfig,
+) -> Result<(), String> {
     let is_default = exports.is_empty();
     if is_default {
         exports.push(default_export()?);
@@ -186,8 +209,7 @@ fn serve(mut exports: Vec<Export>, cores: Option<Vec<usize>>) -> Result<(), Stri
         .collect::<Result<Vec<_>, _>>()?;
 
     let signals = block_signals();
-    let reactors = Reactors::start(&cores, PollConfig::default())
-        .map_err(|e| format!("starting reactors: {e}"))?;
+    let reactors = Reactors::start(&cores, poll).map_err(|e| format!("starting reactors: {e}"))?;
     let handles: Vec<_> = (0..reactors.len())
         .map(|i| reactors.for_queue(i).clone())
         .collect();
@@ -220,8 +242,9 @@ fn serve(mut exports: Vec<Export>, cores: Option<Vec<usize>>) -> Result<(), Stri
         );
     }
     println!(
-        "pollblk: ready, {} reactor(s) on cores {cores:?}",
-        reactors.len()
+        "pollblk: ready, {} reactor(s) on cores {cores:?}, poll mode {:?}",
+        reactors.len(),
+        poll.mode
     );
 
     let signal = wait_for_signal(&signals);

@@ -55,17 +55,60 @@ const TAG_MAILBOX: u64 = 3 << 60;
 const TAG_CANCEL: u64 = 4 << 60;
 const TAG_MASK: u64 = 0xf << 60;
 
+/// How a reactor waits for work (`--poll-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollMode {
+    /// Busy-poll forever with kicks suppressed: lowest latency, one full core per reactor.
+    /// A reactor with no queue attached still sleeps: there is nothing to poll.
+    Poll,
+    /// Busy-poll while there is work; sleep on kicks after `PollConfig::idle` without any.
+    Adaptive,
+    /// Never busy-poll: sleep on kicks as soon as an iteration finds no work.
+    Interrupt,
+}
+
+impl std::str::FromStr for PollMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<PollMode, String> {
+        match s {
+            "poll" => Ok(PollMode::Poll),
+            "adaptive" => Ok(PollMode::Adaptive),
+            "interrupt" => Ok(PollMode::Interrupt),
+            _ => Err(format!(
+                "unknown poll mode {s:?} (expected poll, adaptive or interrupt)"
+            )),
+        }
+    }
+}
+
 /// How reactors wait for work.
 #[derive(Clone, Copy, Debug)]
 pub struct PollConfig {
-    /// Idle time after which a reactor re-enables kicks and sleeps.
+    pub mode: PollMode,
+    /// Adaptive mode: idle time after which a reactor re-enables kicks and sleeps.
     pub idle: Duration,
+}
+
+impl PollConfig {
+    /// Default idle time before an adaptive reactor sleeps (`--poll-idle-us`).
+    pub const DEFAULT_IDLE: Duration = Duration::from_micros(50);
+
+    /// Whether a reactor idle for `idle_for` should sleep now.
+    fn should_sleep(&self, idle_for: Duration, has_queues: bool) -> bool {
+        match self.mode {
+            PollMode::Poll => !has_queues,
+            PollMode::Adaptive => idle_for >= self.idle,
+            PollMode::Interrupt => true,
+        }
+    }
 }
 
 impl Default for PollConfig {
     fn default() -> Self {
         PollConfig {
-            idle: Duration::from_micros(50),
+            mode: PollMode::Adaptive,
+            idle: PollConfig::DEFAULT_IDLE,
         }
     }
 }
@@ -412,9 +455,12 @@ impl Reactor {
             self.finish_stops();
             if busy {
                 idle_since = Instant::now();
-            } else if idle_since.elapsed() >= self.poll.idle {
-                self.sleep();
-                idle_since = Instant::now();
+            } else {
+                let has_queues = self.queues.iter().any(Option::is_some);
+                if self.poll.should_sleep(idle_since.elapsed(), has_queues) {
+                    self.sleep();
+                    idle_since = Instant::now();
+                }
             }
         }
         // The mailbox poll still armed references no memory: dropping the ring cancels it.
@@ -452,6 +498,10 @@ impl Reactor {
         }
         if !pending && self.rx.is_empty() {
             self.enter(true);
+        }
+        // Interrupt mode keeps kicks on: the next sleep re-arms them anyway.
+        if self.poll.mode == PollMode::Interrupt {
+            return;
         }
         for queue in self.queues.iter_mut().flatten() {
             if queue.takes_requests() {
@@ -543,6 +593,11 @@ impl Reactor {
             setup.event_idx,
             setup.indirect,
         )?;
+        let mut ring = ring;
+        if self.poll.mode != PollMode::Interrupt {
+            // The reactor polls this ring from now on: kicks would only cost the driver exits.
+            ring.disable_notification();
+        }
         let slot_count = usize::from(setup.size).min(MAX_SLOTS_PER_QUEUE);
         let queue = Box::new(QueueState {
             id,

@@ -1,0 +1,669 @@
+//! `pollblk-bench compare`: pollblk and qemu-storage-daemon on the same loads, the same
+//! backends and the same cores, run alternately (A B A B ...) so drift on a noisy machine hits
+//! both alike; medians and ratios in one table. A host fio run on the same file gives the
+//! ceiling of the file backend.
+//!
+//! Each run starts its target fresh, pinned to the target core, while the generator runs
+//! pinned to the other core; the target is stopped before the next run starts.
+
+use crate::load::{self, LoadResult, LoadSpec, Pattern};
+use crate::{parse_size, report, seconds};
+use clap::Args;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// pollblk binary (default: the one next to this program).
+    #[arg(long, value_name = "PATH")]
+    pollblk: Option<PathBuf>,
+    /// qemu-storage-daemon binary.
+    #[arg(long, value_name = "PATH", default_value = "qemu-storage-daemon")]
+    qsd: PathBuf,
+    /// fio binary, for the host ceiling of the file backend.
+    #[arg(long, value_name = "PATH", default_value = "fio")]
+    fio: PathBuf,
+    /// Directory for sockets and the test file (default: a new one under the temp dir).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Seconds measured per run.
+    #[arg(long, default_value_t = 5.0)]
+    runtime: f64,
+    /// Seconds run before measuring.
+    #[arg(long, default_value_t = 1.0)]
+    ramp: f64,
+    /// A-B pairs per workload; medians are taken over them.
+    #[arg(long, default_value_t = 3)]
+    pairs: usize,
+    /// Size of the null volume and of the test file (written in full before the runs).
+    #[arg(long, default_value = "1g", value_parser = parse_size)]
+    size: u64,
+    /// Core the target daemon (or host fio) runs on.
+    #[arg(long, default_value_t = 0)]
+    target_core: usize,
+    /// Core the generator runs on.
+    #[arg(long, default_value_t = 1)]
+    bench_core: usize,
+    /// Workload groups to run: null, file, idle (default: all).
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    only: Vec<String>,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What serves the load in one run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Pollblk,
+    /// pollblk with `--poll-mode poll`: what adaptive mode is measured against.
+    PollblkPoll,
+    Qsd,
+    /// fio with io_uring on the host file: the ceiling of the file backend.
+    HostFio,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Pollblk => "pollblk",
+            Target::PollblkPoll => "pollblk-poll",
+            Target::Qsd => "qsd",
+            Target::HostFio => "host-fio",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Null,
+    File,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Metric {
+    IopsK,
+    LatP50Us,
+    LatP99Us,
+    IopsPerCpuSK,
+    /// Target CPU time per second of wall time, in percent of one core.
+    CpuPct,
+    GeneratorCeilingK,
+}
+
+impl Metric {
+    fn label(self) -> &'static str {
+        match self {
+            Metric::IopsK => "kIOPS",
+            Metric::LatP50Us => "p50 latency us",
+            Metric::LatP99Us => "p99 latency us",
+            Metric::IopsPerCpuSK => "kIOPS per target CPU-s",
+            Metric::CpuPct => "target CPU % of a core",
+            Metric::GeneratorCeilingK => "generator ceiling kIOPS",
+        }
+    }
+}
+
+struct Workload {
+    group: &'static str,
+    backend: Backend,
+    pattern: Pattern,
+    iodepth: usize,
+    targets: &'static [Target],
+    metrics: &'static [Metric],
+}
+
+impl Workload {
+    fn name(&self) -> String {
+        let backend = match self.backend {
+            Backend::Null => "null",
+            Backend::File => "file",
+        };
+        if self.pattern == Pattern::Idle {
+            format!("{backend} idle, front end connected")
+        } else {
+            format!("{backend} 4k {} QD{}", self.pattern.name(), self.iodepth)
+        }
+    }
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        group: "null",
+        backend: Backend::Null,
+        pattern: Pattern::RandRead,
+        iodepth: 1,
+        targets: &[Target::Pollblk, Target::Qsd],
+        metrics: &[Metric::LatP50Us, Metric::LatP99Us, Metric::IopsK],
+    },
+    Workload {
+        group: "null",
+        backend: Backend::Null,
+        pattern: Pattern::RandRead,
+        iodepth: 128,
+        targets: &[Target::Pollblk, Target::Qsd, Target::PollblkPoll],
+        metrics: &[
+            Metric::IopsK,
+            Metric::IopsPerCpuSK,
+            Metric::CpuPct,
+            Metric::GeneratorCeilingK,
+        ],
+    },
+    Workload {
+        group: "null",
+        backend: Backend::Null,
+        pattern: Pattern::RandWrite,
+        iodepth: 128,
+        targets: &[Target::Pollblk, Target::Qsd],
+        metrics: &[Metric::IopsK, Metric::IopsPerCpuSK, Metric::CpuPct],
+    },
+    Workload {
+        group: "file",
+        backend: Backend::File,
+        pattern: Pattern::RandRead,
+        iodepth: 32,
+        targets: &[Target::Pollblk, Target::Qsd, Target::HostFio],
+        metrics: &[Metric::IopsK, Metric::LatP99Us, Metric::IopsPerCpuSK],
+    },
+    Workload {
+        group: "file",
+        backend: Backend::File,
+        pattern: Pattern::RandRead,
+        iodepth: 128,
+        targets: &[Target::Pollblk, Target::Qsd, Target::HostFio],
+        metrics: &[Metric::IopsK, Metric::LatP99Us, Metric::IopsPerCpuSK],
+    },
+    Workload {
+        group: "idle",
+        backend: Backend::Null,
+        pattern: Pattern::Idle,
+        iodepth: 1,
+        targets: &[Target::Pollblk, Target::Qsd],
+        metrics: &[Metric::CpuPct],
+    },
+];
+
+/// What one run measured, whatever the target.
+struct Sample {
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_s: Option<f64>,
+    elapsed_s: f64,
+    generator_ceiling: Option<f64>,
+    raw: Value,
+}
+
+impl Sample {
+    fn from_load(r: &LoadResult) -> Sample {
+        Sample {
+            iops: r.iops(),
+            p50_us: r.latency_ns.value_at_quantile(0.5) as f64 / 1e3,
+            p99_us: r.latency_ns.value_at_quantile(0.99) as f64 / 1e3,
+            cpu_s: r.target_cpu_s,
+            elapsed_s: r.elapsed.as_secs_f64(),
+            generator_ceiling: r.generator_ceiling_iops(),
+            raw: report::to_json(r),
+        }
+    }
+
+    fn metric(&self, m: Metric) -> Option<f64> {
+        match m {
+            Metric::IopsK => Some(self.iops / 1e3),
+            Metric::LatP50Us => Some(self.p50_us),
+            Metric::LatP99Us => Some(self.p99_us),
+            Metric::IopsPerCpuSK => {
+                let cpu = self.cpu_s?;
+                (cpu > 0.0).then(|| self.iops * self.elapsed_s / cpu / 1e3)
+            }
+            Metric::CpuPct => Some(100.0 * self.cpu_s? / self.elapsed_s),
+            Metric::GeneratorCeilingK => Some(self.generator_ceiling? / 1e3),
+        }
+    }
+}
+
+/// Everything a run needs besides the workload.
+struct Setup {
+    args: CompareArgs,
+    pollblk: PathBuf,
+    dir: PathBuf,
+    file: PathBuf,
+    runtime: Duration,
+    ramp: Duration,
+}
+
+pub fn run(args: CompareArgs) -> Result<bool, String> {
+    if args.pairs == 0 {
+        return Err("--pairs must be at least 1".into());
+    }
+    if args.size < 1 << 20 || !args.size.is_multiple_of(4096) {
+        return Err("--size must be at least 1m and a multiple of 4k".into());
+    }
+    let known = ["null", "file", "idle"];
+    if let Some(bad) = args.only.iter().find(|g| !known.contains(&g.as_str())) {
+        return Err(format!(
+            "--only: unknown group {bad:?} (expected {known:?})"
+        ));
+    }
+    let pollblk = match &args.pollblk {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find this program: {e}"))?
+            .with_file_name("pollblk"),
+    };
+    for (what, path) in [("pollblk", &pollblk), ("qemu-storage-daemon", &args.qsd)] {
+        which(path).ok_or_else(|| format!("{what} not found at {}", path.display()))?;
+    }
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("pollblk-compare-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !core_affinity::set_for_current(core_affinity::CoreId {
+        id: args.bench_core,
+    }) {
+        return Err(format!(
+            "cannot pin the generator to core {}",
+            args.bench_core
+        ));
+    }
+    let setup = Setup {
+        file: dir.join("compare.img"),
+        runtime: seconds(args.runtime, "--runtime")?,
+        ramp: seconds(args.ramp, "--ramp")?,
+        pollblk,
+        dir,
+        args,
+    };
+    let selected: Vec<&Workload> = WORKLOADS
+        .iter()
+        .filter(|w| setup.args.only.is_empty() || setup.args.only.iter().any(|g| g == w.group))
+        .collect();
+    if selected.iter().any(|w| w.backend == Backend::File) {
+        write_test_file(&setup.file, setup.args.size)?;
+    }
+
+    let mut runs = Vec::new();
+    let mut errors = 0;
+    // samples[w][t] = one sample per pair.
+    let mut samples: Vec<Vec<Vec<Sample>>> = selected
+        .iter()
+        .map(|w| w.targets.iter().map(|_| Vec::new()).collect())
+        .collect();
+    for (wi, workload) in selected.iter().enumerate() {
+        for pair in 0..setup.args.pairs {
+            for (ti, &target) in workload.targets.iter().enumerate() {
+                if target == Target::HostFio && which(&setup.args.fio).is_none() {
+                    continue;
+                }
+                eprintln!(
+                    "compare: {} on {} (pair {}/{})",
+                    workload.name(),
+                    target.name(),
+                    pair + 1,
+                    setup.args.pairs
+                );
+                let (sample, run_errors) = run_one(&setup, workload, target)?;
+                errors += run_errors;
+                runs.push(json!({
+                    "workload": workload.name(),
+                    "target": target.name(),
+                    "pair": pair,
+                    "result": sample.raw,
+                }));
+                samples[wi][ti].push(sample);
+            }
+        }
+    }
+    let summary = summarize(&selected, &samples);
+    if setup.args.json {
+        let out = json!({
+            "machine": machine(),
+            "runtime_s": setup.args.runtime,
+            "pairs": setup.args.pairs,
+            "target_core": setup.args.target_core,
+            "bench_core": setup.args.bench_core,
+            "summary": summary,
+            "runs": runs,
+        });
+        println!("{out:#}");
+    } else {
+        print_table(&summary);
+    }
+    if setup.args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&setup.dir);
+    }
+    if errors > 0 {
+        eprintln!("compare: {errors} I/O error(s) across the runs");
+    }
+    Ok(errors == 0)
+}
+
+/// Runs one workload on one target; returns the sample and its I/O error count.
+fn run_one(setup: &Setup, w: &Workload, target: Target) -> Result<(Sample, u64), String> {
+    if target == Target::HostFio {
+        return Ok((host_fio(setup, w)?, 0));
+    }
+    let socket = setup.dir.join(format!("{}.sock", target.name()));
+    let mut daemon = start_target(setup, w, target, &socket)?;
+    let spec = LoadSpec {
+        socket,
+        pattern: w.pattern,
+        bs: 4096,
+        iodepth: w.iodepth,
+        queues: 1,
+        runtime: setup.runtime,
+        ramp: setup.ramp,
+        target_pid: Some(daemon.id()),
+    };
+    let result = load::run(&spec);
+    stop(&mut daemon);
+    let result = result.map_err(|e| format!("{} on {}: {e}", w.name(), target.name()))?;
+    Ok((Sample::from_load(&result), result.errors))
+}
+
+/// Starts a target daemon pinned to the target core and waits until its socket accepts.
+fn start_target(
+    setup: &Setup,
+    w: &Workload,
+    target: Target,
+    socket: &Path,
+) -> Result<Child, String> {
+    let _ = std::fs::remove_file(socket);
+    let size = setup.args.size;
+    let file = setup.file.display();
+    let sock = socket.display();
+    let mut cmd = match target {
+        Target::Pollblk | Target::PollblkPoll => {
+            let backend = match w.backend {
+                Backend::Null => format!("null,size={size}"),
+                Backend::File => format!("file={file}"),
+            };
+            let mode = if target == Target::PollblkPoll {
+                "poll"
+            } else {
+                "adaptive"
+            };
+            let mut cmd = Command::new(&setup.pollblk);
+            cmd.args(["serve", "--cores", &setup.args.target_core.to_string()])
+                .args(["--poll-mode", mode, "--export"])
+                .arg(format!(
+                    "vhost-user-blk,socket={sock},{backend},num-queues=1"
+                ));
+            cmd
+        }
+        Target::Qsd => {
+            // null-co zeroes read buffers only with read-zeroes=on, as pollblk's null does.
+            let blockdev = match w.backend {
+                Backend::Null => {
+                    format!("driver=null-co,node-name=disk,size={size},read-zeroes=on")
+                }
+                Backend::File => {
+                    format!(
+                        "driver=file,node-name=disk,filename={file},cache.direct=on,aio=io_uring"
+                    )
+                }
+            };
+            let mut cmd = Command::new(&setup.args.qsd);
+            cmd.args(["--blockdev", &blockdev, "--export"]).arg(format!(
+                "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={sock},\
+                 writable=on,num-queues=1"
+            ));
+            cmd
+        }
+        Target::HostFio => unreachable!("fio is not a daemon"),
+    };
+    let core = setup.args.target_core;
+    // SAFETY: sched_setaffinity is async-signal-safe; the closure touches no shared state.
+    unsafe {
+        cmd.pre_exec(move || pin_self(core));
+    }
+    let log_path = setup.dir.join(format!("{}.log", target.name()));
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", target.name()))?;
+    let stdout = child.stdout.take().expect("piped");
+    // Drain stdout on a thread so a chatty daemon never blocks on a full pipe.
+    std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "{} exited at start ({status}); its log: {}",
+                target.name(),
+                log_path.display()
+            ));
+        }
+        if Instant::now() > deadline {
+            stop(&mut child);
+            return Err(format!(
+                "{} did not listen on {sock} in 10 s",
+                target.name()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The probe connection above was closed at once; give the daemon a moment to notice it
+    // before the real front end connects.
+    std::thread::sleep(Duration::from_millis(50));
+    Ok(child)
+}
+
+fn pin_self(core: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it for core < 1024.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// SIGTERM, then SIGKILL if the target has not exited within 10 s.
+fn stop(child: &mut Child) {
+    // SAFETY: kill has no memory effects; the pid is our own unreaped child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Writes the test file in full (holes would read as zeroes without touching the disk).
+fn write_test_file(path: &Path, size: u64) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == size && m.blocks() * 512 >= size) {
+        return Ok(());
+    }
+    eprintln!("compare: writing {} ({} MiB)", path.display(), size >> 20);
+    let mut f = std::fs::File::create(path).map_err(err)?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x243f_6a88_85a3_08d3;
+    for b in chunk.chunks_mut(8) {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+    }
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n]).map_err(err)?;
+        left -= n as u64;
+    }
+    f.sync_all().map_err(err)
+}
+
+use std::os::unix::fs::MetadataExt;
+
+/// fio with io_uring and O_DIRECT on the test file, pinned to the generator's core.
+fn host_fio(setup: &Setup, w: &Workload) -> Result<Sample, String> {
+    let out = Command::new(&setup.args.fio)
+        .arg("--name=ceiling")
+        .arg(format!("--filename={}", setup.file.display()))
+        .args([
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--bs=4k",
+            "--time_based",
+        ])
+        .arg(format!("--rw={}", w.pattern.name()))
+        .arg(format!("--iodepth={}", w.iodepth))
+        .arg(format!("--runtime={}s", setup.args.runtime))
+        .arg(format!("--ramp_time={}s", setup.args.ramp))
+        .arg(format!("--cpus_allowed={}", setup.args.bench_core))
+        .arg("--output-format=json")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run fio: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("fio failed: {}", out.status));
+    }
+    let v: Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("fio printed no JSON: {e}"))?;
+    let job = &v["jobs"][0];
+    let dir = if w.pattern == Pattern::RandWrite {
+        &job["write"]
+    } else {
+        &job["read"]
+    };
+    let pct = |p: &str| dir["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1e3;
+    Ok(Sample {
+        iops: dir["iops"].as_f64().ok_or("fio JSON has no iops")?,
+        p50_us: pct("50.000000"),
+        p99_us: pct("99.000000"),
+        cpu_s: None,
+        elapsed_s: setup.args.runtime,
+        generator_ceiling: None,
+        raw: job.clone(),
+    })
+}
+
+fn which(path: &Path) -> Option<PathBuf> {
+    if path.components().count() > 1 {
+        return path.is_file().then(|| path.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(path))
+            .find(|p| p.is_file())
+    })
+}
+
+fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+/// One table row per workload and metric: medians per target, and pollblk's ratio to each.
+fn summarize(workloads: &[&Workload], samples: &[Vec<Vec<Sample>>]) -> Vec<Value> {
+    let mut rows = Vec::new();
+    for (w, per_target) in workloads.iter().zip(samples) {
+        for &metric in w.metrics {
+            let mut medians = serde_json::Map::new();
+            for (&target, s) in w.targets.iter().zip(per_target) {
+                let mut values: Vec<f64> = s.iter().filter_map(|s| s.metric(metric)).collect();
+                if let Some(m) = median(&mut values) {
+                    medians.insert(target.name().into(), json!(m));
+                }
+            }
+            let mut ratios = serde_json::Map::new();
+            if let Some(ours) = medians.get("pollblk").and_then(Value::as_f64) {
+                for (name, v) in &medians {
+                    match v.as_f64() {
+                        Some(theirs) if name != "pollblk" && theirs > 0.0 => {
+                            ratios.insert(format!("pollblk/{name}"), json!(ours / theirs));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            rows.push(json!({
+                "workload": w.name(),
+                "metric": metric.label(),
+                "medians": medians,
+                "ratios": ratios,
+            }));
+        }
+    }
+    rows
+}
+
+fn print_table(rows: &[Value]) {
+    let cols = ["pollblk", "qsd", "pollblk-poll", "host-fio"];
+    println!(
+        "{:<34} {:<24} {:>10} {:>10} {:>12} {:>10}  ratios",
+        "workload", "metric", cols[0], cols[1], cols[2], cols[3]
+    );
+    for row in rows {
+        let cell = |name: &str| match row["medians"][name].as_f64() {
+            Some(v) if v >= 100.0 => format!("{v:.0}"),
+            Some(v) => format!("{v:.2}"),
+            None => "-".into(),
+        };
+        let ratios: Vec<String> = row["ratios"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| format!("{k} {:.2}", v.as_f64().unwrap_or(0.0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<34} {:<24} {:>10} {:>10} {:>12} {:>10}  {}",
+            row["workload"].as_str().unwrap_or(""),
+            row["metric"].as_str().unwrap_or(""),
+            cell(cols[0]),
+            cell(cols[1]),
+            cell(cols[2]),
+            cell(cols[3]),
+            ratios.join(", ")
+        );
+    }
+}
+
+/// What the numbers were measured on.
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    json!({ "cpu": cpu, "kernel": kernel, "cores": cores })
+}
