@@ -1,7 +1,7 @@
 //! The `--export` option: one virtual disk, its transport and its volume.
 //!
 //! `vhost-user-blk,socket=PATH,file=PATH[,num-queues=N][,readonly=on][,block-size=512|4096][,serial=ID]`
-//! `vhost-user-blk,socket=PATH,null,size=BYTES[,...same options]`
+//! `vhost-user-blk,socket=PATH,null,size=BYTES[,read-zeroes=on|off][,...same options]`
 
 use std::path::PathBuf;
 
@@ -16,8 +16,9 @@ pub const MAX_NUM_QUEUES: u16 = 256;
 pub enum Volume {
     /// A raw image file or block device that must exist.
     File(PathBuf),
-    /// Stores nothing: reads return zeroes.
-    Null { size_bytes: u64 },
+    /// Stores nothing: reads return zeroes, or with `read_zeroes` off leave the guest's
+    /// buffer as it was (QEMU null-co's read-zeroes=off: for benchmarks of the request path).
+    Null { size_bytes: u64, read_zeroes: bool },
 }
 
 /// One parsed `--export`.
@@ -75,6 +76,7 @@ impl std::str::FromStr for Export {
         let mut file = None;
         let mut null = false;
         let mut size = None;
+        let mut read_zeroes = None;
         let mut num_queues = DEFAULT_NUM_QUEUES;
         let mut readonly = false;
         let mut block_size = 512;
@@ -93,6 +95,7 @@ impl std::str::FromStr for Export {
                 "file" => file = Some(PathBuf::from(need_value()?)),
                 "null" if value.is_empty() => null = true,
                 "size" => size = Some(parse_size(need_value()?)?),
+                "read-zeroes" => read_zeroes = Some(parse_on_off(key, need_value()?)?),
                 "num-queues" => {
                     num_queues = need_value()?
                         .parse()
@@ -126,12 +129,18 @@ impl std::str::FromStr for Export {
             (Some(_), false, Some(_)) => {
                 return Err("size= goes with null; a file's size is its length".into())
             }
-            (None, true, Some(size_bytes)) => Volume::Null { size_bytes },
+            (None, true, Some(size_bytes)) => Volume::Null {
+                size_bytes,
+                read_zeroes: read_zeroes.unwrap_or(true),
+            },
             (None, true, None) => return Err("null needs size=BYTES".into()),
             (Some(_), true, _) => return Err("give either file=PATH or null, not both".into()),
             (None, false, _) => return Err("a volume is required: file=PATH or null".into()),
         };
-        if let Volume::Null { size_bytes } = volume {
+        if read_zeroes.is_some() && !matches!(volume, Volume::Null { .. }) {
+            return Err("read-zeroes= goes with null".into());
+        }
+        if let Volume::Null { size_bytes, .. } = volume {
             if size_bytes == 0 || size_bytes % u64::from(block_size) != 0 {
                 return Err(format!(
                     "size {size_bytes} is not a non-zero multiple of the block size {block_size}"
@@ -195,10 +204,21 @@ mod tests {
         assert_eq!(
             e.volume,
             Volume::Null {
-                size_bytes: 1 << 30
+                size_bytes: 1 << 30,
+                read_zeroes: true
             }
         );
         assert_eq!(e.num_queues, DEFAULT_NUM_QUEUES);
+        let e: Export = "vhost-user-blk,socket=/s,null,size=1M,read-zeroes=off"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            e.volume,
+            Volume::Null {
+                size_bytes: 1 << 20,
+                read_zeroes: false
+            }
+        );
     }
 
     #[test]
@@ -223,6 +243,7 @@ mod tests {
         );
         assert!(err("vhost-user-blk,socket=/s,file=/f,null").contains("not both"));
         assert!(err("vhost-user-blk,socket=/s,null,size=lots").contains("not a number"));
+        assert!(err("vhost-user-blk,socket=/s,file=/f,read-zeroes=off").contains("goes with null"));
     }
 
     #[test]

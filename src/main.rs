@@ -28,7 +28,7 @@ enum Command {
     /// on ./pollblk-data/disk0.sock and prints the QEMU command line that attaches a guest.
     Serve {
         /// A disk: vhost-user-blk,socket=PATH,file=PATH[,num-queues=N][,readonly=on]
-        /// [,block-size=512|4096][,serial=ID] or vhost-user-blk,socket=PATH,null,size=BYTES.
+        /// [,block-size=512|4096][,serial=ID] or vhost-user-blk,socket=PATH,null,size=BYTES[,read-zeroes=off].
         /// Repeatable.
         #[arg(long = "export", value_name = "SPEC")]
         exports: Vec<Export>,
@@ -110,7 +110,10 @@ fn open_device(index: usize, export: &Export) -> Result<Arc<BlkDevice>, String> 
             FileBackend::open(path, export.readonly, export.block_size)
                 .map_err(|e| format!("file {}: {e}", path.display()))?,
         ),
-        Volume::Null { size_bytes } => Arc::new(NullBackend::new(*size_bytes)),
+        Volume::Null {
+            size_bytes,
+            read_zeroes,
+        } => Arc::new(NullBackend::new(*size_bytes, *read_zeroes)),
     };
     let size = backend.info().size_bytes;
     if size == 0 || !size.is_multiple_of(u64::from(export.block_size)) {

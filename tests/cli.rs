@@ -48,6 +48,8 @@ fn bad_arguments_say_what_is_wrong_and_exit_non_zero() {
             "core 9999",
         ),
         (vec!["--bogus"], "--bogus"),
+        (vec!["--poll-mode", "spin"], "unknown poll mode \"spin\""),
+        (vec!["--poll-idle-us", "2000000"], "--poll-idle-us"),
     ];
     for (args, message) in cases {
         let (code, stderr) = serve(dir.path(), &args);

@@ -80,7 +80,11 @@ impl Target {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Backend {
-    Null,
+    /// A null volume on both sides; `read_zeroes` as QEMU's null-co option of that name
+    /// (pollblk's null takes the same option): on, every read zeroes the guest buffer.
+    Null {
+        read_zeroes: bool,
+    },
     File,
 }
 
@@ -120,7 +124,8 @@ struct Workload {
 impl Workload {
     fn name(&self) -> String {
         let backend = match self.backend {
-            Backend::Null => "null",
+            Backend::Null { read_zeroes: false } => "null",
+            Backend::Null { read_zeroes: true } => "null read-zeroes",
             Backend::File => "file",
         };
         if self.pattern == Pattern::Idle {
@@ -131,10 +136,12 @@ impl Workload {
     }
 }
 
+const NULL: Backend = Backend::Null { read_zeroes: false };
+
 const WORKLOADS: &[Workload] = &[
     Workload {
         group: "null",
-        backend: Backend::Null,
+        backend: NULL,
         pattern: Pattern::RandRead,
         iodepth: 1,
         targets: &[Target::Pollblk, Target::Qsd],
@@ -142,7 +149,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         group: "null",
-        backend: Backend::Null,
+        backend: NULL,
         pattern: Pattern::RandRead,
         iodepth: 128,
         targets: &[Target::Pollblk, Target::Qsd, Target::PollblkPoll],
@@ -155,11 +162,19 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         group: "null",
-        backend: Backend::Null,
+        backend: NULL,
         pattern: Pattern::RandWrite,
         iodepth: 128,
         targets: &[Target::Pollblk, Target::Qsd],
-        metrics: &[Metric::IopsK, Metric::IopsPerCpuSK, Metric::CpuPct],
+        metrics: &[Metric::IopsK, Metric::IopsPerCpuSK],
+    },
+    Workload {
+        group: "null",
+        backend: Backend::Null { read_zeroes: true },
+        pattern: Pattern::RandRead,
+        iodepth: 128,
+        targets: &[Target::Pollblk, Target::Qsd],
+        metrics: &[Metric::IopsK, Metric::IopsPerCpuSK],
     },
     Workload {
         group: "file",
@@ -179,7 +194,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         group: "idle",
-        backend: Backend::Null,
+        backend: NULL,
         pattern: Pattern::Idle,
         iodepth: 1,
         targets: &[Target::Pollblk, Target::Qsd],
@@ -380,7 +395,9 @@ fn start_target(
     let mut cmd = match target {
         Target::Pollblk | Target::PollblkPoll => {
             let backend = match w.backend {
-                Backend::Null => format!("null,size={size}"),
+                Backend::Null { read_zeroes } => {
+                    format!("null,size={size},read-zeroes={}", on_off(read_zeroes))
+                }
                 Backend::File => format!("file={file}"),
             };
             let mode = if target == Target::PollblkPoll {
@@ -397,11 +414,11 @@ fn start_target(
             cmd
         }
         Target::Qsd => {
-            // null-co zeroes read buffers only with read-zeroes=on, as pollblk's null does.
             let blockdev = match w.backend {
-                Backend::Null => {
-                    format!("driver=null-co,node-name=disk,size={size},read-zeroes=on")
-                }
+                Backend::Null { read_zeroes } => format!(
+                    "driver=null-co,node-name=disk,size={size},read-zeroes={}",
+                    on_off(read_zeroes)
+                ),
                 Backend::File => {
                     format!(
                         "driver=file,node-name=disk,filename={file},cache.direct=on,aio=io_uring"
@@ -459,6 +476,14 @@ fn start_target(
     // before the real front end connects.
     std::thread::sleep(Duration::from_millis(50));
     Ok(child)
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 fn pin_self(core: usize) -> std::io::Result<()> {

@@ -1,4 +1,5 @@
-//! The null volume: reads return zeroes, writes are dropped, nothing is stored.
+//! The null volume: reads return zeroes (or, without read_zeroes, leave the buffer untouched,
+//! like QEMU's null-co read-zeroes=off), writes are dropped, nothing is stored.
 
 use super::{Backend, BackendInfo, IoOp, Submitted};
 use io_uring::squeue;
@@ -7,12 +8,17 @@ use std::io;
 /// A volume of a given size that stores nothing.
 pub struct NullBackend {
     size_bytes: u64,
+    read_zeroes: bool,
 }
 
 impl NullBackend {
-    /// A null volume of `size_bytes`.
-    pub fn new(size_bytes: u64) -> NullBackend {
-        NullBackend { size_bytes }
+    /// A null volume of `size_bytes`; `read_zeroes` off skips zeroing read buffers (they keep
+    /// the guest's own bytes, so nothing leaks), leaving only the request path to measure.
+    pub fn new(size_bytes: u64, read_zeroes: bool) -> NullBackend {
+        NullBackend {
+            size_bytes,
+            read_zeroes,
+        }
     }
 }
 
@@ -31,7 +37,9 @@ impl Backend for NullBackend {
             IoOp::Read { iov, iov_count, .. } => {
                 // SAFETY: the caller passes iov_count valid iovecs into guest memory.
                 let iov = unsafe { std::slice::from_raw_parts(iov, iov_count as usize) };
-                crate::blk::zero_iovecs(iov);
+                if self.read_zeroes {
+                    crate::blk::zero_iovecs(iov);
+                }
                 Submitted::Done(iov.iter().map(|v| v.iov_len as i32).sum())
             }
             IoOp::Write { iov, iov_count, .. } => {
