@@ -10,6 +10,7 @@ use crate::load::{self, LoadResult, LoadSpec, Pattern};
 use crate::{parse_size, report, seconds};
 use clap::Args;
 use serde_json::{json, Value};
+use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -346,9 +347,9 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
             "runs": runs,
         });
         println!("{out:#}");
-    } else {
-        print_table(&summary);
     }
+    // With --json the table still reaches the person watching, on stderr.
+    print_table(&summary, setup.args.json);
     if setup.args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&setup.dir);
     }
@@ -642,9 +643,11 @@ fn summarize(workloads: &[&Workload], samples: &[Vec<Vec<Sample>>]) -> Vec<Value
     rows
 }
 
-fn print_table(rows: &[Value]) {
+fn print_table(rows: &[Value], to_stderr: bool) {
     let cols = ["pollblk", "qsd", "pollblk-poll", "host-fio"];
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "{:<34} {:<24} {:>10} {:>10} {:>12} {:>10}  ratios",
         "workload", "metric", cols[0], cols[1], cols[2], cols[3]
     );
@@ -662,7 +665,8 @@ fn print_table(rows: &[Value]) {
                     .collect()
             })
             .unwrap_or_default();
-        println!(
+        let _ = writeln!(
+            out,
             "{:<34} {:<24} {:>10} {:>10} {:>12} {:>10}  {}",
             row["workload"].as_str().unwrap_or(""),
             row["metric"].as_str().unwrap_or(""),
@@ -672,6 +676,11 @@ fn print_table(rows: &[Value]) {
             cell(cols[3]),
             ratios.join(", ")
         );
+    }
+    if to_stderr {
+        eprint!("{out}");
+    } else {
+        print!("{out}");
     }
 }
 
