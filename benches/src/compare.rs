@@ -6,7 +6,7 @@
 //! Each run starts its target fresh, pinned to the target core, while the generator runs
 //! pinned to the other core; the target is stopped before the next run starts.
 
-use crate::load::{self, LoadResult, LoadSpec, Pattern};
+use crate::load::{self, DriverKind, LoadResult, LoadSpec, Pattern};
 use crate::{parse_size, report, seconds};
 use clap::Args;
 use serde_json::{json, Value};
@@ -52,6 +52,9 @@ pub struct CompareArgs {
     /// Workload groups to run: null, file, idle (default: all).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     only: Vec<String>,
+    /// Generator front end: lean (pollblk-bench's own minimal driver) or blkio (libblkio).
+    #[arg(long, default_value = "lean")]
+    driver: DriverKind,
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
@@ -343,6 +346,7 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
             "pairs": setup.args.pairs,
             "target_core": setup.args.target_core,
             "bench_core": setup.args.bench_core,
+            "driver": format!("{:?}", setup.args.driver).to_lowercase(),
             "summary": summary,
             "runs": runs,
         });
@@ -376,7 +380,7 @@ fn run_one(setup: &Setup, w: &Workload, target: Target) -> Result<(Sample, u64),
         ramp: setup.ramp,
         target_pid: Some(daemon.id()),
     };
-    let result = load::run(&spec);
+    let result = load::run(&spec, setup.args.driver);
     stop(&mut daemon);
     let result = result.map_err(|e| format!("{} on {}: {e}", w.name(), target.name()))?;
     Ok((Sample::from_load(&result), result.errors))

@@ -6,9 +6,7 @@
 //! queues it opens. Per I/O it allocates nothing and makes no system call of its own: buffers,
 //! issue timestamps and the completion array are made before the clock starts.
 
-use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 use hdrhistogram::Histogram;
-use std::mem::MaybeUninit;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -131,22 +129,39 @@ impl Rng {
     }
 }
 
-/// One queue's requests: slot i uses buffer i and user_data i.
-struct QueueLoad {
-    q: Blkioq,
-    bufs: *mut u8,
-    issued: Box<[Instant]>,
-    is_write: Box<[bool]>,
-    completions: Box<[MaybeUninit<Completion>]>,
-    in_flight: usize,
+/// The front end under the generator: a set of virtio-blk queues whose slot `i` owns one
+/// buffer of `bs` bytes. `submit` queues a request, `commit` makes a queue's submissions
+/// visible (and kicks if the device asks), `reap` returns finished slots without blocking.
+pub trait Queues {
+    fn submit(&mut self, queue: usize, slot: usize, write: bool, offset: u64);
+    fn commit(&mut self, queue: usize) -> Result<(), String>;
+    /// Fills `done` with (slot, succeeded) of finished requests; returns how many.
+    fn reap(&mut self, queue: usize, done: &mut [(usize, bool)]) -> Result<usize, String>;
 }
 
-fn blkio_err(what: &str) -> impl Fn(blkio::Error) -> String + '_ {
-    move |e| format!("{what}: {}", e.message())
+/// Which front end drives the socket (`--driver`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriverKind {
+    /// libblkio's virtio-blk-vhost-user driver with poll queues.
+    Blkio,
+    /// pollblk's own minimal split-ring driver (crate::lean).
+    Lean,
+}
+
+impl std::str::FromStr for DriverKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<DriverKind, String> {
+        match s {
+            "blkio" => Ok(DriverKind::Blkio),
+            "lean" => Ok(DriverKind::Lean),
+            _ => Err(format!("unknown driver {s:?} (expected blkio or lean)")),
+        }
+    }
 }
 
 /// Runs one load against `spec.socket`.
-pub fn run(spec: &LoadSpec) -> Result<LoadResult, String> {
+pub fn run(spec: &LoadSpec, driver: DriverKind) -> Result<LoadResult, String> {
     if spec.queues == 0 || spec.queues > MAX_QUEUES {
         return Err(format!("--queues must be 1..={MAX_QUEUES}"));
     }
@@ -158,69 +173,44 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult, String> {
             "--bs must be a multiple of 512 up to {MAX_BS} bytes"
         ));
     }
-    let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(blkio_err("libblkio"))?;
-    blkio
-        .set_str("path", &spec.socket.to_string_lossy())
-        .map_err(blkio_err("path"))?;
-    blkio.connect().map_err(|e| {
-        format!(
-            "cannot connect to {}: {}",
-            spec.socket.display(),
-            e.message()
-        )
-    })?;
-    let capacity = blkio.get_u64("capacity").map_err(blkio_err("capacity"))?;
-    let max_queues = blkio
-        .get_i32("max-queues")
-        .map_err(blkio_err("max-queues"))?;
-    if spec.queues > max_queues as usize {
-        return Err(format!(
-            "the device offers {max_queues} queue(s), --queues asks for {}",
-            spec.queues
-        ));
+    match driver {
+        DriverKind::Blkio => {
+            let (mut queues, capacity) = crate::blkio_queues::BlkioQueues::open(spec)?;
+            drive(spec, &mut queues, capacity)
+        }
+        DriverKind::Lean => {
+            let (mut queues, capacity) = crate::lean::LeanQueues::open(spec)?;
+            drive(spec, &mut queues, capacity)
+        }
     }
+}
+
+/// Submits the next request of `slot`; returns its issue time and whether it is a write.
+fn issue<Q: Queues>(
+    spec: &LoadSpec,
+    queues: &mut Q,
+    q: usize,
+    slot: usize,
+    blocks: u64,
+    rng: &mut Rng,
+    now: Instant,
+) -> (Instant, bool) {
+    let write = match spec.pattern {
+        Pattern::RandRead | Pattern::Idle => false,
+        Pattern::RandWrite => true,
+        Pattern::RandRw => rng.next() & 1 == 1,
+    };
+    let offset = rng.below(blocks) * spec.bs as u64;
+    queues.submit(q, slot, write, offset);
+    (now, write)
+}
+
+/// Keeps `iodepth` requests in flight on every queue until the time is up, measuring.
+fn drive<Q: Queues>(spec: &LoadSpec, queues: &mut Q, capacity: u64) -> Result<LoadResult, String> {
     let blocks = capacity / spec.bs as u64;
     if blocks == 0 {
         return Err(format!("device of {capacity} bytes is smaller than --bs"));
     }
-    let queue_size = spec.iodepth.next_power_of_two().max(256);
-    blkio
-        .set_i32("num-queues", 0)
-        .and_then(|_| blkio.set_i32("num-poll-queues", spec.queues as i32))
-        .and_then(|_| blkio.set_i32("queue-size", queue_size as i32))
-        .map_err(blkio_err("queue setup"))?;
-    let started = blkio.start().map_err(blkio_err("start"))?;
-
-    let align = blkio
-        .get_u64("mem-region-alignment")
-        .map_err(blkio_err("mem-region-alignment"))? as usize;
-    let per_queue = spec.iodepth * spec.bs;
-    let len = (per_queue * spec.queues).div_ceil(align) * align;
-    let region = blkio
-        .alloc_mem_region(len)
-        .map_err(blkio_err("alloc_mem_region"))?;
-    blkio
-        .map_mem_region(&region)
-        .map_err(blkio_err("map_mem_region"))?;
-    // Writes carry a non-zero pattern, so a target that drops them is not flattered by zeroes.
-    // SAFETY: the region is `len` bytes of our own mapping.
-    unsafe { std::ptr::write_bytes(region.addr as *mut u8, 0xa5, len) };
-
-    let now = Instant::now();
-    let mut loads: Vec<QueueLoad> = started
-        .poll_queues
-        .into_iter()
-        .enumerate()
-        .map(|(i, q)| QueueLoad {
-            q,
-            bufs: (region.addr + i * per_queue) as *mut u8,
-            issued: vec![now; spec.iodepth].into_boxed_slice(),
-            is_write: vec![false; spec.iodepth].into_boxed_slice(),
-            completions: (0..spec.iodepth).map(|_| MaybeUninit::uninit()).collect(),
-            in_flight: 0,
-        })
-        .collect();
-
     let mut result = LoadResult {
         spec: spec.clone(),
         ios: 0,
@@ -242,12 +232,20 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult, String> {
         return Ok(result);
     }
 
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
+    let depth = spec.iodepth;
     let start = Instant::now();
-    for load in &mut loads {
-        for slot in 0..spec.iodepth {
-            submit(load, slot, spec, blocks, &mut rng, start);
+    // Per queue and slot: when the request was issued and whether it is a write.
+    let mut issued = vec![start; spec.queues * depth];
+    let mut is_write = vec![false; spec.queues * depth];
+    let mut done = vec![(0usize, false); depth];
+    let mut in_flight = vec![depth; spec.queues];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
+    for q in 0..spec.queues {
+        for slot in 0..depth {
+            let at = q * depth + slot;
+            (issued[at], is_write[at]) = issue(spec, queues, q, slot, blocks, &mut rng, start);
         }
+        queues.commit(q)?;
     }
     let measure_from = start + spec.ramp;
     let end = measure_from + spec.runtime;
@@ -273,84 +271,41 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult, String> {
             break;
         }
         last_busy = false;
-        for load in &mut loads {
-            let n = load
-                .q
-                .do_io(&mut load.completions, 0, None, None)
-                .map_err(blkio_err("do_io"))?;
+        for q in 0..spec.queues {
+            let n = queues.reap(q, &mut done)?;
             if n == 0 {
                 continue;
             }
             last_busy = true;
-            let done = Instant::now();
-            for i in 0..n {
-                // SAFETY: do_io initialised the first n entries.
-                let c = unsafe { load.completions[i].assume_init_ref() };
-                let slot = c.user_data;
-                load.in_flight -= 1;
-                if c.ret != 0 {
-                    result.errors += 1;
-                }
+            let finished = Instant::now();
+            for &(slot, ok) in &done[..n] {
+                result.errors += u64::from(!ok);
                 if measuring {
                     result.ios += 1;
-                    result.writes += u64::from(load.is_write[slot]);
-                    let ns = (done - load.issued[slot]).as_nanos() as u64;
+                    result.writes += u64::from(is_write[q * depth + slot]);
+                    let ns = (finished - issued[q * depth + slot]).as_nanos() as u64;
                     result.latency_ns.saturating_record(ns);
                 }
-                submit(load, slot, spec, blocks, &mut rng, done);
+                let at = q * depth + slot;
+                (issued[at], is_write[at]) =
+                    issue(spec, queues, q, slot, blocks, &mut rng, finished);
+            }
+            queues.commit(q)?;
+        }
+    }
+    // Let every request still in flight finish, so the target sees an orderly end.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (q, left) in in_flight.iter_mut().enumerate() {
+        while *left > 0 {
+            let n = queues.reap(q, &mut done)?;
+            result.errors += done[..n].iter().filter(|(_, ok)| !ok).count() as u64;
+            *left -= n;
+            if Instant::now() > deadline {
+                return Err("the target did not complete the last requests in 10 s".into());
             }
         }
     }
-    drain(&mut loads, &mut result)?;
     Ok(result)
-}
-
-fn submit(
-    load: &mut QueueLoad,
-    slot: usize,
-    spec: &LoadSpec,
-    blocks: u64,
-    rng: &mut Rng,
-    now: Instant,
-) {
-    let offset = rng.below(blocks) * spec.bs as u64;
-    let write = match spec.pattern {
-        Pattern::RandRead | Pattern::Idle => false,
-        Pattern::RandWrite => true,
-        Pattern::RandRw => rng.next() & 1 == 1,
-    };
-    // SAFETY: slot < iodepth, so the buffer lies inside this queue's part of the region.
-    let buf = unsafe { load.bufs.add(slot * spec.bs) };
-    load.issued[slot] = now;
-    load.is_write[slot] = write;
-    load.in_flight += 1;
-    if write {
-        load.q.write(offset, buf, spec.bs, slot, ReqFlags::empty());
-    } else {
-        load.q.read(offset, buf, spec.bs, slot, ReqFlags::empty());
-    }
-}
-
-/// Waits for every request still in flight, so the target sees an orderly end.
-fn drain(loads: &mut [QueueLoad], result: &mut LoadResult) -> Result<(), String> {
-    for load in loads {
-        let mut timeout = Duration::from_secs(10);
-        while load.in_flight > 0 {
-            let n = load
-                .q
-                .do_io(&mut load.completions, 1, Some(&mut timeout), None)
-                .map_err(|e| {
-                    format!("target did not complete the last requests: {}", e.message())
-                })?;
-            for i in 0..n {
-                // SAFETY: do_io initialised the first n entries.
-                let c = unsafe { load.completions[i].assume_init_ref() };
-                result.errors += u64::from(c.ret != 0);
-            }
-            load.in_flight -= n;
-        }
-    }
-    Ok(())
 }
 
 /// User + system CPU seconds of `pid` so far, from /proc/PID/stat.

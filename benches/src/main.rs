@@ -1,12 +1,14 @@
 //! pollblk-bench: a load generator for vhost-user-blk sockets, and `compare`, which runs the
 //! same loads against pollblk and qemu-storage-daemon side by side.
 
+mod blkio_queues;
 mod compare;
+mod lean;
 mod load;
 mod report;
 
 use clap::{Args, Parser, Subcommand};
-use load::{LoadSpec, Pattern};
+use load::{DriverKind, LoadSpec, Pattern};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -58,6 +60,10 @@ struct LoadArgs {
     /// Report this process's CPU time and IOPS per CPU-second (the target daemon).
     #[arg(long, value_name = "PID")]
     target_pid: Option<u32>,
+    /// Front end: blkio (libblkio's virtio-blk-vhost-user driver) or lean (pollblk's own
+    /// minimal split-ring driver, for when libblkio is the bottleneck).
+    #[arg(long, default_value = "blkio")]
+    driver: DriverKind,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -99,7 +105,7 @@ fn run_load(args: LoadArgs) -> Result<bool, String> {
         ramp: seconds(args.ramp, "--ramp")?,
         target_pid: args.target_pid,
     };
-    let result = load::run(&spec)?;
+    let result = load::run(&spec, args.driver)?;
     if args.json {
         println!("{:#}", report::to_json(&result));
     } else {

@@ -65,8 +65,16 @@ fn bench(args: &[&str]) -> (bool, String, String) {
 }
 
 #[test]
-fn drives_every_poll_mode_with_a_mixed_load_and_reports_json() {
-    for mode in ["poll", "adaptive", "interrupt"] {
+fn both_drivers_drive_every_poll_mode_with_a_mixed_load_and_report_json() {
+    for (mode, driver) in [
+        ("poll", "blkio"),
+        ("adaptive", "blkio"),
+        ("interrupt", "blkio"),
+        ("poll", "lean"),
+        ("adaptive", "lean"),
+        ("interrupt", "lean"),
+    ] {
+        let label = format!("{mode}/{driver}");
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("d.sock");
         let export = format!(
@@ -74,6 +82,7 @@ fn drives_every_poll_mode_with_a_mixed_load_and_reports_json() {
             socket.display()
         );
         let daemon = Daemon::start(&["--poll-mode", mode, "--export", &export]);
+        let mode = label.as_str();
         let pid = daemon.0.id().to_string();
         let (ok, stdout, stderr) = bench(&[
             "--socket",
@@ -90,6 +99,8 @@ fn drives_every_poll_mode_with_a_mixed_load_and_reports_json() {
             "0.1",
             "--target-pid",
             &pid,
+            "--driver",
+            driver,
             "--json",
         ]);
         assert!(ok, "{mode}: pollblk-bench failed: {stderr}");
@@ -148,4 +159,10 @@ fn asking_for_more_queues_than_offered_is_an_error() {
     let (ok, _, stderr) = bench(&["--socket", socket.to_str().unwrap(), "--queues", "2"]);
     assert!(!ok);
     assert!(stderr.contains("offers 1 queue(s)"), "{stderr}");
+    let (ok, _, stderr) = bench(&["--socket", "/nonexistent.sock", "--driver", "lean"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("cannot connect to /nonexistent.sock"),
+        "{stderr}"
+    );
 }
