@@ -49,7 +49,7 @@ pub struct CompareArgs {
     /// Core the generator runs on.
     #[arg(long, default_value_t = 1)]
     bench_core: usize,
-    /// Workload groups to run: null, file, idle (default: all).
+    /// Workload groups to run: null, file, file-shm, idle (default: all).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     only: Vec<String>,
     /// Generator front end: lean (pollblk-bench's own minimal driver) or blkio (libblkio).
@@ -86,10 +86,10 @@ impl Target {
 enum Backend {
     /// A null volume on both sides; `read_zeroes` as QEMU's null-co option of that name
     /// (pollblk's null takes the same option): on, every read zeroes the guest buffer.
-    Null {
-        read_zeroes: bool,
-    },
-    File,
+    Null { read_zeroes: bool },
+    /// The same raw file for all targets; `shm` puts it on tmpfs (/dev/shm), where no device
+    /// bounds the figures and the software path of each target shows.
+    File { shm: bool },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -130,7 +130,8 @@ impl Workload {
         let backend = match self.backend {
             Backend::Null { read_zeroes: false } => "null",
             Backend::Null { read_zeroes: true } => "null read-zeroes",
-            Backend::File => "file",
+            Backend::File { shm: false } => "file",
+            Backend::File { shm: true } => "file on tmpfs",
         };
         if self.pattern == Pattern::Idle {
             format!("{backend} idle, front end connected")
@@ -182,7 +183,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         group: "file",
-        backend: Backend::File,
+        backend: Backend::File { shm: false },
         pattern: Pattern::RandRead,
         iodepth: 32,
         targets: &[Target::Pollblk, Target::Qsd, Target::HostFio],
@@ -190,7 +191,23 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         group: "file",
-        backend: Backend::File,
+        backend: Backend::File { shm: false },
+        pattern: Pattern::RandRead,
+        iodepth: 128,
+        targets: &[Target::Pollblk, Target::Qsd, Target::HostFio],
+        metrics: &[Metric::IopsK, Metric::LatP99Us, Metric::IopsPerCpuSK],
+    },
+    Workload {
+        group: "file-shm",
+        backend: Backend::File { shm: true },
+        pattern: Pattern::RandRead,
+        iodepth: 32,
+        targets: &[Target::Pollblk, Target::Qsd, Target::HostFio],
+        metrics: &[Metric::IopsK, Metric::LatP99Us, Metric::IopsPerCpuSK],
+    },
+    Workload {
+        group: "file-shm",
+        backend: Backend::File { shm: true },
         pattern: Pattern::RandRead,
         iodepth: 128,
         targets: &[Target::Pollblk, Target::Qsd, Target::HostFio],
@@ -251,8 +268,18 @@ struct Setup {
     pollblk: PathBuf,
     dir: PathBuf,
     file: PathBuf,
+    shm_file: PathBuf,
     runtime: Duration,
     ramp: Duration,
+}
+
+impl Setup {
+    fn file_for(&self, backend: Backend) -> &Path {
+        match backend {
+            Backend::File { shm: true } => &self.shm_file,
+            _ => &self.file,
+        }
+    }
 }
 
 pub fn run(args: CompareArgs) -> Result<bool, String> {
@@ -262,7 +289,7 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
     if args.size < 1 << 20 || !args.size.is_multiple_of(4096) {
         return Err("--size must be at least 1m and a multiple of 4k".into());
     }
-    let known = ["null", "file", "idle"];
+    let known = ["null", "file", "file-shm", "idle"];
     if let Some(bad) = args.only.iter().find(|g| !known.contains(&g.as_str())) {
         return Err(format!(
             "--only: unknown group {bad:?} (expected {known:?})"
@@ -292,6 +319,10 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
     }
     let setup = Setup {
         file: dir.join("compare.img"),
+        shm_file: PathBuf::from(format!(
+            "/dev/shm/pollblk-compare-{}.img",
+            std::process::id()
+        )),
         runtime: seconds(args.runtime, "--runtime")?,
         ramp: seconds(args.ramp, "--ramp")?,
         pollblk,
@@ -302,10 +333,27 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
         .iter()
         .filter(|w| setup.args.only.is_empty() || setup.args.only.iter().any(|g| g == w.group))
         .collect();
-    if selected.iter().any(|w| w.backend == Backend::File) {
+    if selected
+        .iter()
+        .any(|w| w.backend == Backend::File { shm: false })
+    {
         write_test_file(&setup.file, setup.args.size)?;
     }
+    if selected
+        .iter()
+        .any(|w| w.backend == Backend::File { shm: true })
+    {
+        write_test_file(&setup.shm_file, setup.args.size)?;
+    }
+    let outcome = run_all(&setup, &selected);
+    let _ = std::fs::remove_file(&setup.shm_file);
+    if setup.args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&setup.dir);
+    }
+    outcome
+}
 
+fn run_all(setup: &Setup, selected: &[&Workload]) -> Result<bool, String> {
     let mut runs = Vec::new();
     let mut errors = 0;
     // samples[w][t] = one sample per pair.
@@ -326,7 +374,7 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
                     pair + 1,
                     setup.args.pairs
                 );
-                let (sample, run_errors) = run_one(&setup, workload, target)?;
+                let (sample, run_errors) = run_one(setup, workload, target)?;
                 errors += run_errors;
                 runs.push(json!({
                     "workload": workload.name(),
@@ -338,7 +386,7 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
             }
         }
     }
-    let summary = summarize(&selected, &samples);
+    let summary = summarize(selected, &samples);
     if setup.args.json {
         let out = json!({
             "machine": machine(),
@@ -354,9 +402,6 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
     }
     // With --json the table still reaches the person watching, on stderr.
     print_table(&summary, setup.args.json);
-    if setup.args.dir.is_none() {
-        let _ = std::fs::remove_dir_all(&setup.dir);
-    }
     if errors > 0 {
         eprintln!("compare: {errors} I/O error(s) across the runs");
     }
@@ -395,7 +440,7 @@ fn start_target(
 ) -> Result<Child, String> {
     let _ = std::fs::remove_file(socket);
     let size = setup.args.size;
-    let file = setup.file.display();
+    let file = setup.file_for(w.backend).display();
     let sock = socket.display();
     let mut cmd = match target {
         Target::Pollblk | Target::PollblkPoll => {
@@ -403,7 +448,7 @@ fn start_target(
                 Backend::Null { read_zeroes } => {
                     format!("null,size={size},read-zeroes={}", on_off(read_zeroes))
                 }
-                Backend::File => format!("file={file}"),
+                Backend::File { .. } => format!("file={file}"),
             };
             let mode = if target == Target::PollblkPoll {
                 "poll"
@@ -424,7 +469,7 @@ fn start_target(
                     "driver=null-co,node-name=disk,size={size},read-zeroes={}",
                     on_off(read_zeroes)
                 ),
-                Backend::File => {
+                Backend::File { .. } => {
                     format!(
                         "driver=file,node-name=disk,filename={file},cache.direct=on,aio=io_uring"
                     )
@@ -549,7 +594,10 @@ use std::os::unix::fs::MetadataExt;
 fn host_fio(setup: &Setup, w: &Workload) -> Result<Sample, String> {
     let out = Command::new(&setup.args.fio)
         .arg("--name=ceiling")
-        .arg(format!("--filename={}", setup.file.display()))
+        .arg(format!(
+            "--filename={}",
+            setup.file_for(w.backend).display()
+        ))
         .args([
             "--ioengine=io_uring",
             "--direct=1",
