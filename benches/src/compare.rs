@@ -750,6 +750,8 @@ fn machine() -> Value {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // Not available_parallelism: the generator has pinned itself to one core by now.
+    // SAFETY: sysconf has no memory effects.
+    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     json!({ "cpu": cpu, "kernel": kernel, "cores": cores })
 }

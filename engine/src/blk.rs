@@ -188,10 +188,20 @@ pub fn parse(segs: &mut Segments) -> Result<Request, ParseError> {
         other => RequestKind::Unsupported(other),
     };
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
-    let data = match kind {
+    let mut data = match kind {
         RequestKind::In | RequestKind::GetId => readable..segs.iovecs().len(),
         _ => first_data..readable,
     };
+    // Buffers emptied by taking the header or the status byte off carry no data; left in,
+    // their addresses would look misaligned to O_DIRECT (the usual layout puts the status
+    // byte in a descriptor of its own).
+    let iov = segs.iovecs();
+    while data.start < data.end && iov[data.start].iov_len == 0 {
+        data.start += 1;
+    }
+    while data.start < data.end && iov[data.end - 1].iov_len == 0 {
+        data.end -= 1;
+    }
     let data_len = segs.iovecs()[data.clone()]
         .iter()
         .map(|v| v.iov_len as u64)
@@ -371,6 +381,22 @@ mod tests {
         assert_eq!((r.kind, r.sector, r.data_len), (RequestKind::In, 9, 4096));
         // SAFETY: the buffer is 4097 bytes long.
         assert_eq!(status, unsafe { bufs[2].as_mut_ptr().add(4096) });
+    }
+
+    #[test]
+    fn data_leaves_out_buffers_emptied_by_header_and_status() {
+        // The Linux driver's layout: header, data, status, each in a descriptor of its own.
+        for (kind, data_writable) in [(req::IN, true), (req::OUT, false)] {
+            let mut h = vec![0u8; 16];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            let mut bufs = vec![h, vec![0u8; 4096], vec![0u8; 1]];
+            let readable = if data_writable { 1 } else { 2 };
+            let mut segs = segs_of(&mut bufs, readable);
+            locate_status(&mut segs).unwrap();
+            let r = parse(&mut segs).unwrap();
+            assert_eq!(r.data, 1..2, "request type {kind}");
+            assert_eq!(r.data_len, 4096);
+        }
     }
 
     #[test]

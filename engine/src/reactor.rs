@@ -1021,12 +1021,13 @@ fn submit_op(
     }
 }
 
+/// Whether O_DIRECT would refuse these buffers; empty ones carry nothing and do not count.
 fn needs_bounce(iov: &[libc::iovec], alignment: u32) -> bool {
     let mask = alignment as usize - 1;
     alignment > 1
         && iov
             .iter()
-            .any(|v| (v.iov_base as usize) & mask != 0 || v.iov_len & mask != 0)
+            .any(|v| v.iov_len != 0 && ((v.iov_base as usize) & mask != 0 || v.iov_len & mask != 0))
 }
 
 fn record_result(slot: &mut Slot, result: i32) {
