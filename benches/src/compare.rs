@@ -56,8 +56,11 @@ pub struct CompareArgs {
     #[arg(long, default_value = "lean")]
     driver: DriverKind,
     /// Print JSON instead of the table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "markdown")]
     json: bool,
+    /// Print the table as Markdown (as BENCHMARKS.md quotes it).
+    #[arg(long)]
+    markdown: bool,
 }
 
 /// What serves the load in one run.
@@ -400,8 +403,11 @@ fn run_all(setup: &Setup, selected: &[&Workload]) -> Result<bool, String> {
         });
         println!("{out:#}");
     }
-    // With --json the table still reaches the person watching, on stderr.
-    print_table(&summary, setup.args.json);
+    if setup.args.markdown {
+        print!("{}", markdown_table(&summary));
+    }
+    // With --json or --markdown the plain table still reaches the person watching, on stderr.
+    print_table(&summary, setup.args.json || setup.args.markdown);
     if errors > 0 {
         eprintln!("compare: {errors} I/O error(s) across the runs");
     }
@@ -696,7 +702,7 @@ fn summarize(workloads: &[&Workload], samples: &[Vec<Vec<Sample>>]) -> Vec<Value
 }
 
 fn print_table(rows: &[Value], to_stderr: bool) {
-    let cols = ["pollblk", "qsd", "pollblk-poll", "host-fio"];
+    let cols = COLUMNS;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -704,11 +710,7 @@ fn print_table(rows: &[Value], to_stderr: bool) {
         "workload", "metric", cols[0], cols[1], cols[2], cols[3]
     );
     for row in rows {
-        let cell = |name: &str| match row["medians"][name].as_f64() {
-            Some(v) if v >= 100.0 => format!("{v:.0}"),
-            Some(v) => format!("{v:.2}"),
-            None => "-".into(),
-        };
+        let cell = |name: &str| format_value(row["medians"][name].as_f64());
         let ratios: Vec<String> = row["ratios"]
             .as_object()
             .map(|o| {
@@ -734,6 +736,49 @@ fn print_table(rows: &[Value], to_stderr: bool) {
     } else {
         print!("{out}");
     }
+}
+
+/// Column order of the tables.
+const COLUMNS: [&str; 4] = ["pollblk", "qsd", "pollblk-poll", "host-fio"];
+
+fn format_value(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) => format!("{v:.2}"),
+        None => "-".into(),
+    }
+}
+
+fn markdown_table(rows: &[Value]) -> String {
+    let mut out = String::from("| workload | metric |");
+    for c in COLUMNS {
+        let _ = write!(out, " {c} |");
+    }
+    out += " pollblk / other |\n|---|---|---:|---:|---:|---:|---|\n";
+    for row in rows {
+        let _ = write!(
+            out,
+            "| {} | {} |",
+            row["workload"].as_str().unwrap_or(""),
+            row["metric"].as_str().unwrap_or("")
+        );
+        for c in COLUMNS {
+            let _ = write!(out, " {} |", format_value(row["medians"][c].as_f64()));
+        }
+        let ratios: Vec<String> = row["ratios"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| {
+                        let other = k.trim_start_matches("pollblk/");
+                        format!("{:.2} vs {other}", v.as_f64().unwrap_or(0.0))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let _ = writeln!(out, " {} |", ratios.join(", "));
+    }
+    out
 }
 
 /// What the numbers were measured on.
