@@ -12,4 +12,5 @@ pub mod blk;
 pub mod device;
 pub mod mem;
 pub mod reactor;
+pub mod thin;
 pub mod virtqueue;

@@ -1,0 +1,46 @@
+//! Thin provisioning: a pool (one data file plus metadata) holding many volumes whose sizes
+//! may add up to more than the pool; a volume's blocks are mapped onto data blocks when first
+//! written or provisioned and given back when discarded.
+//!
+//! # Metadata design
+//!
+//! A pool directory holds `data` (the data blocks), `superblock`, `checkpoint.G` and
+//! `journal.G`. The superblock (magic, format version, block size, data blocks, generation G;
+//! CRC32C) names the current generation. The checkpoint is the whole state of generation G as
+//! records (volume creations and map entries) ending in a Commit marker; the journal holds the
+//! changes since, as commits: a run of records followed by a Commit marker counting them.
+//! Every record is framed with its length, a CRC32C, its generation and a sequence number
+//! (format.rs). Opening reads the checkpoint (which must be complete), then the journal's
+//! commits in sequence until the first record that is torn, damaged, of another generation or
+//! out of sequence; records of a commit whose marker is missing are not applied. Map records
+//! set an entry to a value, so they are idempotent.
+//!
+//! # Why a crash loses nothing that was flushed and exposes nothing
+//!
+//! - A block that is newly mapped is written whole (the guest's data, zeroes around it) before
+//!   its map entry is installed, so no mapping, in memory or on disk, points at a block whose
+//!   content is not the volume's own.
+//! - A flush (FLUSH, and every metadata change) collects the changed map entries, then syncs
+//!   the data file, then appends the changes as one commit and syncs the journal. So a journaled
+//!   mapping always points at synced data, and after a crash every write that completed before
+//!   a completed flush is reachable from the checkpoint and journal.
+//! - A block unmapped by DISCARD or WRITE_ZEROES goes to a pending list, not the free map, until
+//!   a commit holding its unmapping is durable. Before that a crash would bring the old mapping
+//!   back, so the block must not meanwhile hold another volume's data.
+//! - A checkpoint writes generation G+1's checkpoint and empty journal in full (fsync), then
+//!   replaces the superblock by rename (fsync of the file and the directory). Until the rename,
+//!   generation G's files are intact and current; after it, G+1's are.
+//! - A torn journal tail is cut at open: the commit it belonged to was never acknowledged.
+//!
+//! # Not here yet
+//!
+//! The reactor data path (io_uring, O_DIRECT) over this map, per-reactor allocation caches,
+//! the PROVISION feature in the virtio device, volume resize, and the CLI are the rest of the
+//! thin-pool work; this module is its core, used synchronously.
+
+pub mod format;
+mod pool;
+#[cfg(test)]
+mod tests;
+
+pub use pool::{check, Pool, PoolStatus, ThinError, Volume, VolumeStatus, DEFAULT_BLOCK_SIZE};

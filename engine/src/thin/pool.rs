@@ -1,0 +1,771 @@
+//! A thin pool: volumes whose blocks are mapped, on first write, onto data blocks of one
+//! shared data file; metadata in a checkpoint plus a journal (see the module docs of
+//! `thin` for the crash-consistency argument).
+//!
+//! Map lookups take no lock: each volume's map is an array of atomics (0 = unmapped, else the
+//! data block + 1), and a new mapping is installed with compare-and-swap. Allocation, commits
+//! and volume management take locks; they are not per-request work for an overwrite or a read.
+
+use super::format::{self, FormatError, Record, Superblock, UNMAPPED};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Journal size past which a flush also writes a checkpoint.
+const CHECKPOINT_AFTER_BYTES: u64 = 8 << 20;
+/// Default data block size.
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
+
+/// What went wrong, in words an operator can act on.
+#[derive(Debug)]
+pub enum ThinError {
+    /// The pool has no free block for a write that needs one.
+    NoSpace,
+    NoVolume(String),
+    VolumeExists(String),
+    /// An offset or length outside the volume, or not in whole sectors.
+    OutOfRange,
+    Invalid(String),
+    Format(FormatError),
+    Io(io::Error),
+}
+
+impl std::fmt::Display for ThinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ThinError::NoSpace => write!(f, "the pool is full"),
+            ThinError::NoVolume(n) => write!(f, "no volume named {n:?}"),
+            ThinError::VolumeExists(n) => write!(f, "a volume named {n:?} exists already"),
+            ThinError::OutOfRange => write!(f, "range outside the volume"),
+            ThinError::Invalid(why) => write!(f, "{why}"),
+            ThinError::Format(e) => write!(f, "{e}"),
+            ThinError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ThinError {}
+
+impl From<io::Error> for ThinError {
+    fn from(e: io::Error) -> ThinError {
+        ThinError::Io(e)
+    }
+}
+
+impl From<FormatError> for ThinError {
+    fn from(e: FormatError) -> ThinError {
+        ThinError::Format(e)
+    }
+}
+
+/// One thin volume.
+pub struct Volume {
+    pub id: u32,
+    pub name: String,
+    pub size_bytes: u64,
+    /// Per virtual block: 0 = unmapped, else data block + 1.
+    map: Box<[AtomicU64]>,
+    /// One bit per virtual block changed since the last commit.
+    dirty: Box<[AtomicU64]>,
+}
+
+impl Volume {
+    fn new(id: u32, name: String, size_bytes: u64, block_size: u32) -> Volume {
+        let blocks = size_bytes.div_ceil(u64::from(block_size)) as usize;
+        Volume {
+            id,
+            name,
+            size_bytes,
+            map: (0..blocks).map(|_| AtomicU64::new(0)).collect(),
+            dirty: (0..blocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// Data block of virtual block `v`, if mapped.
+    pub fn lookup(&self, v: u64) -> Option<u64> {
+        match self.map[v as usize].load(Ordering::Acquire) {
+            0 => None,
+            p => Some(p - 1),
+        }
+    }
+
+    fn mark_dirty(&self, v: u64) {
+        self.dirty[(v / 64) as usize].fetch_or(1 << (v % 64), Ordering::AcqRel);
+    }
+
+    /// Bytes of this volume backed by data blocks.
+    pub fn mapped_blocks(&self) -> u64 {
+        self.map
+            .iter()
+            .filter(|e| e.load(Ordering::Relaxed) != 0)
+            .count() as u64
+    }
+}
+
+/// Free-space accounting: a bitmap of data blocks in use, and blocks freed in memory whose
+/// unmapping is not durable yet (they must not be handed out: after a crash the old mapping
+/// would come back and see another volume's data).
+struct Allocator {
+    used: Vec<u64>,
+    used_count: u64,
+    pending_free: Vec<u64>,
+    cursor: u64,
+    data_blocks: u64,
+}
+
+impl Allocator {
+    fn new(data_blocks: u64) -> Allocator {
+        Allocator {
+            used: vec![0; data_blocks.div_ceil(64) as usize],
+            used_count: 0,
+            pending_free: Vec::new(),
+            cursor: 0,
+            data_blocks,
+        }
+    }
+
+    fn is_used(&self, p: u64) -> bool {
+        self.used[(p / 64) as usize] & (1 << (p % 64)) != 0
+    }
+
+    fn mark_used(&mut self, p: u64) {
+        debug_assert!(!self.is_used(p));
+        self.used[(p / 64) as usize] |= 1 << (p % 64);
+        self.used_count += 1;
+    }
+
+    fn release(&mut self, p: u64) {
+        assert!(self.is_used(p), "freeing data block {p} that is not in use");
+        self.used[(p / 64) as usize] &= !(1 << (p % 64));
+        self.used_count -= 1;
+    }
+
+    fn allocate(&mut self) -> Option<u64> {
+        if self.used_count == self.data_blocks {
+            return None;
+        }
+        let words = self.used.len() as u64;
+        for i in 0..=words {
+            let w = (self.cursor / 64 + i) % words;
+            let word = self.used[w as usize];
+            if word != u64::MAX {
+                let p = w * 64 + u64::from(word.trailing_ones());
+                if p < self.data_blocks {
+                    self.mark_used(p);
+                    self.cursor = p + 1;
+                    return Some(p);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The journal being appended to.
+struct Journal {
+    file: File,
+    generation: u64,
+    next_seq: u64,
+    len: u64,
+    buf: Vec<u8>,
+}
+
+/// What `status` reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub block_size: u32,
+    pub size_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    pub volumes: Vec<VolumeStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub size_bytes: u64,
+    pub mapped_bytes: u64,
+}
+
+/// An open thin pool.
+pub struct Pool {
+    dir: PathBuf,
+    block_size: u32,
+    data_blocks: u64,
+    data: File,
+    volumes: RwLock<Vec<Arc<Volume>>>,
+    alloc: Mutex<Allocator>,
+    journal: Mutex<Journal>,
+}
+
+fn checkpoint_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("checkpoint.{generation}"))
+}
+
+fn journal_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("journal.{generation}"))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to `path` durably, replacing it atomically (write, fsync, rename, fsync dir).
+fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}
+
+impl Pool {
+    /// Creates a pool in `dir` (which must not hold one) with a sparse data file of
+    /// `size_bytes` rounded down to whole blocks.
+    pub fn create(dir: &Path, size_bytes: u64, block_size: u32) -> Result<Pool, ThinError> {
+        if !block_size.is_power_of_two()
+            || !(format::MIN_BLOCK_SIZE..=format::MAX_BLOCK_SIZE).contains(&block_size)
+        {
+            return Err(ThinError::Invalid(format!(
+                "block size {block_size}: expected a power of two from 4 KiB to 2 MiB"
+            )));
+        }
+        let data_blocks = size_bytes / u64::from(block_size);
+        if data_blocks == 0 {
+            return Err(ThinError::Invalid(format!(
+                "pool size {size_bytes} holds no whole block of {block_size} bytes"
+            )));
+        }
+        std::fs::create_dir_all(dir)?;
+        if dir.join("superblock").exists() {
+            return Err(ThinError::Invalid(format!(
+                "{} holds a pool already",
+                dir.display()
+            )));
+        }
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.join("data"))?;
+        data.set_len(data_blocks * u64::from(block_size))?;
+        data.sync_all()?;
+        let generation = 1;
+        let mut checkpoint = Vec::new();
+        Record::Commit { records: 0 }.encode_into(generation, 0, &mut checkpoint);
+        replace_file(dir, &format!("checkpoint.{generation}"), &checkpoint)?;
+        replace_file(dir, &format!("journal.{generation}"), &[])?;
+        let sb = Superblock {
+            block_size,
+            data_blocks,
+            generation,
+        };
+        replace_file(dir, "superblock", &sb.encode())?;
+        Pool::open(dir)
+    }
+
+    /// Opens the pool in `dir`: the checkpoint of the superblock's generation, then every
+    /// complete commit of its journal. A torn last commit is cut off.
+    pub fn open(dir: &Path) -> Result<Pool, ThinError> {
+        let mut raw = Vec::new();
+        File::open(dir.join("superblock"))
+            .map_err(|e| ThinError::Invalid(format!("{}: not a pool: {e}", dir.display())))?
+            .read_to_end(&mut raw)?;
+        let sb = Superblock::decode(&raw)?;
+        let checkpoint = std::fs::read(checkpoint_path(dir, sb.generation))?;
+        let (records, used, next) = format::read_commits(&checkpoint, sb.generation, 0);
+        if used != checkpoint.len() {
+            return Err(FormatError::Corrupt("checkpoint is incomplete").into());
+        }
+        let _ = next;
+        let journal_bytes = std::fs::read(journal_path(dir, sb.generation))?;
+        let (journaled, journal_len, next_seq) =
+            format::read_commits(&journal_bytes, sb.generation, 0);
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("data"))?;
+        let pool = Pool {
+            dir: dir.to_path_buf(),
+            block_size: sb.block_size,
+            data_blocks: sb.data_blocks,
+            data,
+            volumes: RwLock::new(Vec::new()),
+            alloc: Mutex::new(Allocator::new(sb.data_blocks)),
+            journal: Mutex::new(Journal {
+                file: OpenOptions::new()
+                    .write(true)
+                    .open(journal_path(dir, sb.generation))?,
+                generation: sb.generation,
+                next_seq,
+                len: journal_len as u64,
+                buf: Vec::new(),
+            }),
+        };
+        pool.apply(records.iter().chain(journaled.iter()))?;
+        // A torn tail is cut so the next commit follows the last complete one.
+        pool.journal
+            .lock()
+            .unwrap()
+            .file
+            .set_len(journal_len as u64)?;
+        Ok(pool)
+    }
+
+    /// Rebuilds the in-memory state from records, checking every block is owned once.
+    fn apply<'a>(&self, records: impl Iterator<Item = &'a Record>) -> Result<(), ThinError> {
+        let corrupt = |what: &'static str| ThinError::Format(FormatError::Corrupt(what));
+        let mut volumes: Vec<Volume> = Vec::new();
+        for r in records {
+            match r {
+                Record::VolumeCreate {
+                    id,
+                    size_bytes,
+                    name,
+                } => {
+                    if volumes.iter().any(|v| v.id == *id || v.name == *name) {
+                        return Err(corrupt("volume created twice"));
+                    }
+                    volumes.push(Volume::new(*id, name.clone(), *size_bytes, self.block_size));
+                }
+                Record::VolumeDelete { id } => volumes.retain(|v| v.id != *id),
+                Record::VolumeResize { .. } => {
+                    return Err(ThinError::Invalid(
+                        "volume resize records are not supported by this build".into(),
+                    ))
+                }
+                Record::Map { id, vblock, pblock } => {
+                    let v = volumes
+                        .iter()
+                        .find(|v| v.id == *id)
+                        .ok_or(corrupt("map entry of an unknown volume"))?;
+                    let entry = v
+                        .map
+                        .get(*vblock as usize)
+                        .ok_or(corrupt("map entry past the volume"))?;
+                    let value = if *pblock == UNMAPPED {
+                        0
+                    } else if *pblock < self.data_blocks {
+                        pblock + 1
+                    } else {
+                        return Err(corrupt("map entry past the data file"));
+                    };
+                    entry.store(value, Ordering::Relaxed);
+                }
+                Record::Commit { .. } => {}
+            }
+        }
+        let mut alloc = self.alloc.lock().unwrap();
+        for v in &volumes {
+            for e in v.map.iter() {
+                let value = e.load(Ordering::Relaxed);
+                if value != 0 {
+                    if alloc.is_used(value - 1) {
+                        return Err(corrupt("a data block is mapped twice"));
+                    }
+                    alloc.mark_used(value - 1);
+                }
+            }
+        }
+        *self.volumes.write().unwrap() = volumes.into_iter().map(Arc::new).collect();
+        Ok(())
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// The volume named `name`.
+    pub fn volume(&self, name: &str) -> Result<Arc<Volume>, ThinError> {
+        self.volumes
+            .read()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == name)
+            .cloned()
+            .ok_or_else(|| ThinError::NoVolume(name.into()))
+    }
+
+    /// Creates a volume and commits it.
+    pub fn volume_create(&self, name: &str, size_bytes: u64) -> Result<Arc<Volume>, ThinError> {
+        if name.is_empty()
+            || name.len() > format::MAX_NAME
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(ThinError::Invalid(format!(
+                "volume name {name:?}: 1-{} characters of A-Z a-z 0-9 - _ .",
+                format::MAX_NAME
+            )));
+        }
+        if size_bytes == 0 || !size_bytes.is_multiple_of(512) {
+            return Err(ThinError::Invalid(format!(
+                "volume size {size_bytes}: a non-zero multiple of 512 bytes"
+            )));
+        }
+        let mut volumes = self.volumes.write().unwrap();
+        if volumes.iter().any(|v| v.name == name) {
+            return Err(ThinError::VolumeExists(name.into()));
+        }
+        let id = volumes.iter().map(|v| v.id + 1).max().unwrap_or(1);
+        let volume = Arc::new(Volume::new(id, name.into(), size_bytes, self.block_size));
+        self.append_commit(&[Record::VolumeCreate {
+            id,
+            size_bytes,
+            name: name.into(),
+        }])?;
+        volumes.push(volume.clone());
+        Ok(volume)
+    }
+
+    /// Deletes a volume; its blocks become free once the deletion is durable (right away).
+    pub fn volume_delete(&self, name: &str) -> Result<(), ThinError> {
+        let mut volumes = self.volumes.write().unwrap();
+        let at = volumes
+            .iter()
+            .position(|v| v.name == name)
+            .ok_or_else(|| ThinError::NoVolume(name.into()))?;
+        let id = volumes[at].id;
+        self.append_commit(&[Record::VolumeDelete { id }])?;
+        let volume = volumes.remove(at);
+        let mut alloc = self.alloc.lock().unwrap();
+        for e in volume.map.iter() {
+            let value = e.swap(0, Ordering::AcqRel);
+            if value != 0 {
+                alloc.release(value - 1);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let bs = u64::from(self.block_size);
+        let used = self.alloc.lock().unwrap().used_count;
+        PoolStatus {
+            block_size: self.block_size,
+            size_bytes: self.data_blocks * bs,
+            used_bytes: used * bs,
+            free_bytes: (self.data_blocks - used) * bs,
+            volumes: self
+                .volumes
+                .read()
+                .unwrap()
+                .iter()
+                .map(|v| VolumeStatus {
+                    name: v.name.clone(),
+                    size_bytes: v.size_bytes,
+                    mapped_bytes: v.mapped_blocks() * bs,
+                })
+                .collect(),
+        }
+    }
+
+    fn check_range(&self, v: &Volume, offset: u64, len: u64) -> Result<(), ThinError> {
+        let end = offset.checked_add(len).ok_or(ThinError::OutOfRange)?;
+        if end > v.size_bytes || !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
+            return Err(ThinError::OutOfRange);
+        }
+        Ok(())
+    }
+
+    /// Splits [offset, offset+len) into (virtual block, offset in block, length) pieces.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64)> {
+        let bs = u64::from(self.block_size);
+        let end = offset + len;
+        let mut at = offset;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let (v, within) = (at / bs, at % bs);
+            let n = (bs - within).min(end - at);
+            at += n;
+            Some((v, within, n))
+        })
+    }
+
+    /// Reads; unmapped blocks read as zeroes.
+    pub fn read(&self, v: &Volume, offset: u64, buf: &mut [u8]) -> Result<(), ThinError> {
+        self.check_range(v, offset, buf.len() as u64)?;
+        let mut done = 0;
+        for (vb, within, n) in self.pieces(offset, buf.len() as u64) {
+            let out = &mut buf[done..done + n as usize];
+            match v.lookup(vb) {
+                Some(p) => self
+                    .data
+                    .read_exact_at(out, p * u64::from(self.block_size) + within)?,
+                None => out.fill(0),
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Writes; a write to an unmapped block allocates it and fills the rest with zeroes.
+    pub fn write(&self, v: &Volume, offset: u64, data: &[u8]) -> Result<(), ThinError> {
+        self.check_range(v, offset, data.len() as u64)?;
+        let mut done = 0;
+        for (vb, within, n) in self.pieces(offset, data.len() as u64) {
+            self.write_block(v, vb, within, Some(&data[done..done + n as usize]))?;
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `within` of virtual block `vb`, allocating the block if unmapped;
+    /// with `data` None it only makes sure the block is allocated (zero-filled if new).
+    fn write_block(
+        &self,
+        v: &Volume,
+        vb: u64,
+        within: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), ThinError> {
+        let bs = u64::from(self.block_size);
+        loop {
+            if let Some(p) = v.lookup(vb) {
+                if let Some(data) = data {
+                    self.data.write_all_at(data, p * bs + within)?;
+                }
+                return Ok(());
+            }
+            // A new block is written whole before it is mapped: its previous contents (another
+            // volume's freed data) are never visible, and a commit never journals a mapping
+            // whose data is not written yet.
+            let p = self
+                .alloc
+                .lock()
+                .unwrap()
+                .allocate()
+                .ok_or(ThinError::NoSpace)?;
+            let mut block = vec![0u8; bs as usize];
+            if let Some(data) = data {
+                block[within as usize..within as usize + data.len()].copy_from_slice(data);
+            }
+            if let Err(e) = self.data.write_all_at(&block, p * bs) {
+                self.alloc.lock().unwrap().release(p);
+                return Err(e.into());
+            }
+            match v.map[vb as usize].compare_exchange(0, p + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    v.mark_dirty(vb);
+                    return Ok(());
+                }
+                Err(_) => {
+                    // Another writer mapped it first; ours was never visible, give it back and
+                    // write into theirs.
+                    self.alloc.lock().unwrap().release(p);
+                }
+            }
+        }
+    }
+
+    /// Unmaps the whole blocks of a range (they read as zeroes from now on); partial blocks at
+    /// the ends are left as they are, which DISCARD allows.
+    pub fn discard(&self, v: &Volume, offset: u64, len: u64) -> Result<(), ThinError> {
+        self.check_range(v, offset, len)?;
+        let bs = u64::from(self.block_size);
+        for (vb, _, n) in self.pieces(offset, len) {
+            if n == bs {
+                self.unmap(v, vb);
+            }
+        }
+        Ok(())
+    }
+
+    fn unmap(&self, v: &Volume, vb: u64) {
+        let old = v.map[vb as usize].swap(0, Ordering::AcqRel);
+        if old != 0 {
+            v.mark_dirty(vb);
+            // Free for reuse only once the unmapping is durable (see Allocator).
+            self.alloc.lock().unwrap().pending_free.push(old - 1);
+        }
+    }
+
+    /// Zeroes a range. With `unmap`, whole blocks are unmapped; without, every block of the
+    /// range ends up allocated and zeroed. Partial blocks are zeroed in place when mapped
+    /// (unmapped ones read as zeroes already, and are allocated without `unmap`).
+    pub fn write_zeroes(
+        &self,
+        v: &Volume,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), ThinError> {
+        self.check_range(v, offset, len)?;
+        let bs = u64::from(self.block_size);
+        let zeroes = vec![0u8; bs as usize];
+        for (vb, within, n) in self.pieces(offset, len) {
+            if unmap && n == bs {
+                self.unmap(v, vb);
+            } else if v.lookup(vb).is_some() || !unmap {
+                self.write_block(v, vb, within, Some(&zeroes[..n as usize]))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocates every block of a range (zero-filled if new), so later writes to it cannot
+    /// fail for lack of space.
+    pub fn provision(&self, v: &Volume, offset: u64, len: u64) -> Result<(), ThinError> {
+        self.check_range(v, offset, len)?;
+        for (vb, within, _) in self.pieces(offset, len) {
+            self.write_block(v, vb, within, None)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write and map change durable: the map changes are collected,
+    /// the data file is synced, then the changes are journaled and the journal synced; blocks
+    /// whose unmapping was journaled become free.
+    pub fn flush(&self) -> Result<(), ThinError> {
+        let mut journal = self.journal.lock().unwrap();
+        // Taken before the map is read: every block in it was unmapped (and marked dirty)
+        // before this point, so its unmapping is in this commit or an earlier one.
+        let freeing = std::mem::take(&mut self.alloc.lock().unwrap().pending_free);
+        let mut records = Vec::new();
+        for v in self.volumes.read().unwrap().iter() {
+            for (w, word) in v.dirty.iter().enumerate() {
+                let mut bits = word.swap(0, Ordering::AcqRel);
+                while bits != 0 {
+                    let vb = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    let pblock = v.lookup(vb).unwrap_or(UNMAPPED);
+                    records.push(Record::Map {
+                        id: v.id,
+                        vblock: vb,
+                        pblock,
+                    });
+                }
+            }
+        }
+        // Data first: a mapping must never be durable before the data it points to.
+        self.data.sync_data()?;
+        if !records.is_empty() {
+            self.append_commit_locked(&mut journal, &records)?;
+        }
+        let mut alloc = self.alloc.lock().unwrap();
+        for p in freeing {
+            alloc.release(p);
+        }
+        drop(alloc);
+        if journal.len > CHECKPOINT_AFTER_BYTES {
+            self.checkpoint_locked(&mut journal)?;
+        }
+        Ok(())
+    }
+
+    fn append_commit(&self, records: &[Record]) -> Result<(), ThinError> {
+        let mut journal = self.journal.lock().unwrap();
+        self.append_commit_locked(&mut journal, records)
+    }
+
+    /// Appends records and their Commit marker, then syncs the journal.
+    fn append_commit_locked(
+        &self,
+        journal: &mut Journal,
+        records: &[Record],
+    ) -> Result<(), ThinError> {
+        let generation = journal.generation;
+        let mut seq = journal.next_seq;
+        let mut buf = std::mem::take(&mut journal.buf);
+        buf.clear();
+        for r in records {
+            r.encode_into(generation, seq, &mut buf);
+            seq += 1;
+        }
+        Record::Commit {
+            records: records.len() as u64,
+        }
+        .encode_into(generation, seq, &mut buf);
+        seq += 1;
+        journal.file.write_all_at(&buf, journal.len)?;
+        journal.file.sync_data()?;
+        journal.len += buf.len() as u64;
+        journal.next_seq = seq;
+        journal.buf = buf;
+        Ok(())
+    }
+
+    /// Writes the whole state as a new checkpoint with an empty journal, then switches the
+    /// superblock to it; the old files stay valid until the rename.
+    pub fn checkpoint(&self) -> Result<(), ThinError> {
+        self.flush()?;
+        let mut journal = self.journal.lock().unwrap();
+        self.checkpoint_locked(&mut journal)
+    }
+
+    fn checkpoint_locked(&self, journal: &mut Journal) -> Result<(), ThinError> {
+        let old = journal.generation;
+        let generation = old + 1;
+        let freeing = std::mem::take(&mut self.alloc.lock().unwrap().pending_free);
+        let mut records = Vec::new();
+        for v in self.volumes.read().unwrap().iter() {
+            records.push(Record::VolumeCreate {
+                id: v.id,
+                size_bytes: v.size_bytes,
+                name: v.name.clone(),
+            });
+            for w in v.dirty.iter() {
+                w.store(0, Ordering::Release);
+            }
+            for (vb, e) in v.map.iter().enumerate() {
+                let value = e.load(Ordering::Acquire);
+                if value != 0 {
+                    records.push(Record::Map {
+                        id: v.id,
+                        vblock: vb as u64,
+                        pblock: value - 1,
+                    });
+                }
+            }
+        }
+        self.data.sync_data()?;
+        let mut bytes = Vec::new();
+        for (seq, r) in records.iter().enumerate() {
+            r.encode_into(generation, seq as u64, &mut bytes);
+        }
+        Record::Commit {
+            records: records.len() as u64,
+        }
+        .encode_into(generation, records.len() as u64, &mut bytes);
+        replace_file(&self.dir, &format!("checkpoint.{generation}"), &bytes)?;
+        replace_file(&self.dir, &format!("journal.{generation}"), &[])?;
+        let sb = Superblock {
+            block_size: self.block_size,
+            data_blocks: self.data_blocks,
+            generation,
+        };
+        replace_file(&self.dir, "superblock", &sb.encode())?;
+        *journal = Journal {
+            file: OpenOptions::new()
+                .write(true)
+                .open(journal_path(&self.dir, generation))?,
+            generation,
+            next_seq: 0,
+            len: 0,
+            buf: std::mem::take(&mut journal.buf),
+        };
+        let _ = std::fs::remove_file(checkpoint_path(&self.dir, old));
+        let _ = std::fs::remove_file(journal_path(&self.dir, old));
+        let mut alloc = self.alloc.lock().unwrap();
+        for p in freeing {
+            alloc.release(p);
+        }
+        Ok(())
+    }
+}
+
+/// Opens the pool read-only in spirit (nothing is written but a torn journal tail, which a
+/// normal open would cut as well) and reports what it holds; an inconsistent pool is an error.
+pub fn check(dir: &Path) -> Result<PoolStatus, ThinError> {
+    Ok(Pool::open(dir)?.status())
+}

@@ -1,0 +1,277 @@
+//! The pool against a model: random operations on several volumes, reopened after flushes and
+//! after simulated crashes (the pool dropped without a flush, as a killed process leaves it).
+
+use super::format::{Superblock, FORMAT_VERSION};
+use super::{Pool, ThinError};
+use std::collections::HashMap;
+
+const BS: u32 = 4096;
+const SECTOR: u64 = 512;
+
+/// xorshift, seeded per test for reproducible sequences.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Byte-exact model of each volume: what reads must return.
+struct Model {
+    volumes: HashMap<String, Vec<u8>>,
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed as u8).wrapping_mul(31).wrapping_add(i as u8) | 1)
+        .collect()
+}
+
+fn read_all(pool: &Pool, name: &str) -> Vec<u8> {
+    let v = pool.volume(name).unwrap();
+    let mut buf = vec![0u8; v.size_bytes as usize];
+    pool.read(&v, 0, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn random_operations_match_the_model_across_flushes_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let mut pool = Pool::create(&path, 64 * u64::from(BS), BS).unwrap();
+    let mut model = Model {
+        volumes: HashMap::new(),
+    };
+    for (name, blocks) in [("a", 20u64), ("b", 30), ("c", 40)] {
+        pool.volume_create(name, blocks * u64::from(BS)).unwrap();
+        model
+            .volumes
+            .insert(name.into(), vec![0; (blocks * u64::from(BS)) as usize]);
+    }
+    let mut rng = Rng(0x1234_5678);
+    for step in 0..3000u64 {
+        let name = ["a", "b", "c"][rng.below(3) as usize];
+        let v = pool.volume(name).unwrap();
+        let size = v.size_bytes / SECTOR;
+        let start = rng.below(size);
+        let len = 1 + rng.below((size - start).min(3 * u64::from(BS) / SECTOR));
+        let (offset, bytes) = (start * SECTOR, len * SECTOR);
+        let m = model.volumes.get_mut(name).unwrap();
+        let range = offset as usize..(offset + bytes) as usize;
+        match rng.below(8) {
+            0..=2 => {
+                let data = pattern(step, bytes as usize);
+                match pool.write(&v, offset, &data) {
+                    Ok(()) => m[range].copy_from_slice(&data),
+                    Err(ThinError::NoSpace) => {
+                        // The blocks mapped before the pool ran out hold the data; the model
+                        // cannot tell which, so re-read them as the new truth.
+                        pool.read(&v, offset, &mut m[range]).unwrap();
+                    }
+                    Err(e) => panic!("write: {e}"),
+                }
+            }
+            3 => {
+                pool.discard(&v, offset, bytes).unwrap();
+                // Whole blocks read as zeroes now; partial ends keep their data.
+                let bs = u64::from(BS);
+                let first = offset.div_ceil(bs) * bs;
+                let last = (offset + bytes) / bs * bs;
+                if first < last {
+                    m[first as usize..last as usize].fill(0);
+                }
+            }
+            4 => {
+                let unmap = rng.below(2) == 0;
+                match pool.write_zeroes(&v, offset, bytes, unmap) {
+                    Ok(()) | Err(ThinError::NoSpace) if unmap => m[range].fill(0),
+                    Ok(()) => m[range].fill(0),
+                    Err(ThinError::NoSpace) => pool.read(&v, offset, &mut m[range]).unwrap(),
+                    Err(e) => panic!("write_zeroes: {e}"),
+                }
+            }
+            5 => match pool.provision(&v, offset, bytes) {
+                Ok(()) | Err(ThinError::NoSpace) => {}
+                Err(e) => panic!("provision: {e}"),
+            },
+            6 => pool.flush().unwrap(),
+            _ => {
+                let mut buf = vec![0u8; bytes as usize];
+                pool.read(&v, offset, &mut buf).unwrap();
+                assert_eq!(
+                    buf, m[range],
+                    "step {step}: read of {name} at {offset}+{bytes}"
+                );
+            }
+        }
+        if step % 500 == 499 {
+            pool.flush().unwrap();
+            if step % 1000 == 999 {
+                pool.checkpoint().unwrap();
+            }
+            drop(pool);
+            pool = Pool::open(&path).unwrap();
+            for (name, bytes) in &model.volumes {
+                assert_eq!(&read_all(&pool, name), bytes, "after reopen at step {step}");
+            }
+            let status = pool.status();
+            let mapped: u64 = status.volumes.iter().map(|v| v.mapped_bytes).sum();
+            assert_eq!(
+                mapped, status.used_bytes,
+                "every used block belongs to a volume"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_crash_keeps_every_flushed_write_and_invents_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let bs = u64::from(BS);
+    Pool::create(&path, 32 * bs, BS).unwrap();
+    {
+        let pool = Pool::open(&path).unwrap();
+        pool.volume_create("v", 16 * bs).unwrap();
+    }
+    let mut rng = Rng(99);
+    // Per block: the contents at the last flush, and every contents written since.
+    let mut flushed: Vec<Vec<u8>> = vec![vec![0; bs as usize]; 16];
+    for crash in 0..60u64 {
+        let pool = Pool::open(&path).unwrap();
+        let v = pool.volume("v").unwrap();
+        let mut since: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 16];
+        for step in 0..rng.below(20) {
+            let b = rng.below(16);
+            match rng.below(4) {
+                0 | 1 => {
+                    let data = pattern(crash * 100 + step, bs as usize);
+                    pool.write(&v, b * bs, &data).unwrap();
+                    since[b as usize].push(data);
+                }
+                2 => {
+                    pool.discard(&v, b * bs, bs).unwrap();
+                    since[b as usize].push(vec![0; bs as usize]);
+                }
+                _ => {
+                    pool.flush().unwrap();
+                    for (b, s) in since.iter_mut().enumerate() {
+                        if let Some(last) = s.pop() {
+                            flushed[b] = last;
+                        }
+                        s.clear();
+                    }
+                }
+            }
+        }
+        drop(pool); // the crash: no flush
+        let pool = Pool::open(&path).unwrap();
+        let v = pool.volume("v").unwrap();
+        for b in 0..16u64 {
+            let mut got = vec![0u8; bs as usize];
+            pool.read(&v, b * bs, &mut got).unwrap();
+            // A discard that was not flushed may come back; the block then holds what it held
+            // at the last flush. Nothing else may appear.
+            let ok = got == flushed[b as usize] || since[b as usize].contains(&got);
+            assert!(
+                ok,
+                "crash {crash}: block {b} holds data never written there"
+            );
+            flushed[b as usize] = got;
+        }
+        let status = super::check(&path).unwrap();
+        assert_eq!(status.volumes[0].mapped_bytes, status.used_bytes);
+    }
+}
+
+#[test]
+fn a_freed_block_never_shows_another_volumes_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let bs = u64::from(BS);
+    let pool = Pool::create(&dir.path().join("pool"), 2 * bs, BS).unwrap();
+    let a = pool.volume_create("a", 2 * bs).unwrap();
+    let b = pool.volume_create("b", 2 * bs).unwrap();
+    pool.write(&a, 0, &vec![0xaa; 2 * bs as usize]).unwrap();
+    pool.discard(&a, 0, 2 * bs).unwrap();
+    // Not reusable before the unmapping is durable: the pool is full until a flush.
+    assert!(matches!(
+        pool.write(&b, 0, &[1; 512]),
+        Err(ThinError::NoSpace)
+    ));
+    pool.flush().unwrap();
+    pool.write(&b, 512, &[0xbb; 512]).unwrap();
+    let mut got = vec![0u8; bs as usize];
+    pool.read(&b, 0, &mut got).unwrap();
+    assert!(
+        got[..512].iter().all(|&x| x == 0),
+        "old data before the write"
+    );
+    assert!(got[512..1024].iter().all(|&x| x == 0xbb));
+    assert!(
+        got[1024..].iter().all(|&x| x == 0),
+        "old data after the write"
+    );
+}
+
+#[test]
+fn a_full_pool_fails_writes_that_need_space_and_recovers_after_discard() {
+    let dir = tempfile::tempdir().unwrap();
+    let bs = u64::from(BS);
+    let pool = Pool::create(&dir.path().join("pool"), 4 * bs, BS).unwrap();
+    let v = pool.volume_create("big", 100 * bs).unwrap();
+    for b in 0..4 {
+        pool.write(&v, b * bs, &[7; 512]).unwrap();
+    }
+    assert!(matches!(
+        pool.write(&v, 10 * bs, &[7; 512]),
+        Err(ThinError::NoSpace)
+    ));
+    // Overwrites of mapped blocks need no space.
+    pool.write(&v, 0, &[8; 512]).unwrap();
+    let status = pool.status();
+    assert_eq!((status.used_bytes, status.free_bytes), (4 * bs, 0));
+    pool.discard(&v, 3 * bs, bs).unwrap();
+    pool.flush().unwrap();
+    assert_eq!(pool.status().free_bytes, bs);
+    pool.write(&v, 10 * bs, &[9; 512]).unwrap();
+}
+
+#[test]
+fn pools_of_another_format_version_are_refused_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    drop(Pool::create(&path, 16 * u64::from(BS), BS).unwrap());
+    let mut raw = std::fs::read(path.join("superblock")).unwrap();
+    raw[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+    std::fs::write(path.join("superblock"), &raw).unwrap();
+    let err = Pool::open(&path).err().expect("refused").to_string();
+    assert!(
+        err.contains(&format!("format {}", FORMAT_VERSION + 1)),
+        "{err}"
+    );
+    assert!(Superblock::decode(&raw).is_err());
+}
+
+#[test]
+fn volume_names_sizes_and_duplicates_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::create(&dir.path().join("pool"), 16 * u64::from(BS), BS).unwrap();
+    pool.volume_create("disk0", 1 << 30).unwrap();
+    assert!(matches!(
+        pool.volume_create("disk0", 4096),
+        Err(ThinError::VolumeExists(_))
+    ));
+    assert!(pool.volume_create("bad/name", 4096).is_err());
+    assert!(pool.volume_create("odd", 1000).is_err());
+    pool.volume_delete("disk0").unwrap();
+    assert!(matches!(pool.volume("disk0"), Err(ThinError::NoVolume(_))));
+    assert!(Pool::create(&dir.path().join("pool"), 16 * 4096, BS).is_err());
+    assert!(Pool::create(&dir.path().join("p2"), 1 << 20, 3000).is_err());
+}
