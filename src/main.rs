@@ -1,6 +1,7 @@
 //! pollblk: the command line. Everything else lives in the engine and transport crates.
 
 mod export;
+mod pool_cmd;
 
 use clap::{Parser, Subcommand};
 use export::{Export, Volume};
@@ -44,6 +45,11 @@ enum Command {
               value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
         poll_idle_us: u64,
     },
+    /// Create, inspect and check thin pools (offline: a pool a daemon has open is refused).
+    Pool {
+        #[command(subcommand)]
+        command: pool_cmd::PoolCommand,
+    },
 }
 
 const DEFAULT_DIR: &str = "pollblk-data";
@@ -72,6 +78,7 @@ fn main() -> ExitCode {
             };
             serve(exports, cores, poll)
         }
+        Command::Pool { command } => pool_cmd::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -194,6 +194,9 @@ pub struct VolumeStatus {
 
 /// An open thin pool.
 pub struct Pool {
+    /// Holds an exclusive flock on DIR/lock while the pool is open: two processes (a daemon
+    /// and the pool tool) must never change one pool at once.
+    _lock: File,
     dir: PathBuf,
     block_size: u32,
     data_blocks: u64,
@@ -209,6 +212,35 @@ fn checkpoint_path(dir: &Path, generation: u64) -> PathBuf {
 
 fn journal_path(dir: &Path, generation: u64) -> PathBuf {
     dir.join(format!("journal.{generation}"))
+}
+
+fn lock_pool(dir: &Path) -> Result<File, ThinError> {
+    if !dir.join("superblock").is_file() {
+        return Err(ThinError::Invalid(format!(
+            "{}: not a pool (no superblock)",
+            dir.display()
+        )));
+    }
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(|e| ThinError::Invalid(format!("{}: not a pool: {e}", dir.display())))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&lock),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        return Err(ThinError::Invalid(format!(
+            "{} is in use by another process (a running pollblk serving it?)",
+            dir.display()
+        )));
+    }
+    Ok(lock)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -273,6 +305,7 @@ impl Pool {
     /// Opens the pool in `dir`: the checkpoint of the superblock's generation, then every
     /// complete commit of its journal. A torn last commit is cut off.
     pub fn open(dir: &Path) -> Result<Pool, ThinError> {
+        let lock = lock_pool(dir)?;
         let mut raw = Vec::new();
         File::open(dir.join("superblock"))
             .map_err(|e| ThinError::Invalid(format!("{}: not a pool: {e}", dir.display())))?
@@ -292,6 +325,7 @@ impl Pool {
             .write(true)
             .open(dir.join("data"))?;
         let pool = Pool {
+            _lock: lock,
             dir: dir.to_path_buf(),
             block_size: sb.block_size,
             data_blocks: sb.data_blocks,

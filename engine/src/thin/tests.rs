@@ -186,6 +186,7 @@ fn a_crash_keeps_every_flushed_write_and_invents_nothing() {
             );
             flushed[b as usize] = got;
         }
+        drop(pool);
         let status = super::check(&path).unwrap();
         assert_eq!(status.volumes[0].mapped_bytes, status.used_bytes);
     }
@@ -270,6 +271,11 @@ fn volume_names_sizes_and_duplicates_are_checked() {
     ));
     assert!(pool.volume_create("bad/name", 4096).is_err());
     assert!(pool.volume_create("odd", 1000).is_err());
+    let again = Pool::open(&dir.path().join("pool"))
+        .err()
+        .expect("locked")
+        .to_string();
+    assert!(again.contains("in use by another process"), "{again}");
     pool.volume_delete("disk0").unwrap();
     assert!(matches!(pool.volume("disk0"), Err(ThinError::NoVolume(_))));
     assert!(Pool::create(&dir.path().join("pool"), 16 * 4096, BS).is_err());
