@@ -2,6 +2,7 @@
 //!
 //! `vhost-user-blk,socket=PATH,file=PATH[,num-queues=N][,readonly=on][,block-size=512|4096][,serial=ID]`
 //! `vhost-user-blk,socket=PATH,null,size=BYTES[,read-zeroes=on|off][,...same options]`
+//! `vhost-user-blk,socket=PATH,pool=DIR,volume=NAME[,...same options]`
 
 use std::path::PathBuf;
 
@@ -19,6 +20,8 @@ pub enum Volume {
     /// Stores nothing: reads return zeroes, or with `read_zeroes` off leave the guest's
     /// buffer as it was (QEMU null-co's read-zeroes=off: for benchmarks of the request path).
     Null { size_bytes: u64, read_zeroes: bool },
+    /// A volume of the thin pool in a directory (`pollblk pool create`).
+    Thin { pool: PathBuf, volume: String },
 }
 
 /// One parsed `--export`.
@@ -77,6 +80,8 @@ impl std::str::FromStr for Export {
         let mut null = false;
         let mut size = None;
         let mut read_zeroes = None;
+        let mut pool = None;
+        let mut pool_volume = None;
         let mut num_queues = DEFAULT_NUM_QUEUES;
         let mut readonly = false;
         let mut block_size = 512;
@@ -96,6 +101,8 @@ impl std::str::FromStr for Export {
                 "null" if value.is_empty() => null = true,
                 "size" => size = Some(parse_size(need_value()?)?),
                 "read-zeroes" => read_zeroes = Some(parse_on_off(key, need_value()?)?),
+                "pool" => pool = Some(PathBuf::from(need_value()?)),
+                "volume" => pool_volume = Some(need_value()?.to_string()),
                 "num-queues" => {
                     num_queues = need_value()?
                         .parse()
@@ -124,6 +131,22 @@ impl std::str::FromStr for Export {
             }
         }
         let socket = socket.ok_or("socket=PATH is required")?;
+        if pool.is_some() != pool_volume.is_some() {
+            return Err("pool=DIR and volume=NAME go together".into());
+        }
+        if let (Some(pool), Some(volume)) = (pool, pool_volume) {
+            if file.is_some() || null || size.is_some() || read_zeroes.is_some() {
+                return Err("give one volume: file=PATH, null or pool=DIR,volume=NAME".into());
+            }
+            return Ok(Export {
+                socket,
+                volume: Volume::Thin { pool, volume },
+                num_queues,
+                readonly,
+                block_size,
+                serial,
+            });
+        }
         let volume = match (file, null, size) {
             (Some(path), false, None) => Volume::File(path),
             (Some(_), false, Some(_)) => {
@@ -135,7 +158,9 @@ impl std::str::FromStr for Export {
             },
             (None, true, None) => return Err("null needs size=BYTES".into()),
             (Some(_), true, _) => return Err("give either file=PATH or null, not both".into()),
-            (None, false, _) => return Err("a volume is required: file=PATH or null".into()),
+            (None, false, _) => {
+                return Err("a volume is required: file=PATH, null or pool=DIR,volume=NAME".into())
+            }
         };
         if read_zeroes.is_some() && !matches!(volume, Volume::Null { .. }) {
             return Err("read-zeroes= goes with null".into());
@@ -244,6 +269,18 @@ mod tests {
         assert!(err("vhost-user-blk,socket=/s,file=/f,null").contains("not both"));
         assert!(err("vhost-user-blk,socket=/s,null,size=lots").contains("not a number"));
         assert!(err("vhost-user-blk,socket=/s,file=/f,read-zeroes=off").contains("goes with null"));
+        assert!(err("vhost-user-blk,socket=/s,pool=/p").contains("go together"));
+        assert!(err("vhost-user-blk,socket=/s,pool=/p,volume=v,file=/f").contains("one volume"));
+        let e: Export = "vhost-user-blk,socket=/s,pool=/p,volume=v0"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            e.volume,
+            Volume::Thin {
+                pool: "/p".into(),
+                volume: "v0".into()
+            }
+        );
     }
 
     #[test]

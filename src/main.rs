@@ -5,9 +5,10 @@ mod pool_cmd;
 
 use clap::{Parser, Subcommand};
 use export::{Export, Volume};
-use pollblk_engine::backend::{Backend, FileBackend, NullBackend};
+use pollblk_engine::backend::{Backend, FileBackend, NullBackend, ThinBackend};
 use pollblk_engine::device::{BlkDevice, DiskOptions};
 use pollblk_engine::reactor::{PollConfig, PollMode, Reactors};
+use pollblk_engine::thin::Pool;
 use pollblk_vhost_user::Server;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -45,7 +46,7 @@ enum Command {
               value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
         poll_idle_us: u64,
     },
-    /// Create, inspect and check thin pools (offline: a pool a daemon has open is refused).
+    /// Create thin pools and manage their volumes (offline), read their status, check them.
     Pool {
         #[command(subcommand)]
         command: pool_cmd::PoolCommand,
@@ -111,8 +112,30 @@ fn default_export() -> Result<Export, String> {
     })
 }
 
-fn open_device(index: usize, export: &Export) -> Result<Arc<BlkDevice>, String> {
+/// Thin pools opened by this daemon, shared by every export of their volumes.
+type Pools = std::collections::HashMap<PathBuf, Arc<Pool>>;
+
+fn open_device(index: usize, export: &Export, pools: &mut Pools) -> Result<Arc<BlkDevice>, String> {
     let backend: Arc<dyn Backend> = match &export.volume {
+        Volume::Thin { pool, volume } => {
+            let key = pool
+                .canonicalize()
+                .map_err(|e| format!("pool {}: {e}", pool.display()))?;
+            let opened = match pools.get(&key) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = Arc::new(
+                        Pool::open(&key).map_err(|e| format!("pool {}: {e}", pool.display()))?,
+                    );
+                    pools.insert(key, p.clone());
+                    p
+                }
+            };
+            Arc::new(
+                ThinBackend::open(opened, volume)
+                    .map_err(|e| format!("pool {}: {e}", pool.display()))?,
+            )
+        }
         Volume::File(path) => Arc::new(
             FileBackend::open(path, export.readonly, export.block_size)
                 .map_err(|e| format!("file {}: {e}", path.display()))?,
@@ -212,10 +235,11 @@ fn serve(
             return Err(format!("socket {} is given twice", a.socket.display()));
         }
     }
+    let mut pools = Pools::new();
     let devices = exports
         .iter()
         .enumerate()
-        .map(|(i, export)| open_device(i, export))
+        .map(|(i, export)| open_device(i, export, &mut pools))
         .collect::<Result<Vec<_>, _>>()?;
 
     let signals = block_signals();

@@ -22,7 +22,8 @@ pub enum PoolCommand {
         #[command(subcommand)]
         command: VolumeCommand,
     },
-    /// Size, used and free space, and each volume's mapped bytes.
+    /// Size, used and free space, and each volume's mapped bytes, as of the last flush (works
+    /// while a daemon serves the pool).
     Status {
         dir: PathBuf,
         /// {"block_size", "size_bytes", "used_bytes", "free_bytes", "volumes": [{"name",
@@ -84,7 +85,7 @@ pub fn run(command: PoolCommand) -> Result<(), String> {
             }
         },
         PoolCommand::Status { dir, json } => {
-            let status = Pool::open(&dir).map_err(err)?.status();
+            let status = Pool::inspect(&dir).map_err(err)?;
             if json {
                 println!("{}", status_json(&status));
             } else {

@@ -13,7 +13,7 @@ use io_uring::IoUring;
 use pollblk_driver::memory::USER_BASE;
 use pollblk_driver::ring::Buf;
 use pollblk_driver::{DriverQueue, GuestRam};
-use pollblk_engine::backend::{Backend, IoOp, NullBackend, Submitted};
+use pollblk_engine::backend::{Backend, Completer, IoOp, NullBackend, Submitted};
 use pollblk_engine::blk::{self, RequestKind};
 use pollblk_engine::mem::{GuestMemory, MmapRegion};
 use pollblk_engine::virtqueue::{RingAddrs, Segments, SplitQueue};
@@ -136,8 +136,13 @@ fn chain_decoding(c: &mut Criterion) {
 
 fn request_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("request_path");
-    // Backends take an SQ even when they finish on the spot.
+    // Backends take an SQ and a completer even when they finish on the spot.
     let mut uring = IoUring::new(8).unwrap();
+    let (tx, _rx) = crossbeam_channel::unbounded();
+    let completer = Completer::new(
+        tx,
+        std::sync::Arc::new(vmm_sys_util::eventfd::EventFd::new(0).unwrap()),
+    );
     for (name, read_zeroes) in [("null_read_4k", false), ("null_read_4k_zeroed", true)] {
         let backend = NullBackend::new(1 << 30, read_zeroes);
         let mut rig = Rig::new(false, 1);
@@ -154,7 +159,7 @@ fn request_path(c: &mut Criterion) {
                     iov: data.as_ptr(),
                     iov_count: data.len() as u32,
                 };
-                let done = backend.submit(&op, 0, &mut uring.submission());
+                let done = backend.submit(&op, 0, &mut uring.submission(), &completer);
                 assert_eq!(done, Submitted::Done(4096));
                 // SAFETY: the status byte is inside the mapped guest RAM.
                 unsafe { std::ptr::write_volatile(status, blk::status::OK) };

@@ -16,7 +16,7 @@
 //! per-iteration enter and, when the driver wants it, the call eventfd write. The exception is
 //! a request whose buffers O_DIRECT cannot use: it gets a bounce buffer, a cold path.
 
-use crate::backend::{IoOp, Submitted};
+use crate::backend::{Completer, IoOp, Submitted};
 use crate::blk::{self, status, DwzSegment, RequestKind};
 use crate::device::BlkDevice;
 use crate::mem::GuestMemory;
@@ -53,6 +53,7 @@ const TAG_IO: u64 = 1 << 60;
 const TAG_KICK: u64 = 2 << 60;
 const TAG_MAILBOX: u64 = 3 << 60;
 const TAG_CANCEL: u64 = 4 << 60;
+const TAG_EXTERNAL: u64 = 5 << 60;
 const TAG_MASK: u64 = 0xf << 60;
 
 /// How a reactor waits for work (`--poll-mode`).
@@ -383,6 +384,10 @@ struct Reactor {
     ring: IoUring,
     rx: Receiver<Msg>,
     wake: Arc<EventFd>,
+    /// Completions of operations backends finished on other threads (Submitted::Deferred).
+    external_rx: Receiver<(u64, i32)>,
+    external_wake: Arc<EventFd>,
+    completer: Completer,
     queues: Vec<Option<Box<QueueState>>>,
     /// io_uring operations submitted and not completed (CQ overflow guard).
     ops_in_flight: usize,
@@ -404,16 +409,23 @@ impl Reactor {
                     .setup_cqsize(CQ_ENTRIES)
                     .build(SQ_ENTRIES)
             })?;
+        let (external_tx, external_rx) = crossbeam_channel::unbounded();
+        let external_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let completer = Completer::new(external_tx, external_wake.clone());
         let mut reactor = Reactor {
             ring,
             rx,
             wake,
+            external_rx,
+            external_wake,
+            completer,
             queues: Vec::new(),
             ops_in_flight: 0,
             poll,
             shutting_down: false,
         };
         reactor.arm_wake();
+        reactor.arm_external();
         Ok(reactor)
     }
 
@@ -439,6 +451,24 @@ impl Reactor {
         self.arm_poll(self.wake.as_raw_fd(), TAG_MAILBOX);
     }
 
+    fn arm_external(&mut self) {
+        self.arm_poll(self.external_wake.as_raw_fd(), TAG_EXTERNAL);
+    }
+
+    /// Finishes operations completed on other threads; true if there were any.
+    fn reap_external(&mut self) -> bool {
+        let mut any = false;
+        while let Ok((user_data, result)) = self.external_rx.try_recv() {
+            any = true;
+            let (qi, slot) = decode_io(user_data);
+            let queue = self.queues[qi]
+                .as_deref_mut()
+                .expect("deferred I/O of a live queue");
+            complete_op(queue, slot, result);
+        }
+        any
+    }
+
     fn run(&mut self) {
         let mut idle_since = Instant::now();
         loop {
@@ -451,6 +481,7 @@ impl Reactor {
             }
             self.enter(false);
             busy |= self.reap();
+            busy |= self.reap_external();
             self.publish_and_notify();
             self.finish_stops();
             if busy {
@@ -496,7 +527,7 @@ impl Reactor {
                 pending |= queue.ring.enable_notification();
             }
         }
-        if !pending && self.rx.is_empty() {
+        if !pending && self.rx.is_empty() && self.external_rx.is_empty() {
             self.enter(true);
         }
         // Interrupt mode keeps kicks on: the next sleep re-arms them anyway.
@@ -667,7 +698,7 @@ impl Reactor {
             taken += 1;
             let slot = queue.free_slots.pop().expect("checked non-empty");
             queue.in_flight += 1;
-            self.ops_in_flight += start_request(queue, qi, slot, head, &mut sq);
+            self.ops_in_flight += start_request(queue, qi, slot, head, &mut sq, &self.completer);
         }
         taken > 0
     }
@@ -696,8 +727,7 @@ impl Reactor {
         match user_data & TAG_MASK {
             TAG_IO => {
                 self.ops_in_flight -= 1;
-                let qi = ((user_data >> 32) & 0xffff) as usize;
-                let slot = (user_data & 0xffff_ffff) as u32;
+                let (qi, slot) = decode_io(user_data);
                 let queue = self.queues[qi].as_deref_mut().expect("I/O of a live queue");
                 complete_op(queue, slot, result);
             }
@@ -726,6 +756,15 @@ impl Reactor {
                 }
                 if result >= 0 && !self.shutting_down {
                     self.arm_wake();
+                }
+            }
+            TAG_EXTERNAL => {
+                self.ops_in_flight -= 1;
+                if result > 0 {
+                    let _ = self.external_wake.read();
+                }
+                if result >= 0 && !self.shutting_down {
+                    self.arm_external();
                 }
             }
             TAG_CANCEL => self.ops_in_flight -= 1,
@@ -785,6 +824,34 @@ impl Reactor {
     }
 }
 
+/// Operations a request started: on the reactor's io_uring, and deferred to other threads.
+#[derive(Clone, Copy, Default)]
+struct Ops {
+    uring: usize,
+    deferred: usize,
+}
+
+impl Ops {
+    fn total(self) -> usize {
+        self.uring + self.deferred
+    }
+}
+
+impl std::ops::AddAssign for Ops {
+    fn add_assign(&mut self, other: Ops) {
+        self.uring += other.uring;
+        self.deferred += other.deferred;
+    }
+}
+
+/// (queue index, slot) of a TAG_IO user_data.
+fn decode_io(user_data: u64) -> (usize, u32) {
+    (
+        ((user_data >> 32) & 0xffff) as usize,
+        (user_data & 0xffff_ffff) as u32,
+    )
+}
+
 /// Starts the request at `head` in `slot`; returns how many io_uring operations it queued.
 fn start_request(
     queue: &mut QueueState,
@@ -792,6 +859,7 @@ fn start_request(
     slot_index: u32,
     head: u16,
     sq: &mut squeue::SubmissionQueue<'_>,
+    completer: &Completer,
 ) -> usize {
     let device = &*queue.device;
     let slot = &mut queue.slots[slot_index as usize];
@@ -820,16 +888,16 @@ fn start_request(
     slot.used_len = 1;
     let user_data = TAG_IO | (qi as u64) << 32 | u64::from(slot_index);
     let result = match blk::parse(&mut slot.segs) {
-        Ok(req) => dispatch(device, slot, &req, user_data, sq),
+        Ok(req) => dispatch(device, slot, &req, user_data, sq, completer),
         Err(why) => {
             tracing::debug!(disk = %device.options().name, ?why, "malformed request");
             Err(status::IOERR)
         }
     };
     match result {
-        Ok(ops) if ops > 0 => {
-            slot.ops_pending = ops as u32;
-            ops
+        Ok(ops) if ops.total() > 0 => {
+            slot.ops_pending = ops.total() as u32;
+            ops.uring
         }
         Ok(_) => {
             finish(queue, slot_index);
@@ -843,15 +911,16 @@ fn start_request(
     }
 }
 
-/// Validates a parsed request and starts its operations; Ok(n) = n operations queued (0 means
-/// it already finished successfully), Err(status) = it failed before any I/O.
+/// Validates a parsed request and starts its operations; Ok(ops) = operations started (none
+/// means it already finished successfully), Err(status) = it failed before any I/O.
 fn dispatch(
     device: &BlkDevice,
     slot: &mut Slot,
     req: &blk::Request,
     user_data: u64,
     sq: &mut squeue::SubmissionQueue<'_>,
-) -> Result<usize, u8> {
+    completer: &Completer,
+) -> Result<Ops, u8> {
     tracing::trace!(kind = ?req.kind, sector = req.sector, len = req.data_len, "request");
     let info = device.backend().info();
     let block_size = u64::from(device.options().block_size);
@@ -872,7 +941,7 @@ fn dispatch(
             }
             let offset = range_ok(req.sector, req.data_len).ok_or(status::IOERR)?;
             if req.data_len == 0 {
-                return Ok(0);
+                return Ok(Ops::default());
             }
             slot.is_read = is_read;
             slot.data = req.data.clone();
@@ -919,14 +988,14 @@ fn dispatch(
             let data = &slot.segs.iovecs()[req.data.clone()];
             let written = blk::copy_to_iovecs(data, device.serial());
             slot.used_len = 1 + written as u32;
-            return Ok(0);
+            return Ok(Ops::default());
         }
         RequestKind::Discard | RequestKind::WriteZeroes => {
-            return dispatch_dwz(device, slot, req, user_data, sq);
+            return dispatch_dwz(device, slot, req, user_data, sq, completer);
         }
         RequestKind::Unsupported(_) => return Err(status::UNSUPP),
     };
-    Ok(submit_op(device, &op, user_data, sq, slot))
+    Ok(submit_op(device, &op, user_data, sq, completer, slot))
 }
 
 /// Discard and write-zeroes: every segment is checked before any is started.
@@ -936,7 +1005,8 @@ fn dispatch_dwz(
     req: &blk::Request,
     user_data: u64,
     sq: &mut squeue::SubmissionQueue<'_>,
-) -> Result<usize, u8> {
+    completer: &Completer,
+) -> Result<Ops, u8> {
     let is_discard = req.kind == RequestKind::Discard;
     if device.options().readonly || !device.backend().info().discard {
         return Err(if device.options().readonly {
@@ -982,7 +1052,7 @@ fn dispatch_dwz(
             return Err(status::IOERR);
         }
     }
-    let mut ops = 0;
+    let mut ops = Ops::default();
     for i in 0..count {
         let seg = DwzSegment::decode(raw, i);
         if seg.num_sectors == 0 {
@@ -999,7 +1069,7 @@ fn dispatch_dwz(
                 unmap: seg.flags & blk::WRITE_ZEROES_FLAG_UNMAP != 0,
             }
         };
-        ops += submit_op(device, &op, user_data, sq, slot);
+        ops += submit_op(device, &op, user_data, sq, completer, slot);
     }
     Ok(ops)
 }
@@ -1010,13 +1080,21 @@ fn submit_op(
     op: &IoOp,
     user_data: u64,
     sq: &mut squeue::SubmissionQueue<'_>,
+    completer: &Completer,
     slot: &mut Slot,
-) -> usize {
-    match device.backend().submit(op, user_data, sq) {
-        Submitted::Queued => 1,
+) -> Ops {
+    match device.backend().submit(op, user_data, sq, completer) {
+        Submitted::Queued => Ops {
+            uring: 1,
+            deferred: 0,
+        },
+        Submitted::Deferred => Ops {
+            uring: 0,
+            deferred: 1,
+        },
         Submitted::Done(result) => {
             record_result(slot, result);
-            0
+            Ops::default()
         }
     }
 }

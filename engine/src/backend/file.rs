@@ -5,7 +5,7 @@
 //! not aligned to [`BackendInfo::dio_alignment`]. FLUSH is fdatasync; DISCARD and WRITE_ZEROES
 //! with unmap punch holes; WRITE_ZEROES without unmap is FALLOC_FL_ZERO_RANGE.
 
-use super::{Backend, BackendInfo, IoOp, Submitted};
+use super::{Backend, BackendInfo, Completer, IoOp, Submitted};
 use io_uring::{opcode, squeue, types};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -113,7 +113,13 @@ impl Backend for FileBackend {
         self.info
     }
 
-    fn submit(&self, op: &IoOp, user_data: u64, sq: &mut squeue::SubmissionQueue<'_>) -> Submitted {
+    fn submit(
+        &self,
+        op: &IoOp,
+        user_data: u64,
+        sq: &mut squeue::SubmissionQueue<'_>,
+        _: &Completer,
+    ) -> Submitted {
         let fd = types::Fd(self.file.as_raw_fd());
         let entry = match *op {
             IoOp::Read {

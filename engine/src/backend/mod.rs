@@ -6,9 +6,11 @@
 
 mod file;
 mod null;
+mod thin;
 
 pub use file::FileBackend;
 pub use null::NullBackend;
+pub use thin::ThinBackend;
 
 use io_uring::squeue;
 use std::io;
@@ -57,6 +59,37 @@ pub enum Submitted {
     Queued,
     /// Finished without I/O: the result is what a CQE would carry (0 or bytes, or -errno).
     Done(i32),
+    /// Handed to another thread, which calls `Completer::complete(user_data, result)` exactly
+    /// once when it is done; the iovecs stay valid until then.
+    Deferred,
+}
+
+/// Hands completions of deferred operations back to the reactor that submitted them, without
+/// a lock: a channel the reactor drains, and an eventfd its io_uring watches so a sleeping
+/// reactor wakes. The reactor stays the only writer of its used rings.
+#[derive(Clone)]
+pub struct Completer {
+    tx: crossbeam_channel::Sender<(u64, i32)>,
+    wake: std::sync::Arc<vmm_sys_util::eventfd::EventFd>,
+}
+
+impl Completer {
+    /// A completer that sends to `tx` and signals `wake` (the reactor makes its own; tests
+    /// and benchmarks make one to call backends outside a reactor).
+    pub fn new(
+        tx: crossbeam_channel::Sender<(u64, i32)>,
+        wake: std::sync::Arc<vmm_sys_util::eventfd::EventFd>,
+    ) -> Completer {
+        Completer { tx, wake }
+    }
+
+    /// Completes the deferred operation `user_data` with `result` (bytes or -errno).
+    pub fn complete(&self, user_data: u64, result: i32) {
+        // The reactor outlives its queues' requests (a queue stops only when none is in
+        // flight), so the receiver is alive while anything is deferred.
+        let _ = self.tx.send((user_data, result));
+        let _ = self.wake.write(1);
+    }
 }
 
 /// A volume. Shared by the reactors that serve its queues; `submit` is called from them.
@@ -65,8 +98,14 @@ pub trait Backend: Send + Sync {
     fn info(&self) -> BackendInfo;
 
     /// Starts `op`. The caller guarantees a free SQ entry and keeps the iovecs (and the
-    /// memory they point to) alive until the CQE arrives.
-    fn submit(&self, op: &IoOp, user_data: u64, sq: &mut squeue::SubmissionQueue<'_>) -> Submitted;
+    /// memory they point to) alive until the CQE arrives or `completer` is called.
+    fn submit(
+        &self,
+        op: &IoOp,
+        user_data: u64,
+        sq: &mut squeue::SubmissionQueue<'_>,
+        completer: &Completer,
+    ) -> Submitted;
 
     /// Makes everything written durable (shutdown, detach); may block.
     fn sync_all(&self) -> io::Result<()>;

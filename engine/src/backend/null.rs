@@ -1,7 +1,7 @@
 //! The null volume: reads return zeroes (or, without read_zeroes, leave the buffer untouched,
 //! like QEMU's null-co read-zeroes=off), writes are dropped, nothing is stored.
 
-use super::{Backend, BackendInfo, IoOp, Submitted};
+use super::{Backend, BackendInfo, Completer, IoOp, Submitted};
 use io_uring::squeue;
 use std::io;
 
@@ -32,7 +32,13 @@ impl Backend for NullBackend {
         }
     }
 
-    fn submit(&self, op: &IoOp, _: u64, _: &mut squeue::SubmissionQueue<'_>) -> Submitted {
+    fn submit(
+        &self,
+        op: &IoOp,
+        _: u64,
+        _: &mut squeue::SubmissionQueue<'_>,
+        _: &Completer,
+    ) -> Submitted {
         match *op {
             IoOp::Read { iov, iov_count, .. } => {
                 // SAFETY: the caller passes iov_count valid iovecs into guest memory.

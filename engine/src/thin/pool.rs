@@ -196,7 +196,7 @@ pub struct VolumeStatus {
 pub struct Pool {
     /// Holds an exclusive flock on DIR/lock while the pool is open: two processes (a daemon
     /// and the pool tool) must never change one pool at once.
-    _lock: File,
+    _lock: Option<File>,
     dir: PathBuf,
     block_size: u32,
     data_blocks: u64,
@@ -305,7 +305,21 @@ impl Pool {
     /// Opens the pool in `dir`: the checkpoint of the superblock's generation, then every
     /// complete commit of its journal. A torn last commit is cut off.
     pub fn open(dir: &Path) -> Result<Pool, ThinError> {
-        let lock = lock_pool(dir)?;
+        Pool::load(dir, true)
+    }
+
+    /// Reads the durable state of a pool without locking or writing anything, so it works
+    /// while a daemon serves the pool: what the last completed commit left on disk.
+    pub fn inspect(dir: &Path) -> Result<PoolStatus, ThinError> {
+        Ok(Pool::load(dir, false)?.status())
+    }
+
+    fn load(dir: &Path, writable: bool) -> Result<Pool, ThinError> {
+        let lock = if writable {
+            Some(lock_pool(dir)?)
+        } else {
+            None
+        };
         let mut raw = Vec::new();
         File::open(dir.join("superblock"))
             .map_err(|e| ThinError::Invalid(format!("{}: not a pool: {e}", dir.display())))?
@@ -322,7 +336,7 @@ impl Pool {
             format::read_commits(&journal_bytes, sb.generation, 0);
         let data = OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(writable)
             .open(dir.join("data"))?;
         let pool = Pool {
             _lock: lock,
@@ -334,7 +348,8 @@ impl Pool {
             alloc: Mutex::new(Allocator::new(sb.data_blocks)),
             journal: Mutex::new(Journal {
                 file: OpenOptions::new()
-                    .write(true)
+                    .read(true)
+                    .write(writable)
                     .open(journal_path(dir, sb.generation))?,
                 generation: sb.generation,
                 next_seq,
@@ -343,12 +358,14 @@ impl Pool {
             }),
         };
         pool.apply(records.iter().chain(journaled.iter()))?;
-        // A torn tail is cut so the next commit follows the last complete one.
-        pool.journal
-            .lock()
-            .unwrap()
-            .file
-            .set_len(journal_len as u64)?;
+        if writable {
+            // A torn tail is cut so the next commit follows the last complete one.
+            pool.journal
+                .lock()
+                .unwrap()
+                .file
+                .set_len(journal_len as u64)?;
+        }
         Ok(pool)
     }
 
@@ -798,8 +815,9 @@ impl Pool {
     }
 }
 
-/// Opens the pool read-only in spirit (nothing is written but a torn journal tail, which a
-/// normal open would cut as well) and reports what it holds; an inconsistent pool is an error.
+/// Verifies the durable state of a pool (superblock, checkpoint and journal checksums, every
+/// mapped block inside the data file and owned once) and reports what it holds; writes
+/// nothing, takes no lock, so it works on a pool a daemon serves. Inconsistency is an error.
 pub fn check(dir: &Path) -> Result<PoolStatus, ThinError> {
-    Ok(Pool::open(dir)?.status())
+    Pool::inspect(dir)
 }

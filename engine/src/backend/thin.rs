@@ -1,0 +1,208 @@
+//! A thin volume as a backend. Requests run on worker threads against the pool's synchronous
+//! API and complete through the reactor's Completer (Submitted::Deferred): the pool's map,
+//! allocator and commits are shared by every reactor serving the volume, and a FLUSH (a data
+//! sync and a journal commit) must not stall a reactor's other queues.
+//!
+//! Cost: a thread hand-off and a copy through a worker buffer per request. The io_uring
+//! path over mapped blocks (reads and overwrites submitted on the reactor itself) is the next
+//! step for speed; this one is the correct baseline.
+
+use super::{Backend, BackendInfo, Completer, IoOp, Submitted};
+use crate::thin::{Pool, ThinError, Volume};
+use crossbeam_channel::{Receiver, Sender};
+use io_uring::squeue;
+use std::io;
+use std::sync::Arc;
+
+/// Worker threads per thin volume.
+const WORKERS: usize = 2;
+
+struct Job {
+    op: IoOp,
+    user_data: u64,
+    completer: Completer,
+}
+
+// SAFETY: the op's iovecs point into guest memory the reactor keeps mapped and untouched until
+// the completion is delivered; only the one worker that takes the job uses them.
+unsafe impl Send for Job {}
+
+/// A volume of a thin pool.
+pub struct ThinBackend {
+    pool: Arc<Pool>,
+    volume: Arc<Volume>,
+    jobs: Sender<Job>,
+}
+
+impl ThinBackend {
+    /// Serves volume `name` of `pool`.
+    pub fn open(pool: Arc<Pool>, name: &str) -> Result<ThinBackend, ThinError> {
+        let volume = pool.volume(name)?;
+        let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
+        for i in 0..WORKERS {
+            let (pool, volume, rx) = (pool.clone(), volume.clone(), rx.clone());
+            std::thread::Builder::new()
+                .name(format!("thin-{}-{i}", volume.name))
+                .spawn(move || worker(&pool, &volume, &rx))?;
+        }
+        Ok(ThinBackend { pool, volume, jobs })
+    }
+}
+
+impl Backend for ThinBackend {
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            size_bytes: self.volume.size_bytes,
+            dio_alignment: 1,
+            volatile_cache: true,
+            discard: true,
+        }
+    }
+
+    fn submit(
+        &self,
+        op: &IoOp,
+        user_data: u64,
+        _: &mut squeue::SubmissionQueue<'_>,
+        completer: &Completer,
+    ) -> Submitted {
+        let job = Job {
+            op: *op,
+            user_data,
+            completer: completer.clone(),
+        };
+        match self.jobs.send(job) {
+            Ok(()) => Submitted::Deferred,
+            Err(_) => Submitted::Done(-libc::EIO),
+        }
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        self.pool
+            .flush()
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+}
+
+/// Runs jobs until the backend is dropped (the channel closes).
+fn worker(pool: &Pool, volume: &Volume, jobs: &Receiver<Job>) {
+    let mut buf = vec![0u8; pool.block_size() as usize];
+    while let Ok(job) = jobs.recv() {
+        let result = match run(pool, volume, &job.op, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(volume = %volume.name, error = %e, "thin volume operation failed");
+                -errno(&e)
+            }
+        };
+        job.completer.complete(job.user_data, result);
+    }
+}
+
+fn errno(e: &ThinError) -> i32 {
+    match e {
+        ThinError::NoSpace => libc::ENOSPC,
+        ThinError::OutOfRange => libc::EINVAL,
+        ThinError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        _ => libc::EIO,
+    }
+}
+
+/// One operation; Ok(bytes transferred) as a CQE would carry it.
+fn run(pool: &Pool, volume: &Volume, op: &IoOp, buf: &mut [u8]) -> Result<i32, ThinError> {
+    let bs = buf.len() as u64;
+    match *op {
+        IoOp::Read {
+            offset,
+            iov,
+            iov_count,
+        }
+        | IoOp::Write {
+            offset,
+            iov,
+            iov_count,
+            ..
+        } => {
+            // SAFETY: the reactor passes iov_count iovecs that stay valid until completion.
+            let iov = unsafe { std::slice::from_raw_parts(iov, iov_count as usize) };
+            let total: u64 = iov.iter().map(|v| v.iov_len as u64).sum();
+            let is_write = matches!(op, IoOp::Write { .. });
+            let mut cursor = IovCursor::new(iov);
+            let mut at = offset;
+            let end = offset + total;
+            // One block piece at a time, through the worker's buffer.
+            while at < end {
+                let n = (bs - at % bs).min(end - at) as usize;
+                if is_write {
+                    cursor.gather(&mut buf[..n]);
+                    pool.write(volume, at, &buf[..n])?;
+                } else {
+                    pool.read(volume, at, &mut buf[..n])?;
+                    cursor.scatter(&buf[..n]);
+                }
+                at += n as u64;
+            }
+            if let IoOp::Write { fua: true, .. } = op {
+                pool.flush()?;
+            }
+            Ok(total as i32)
+        }
+        IoOp::Flush => pool.flush().map(|_| 0),
+        IoOp::Discard { offset, len } => pool.discard(volume, offset, len).map(|_| 0),
+        IoOp::WriteZeroes { offset, len, unmap } => {
+            pool.write_zeroes(volume, offset, len, unmap).map(|_| 0)
+        }
+    }
+}
+
+/// Walks guest buffers in order, copying in or out.
+struct IovCursor<'a> {
+    iov: &'a [libc::iovec],
+    index: usize,
+    within: usize,
+}
+
+impl<'a> IovCursor<'a> {
+    fn new(iov: &'a [libc::iovec]) -> IovCursor<'a> {
+        IovCursor {
+            iov,
+            index: 0,
+            within: 0,
+        }
+    }
+
+    /// Calls `f(guest pointer, length)` for the next `len` bytes of the buffers.
+    fn walk(&mut self, mut len: usize, mut f: impl FnMut(*mut u8, usize, usize)) {
+        let mut done = 0;
+        while len > 0 {
+            let v = &self.iov[self.index];
+            let n = (v.iov_len - self.within).min(len);
+            // SAFETY: within + n <= iov_len: inside the buffer.
+            let p = unsafe { (v.iov_base as *mut u8).add(self.within) };
+            f(p, n, done);
+            done += n;
+            len -= n;
+            self.within += n;
+            if self.within == v.iov_len {
+                self.index += 1;
+                self.within = 0;
+            }
+        }
+    }
+
+    /// Copies the next `out.len()` bytes of the buffers into `out`.
+    fn gather(&mut self, out: &mut [u8]) {
+        self.walk(out.len(), |p, n, at| {
+            // SAFETY: p has n readable bytes; out has room at..at+n.
+            unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr().add(at), n) }
+        });
+    }
+
+    /// Copies `data` into the next `data.len()` bytes of the buffers.
+    fn scatter(&mut self, data: &[u8]) {
+        self.walk(data.len(), |p, n, at| {
+            // SAFETY: p has n writable bytes; data has at..at+n.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(at), p, n) }
+        });
+    }
+}

@@ -1,0 +1,220 @@
+//! Thin volumes served by the daemon: data, discard, space accounting, restart, and crashes
+//! (SIGKILL) at many points while a front end writes and flushes.
+
+mod common;
+
+use common::{pattern, Daemon, BIN};
+use pollblk_driver::blk::*;
+use pollblk_driver::{BlkDriver, DriverOptions, Request};
+use std::path::Path;
+use std::process::Command;
+
+const BLOCK: u64 = 64 << 10;
+
+fn pool_cmd(args: &[&str]) -> String {
+    let out = Command::new(BIN).arg("pool").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "pollblk pool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn make_pool(dir: &Path, size: &str) -> String {
+    let pool = dir.join("pool");
+    let p = pool.to_str().unwrap().to_string();
+    pool_cmd(&["create", &p, "--size", size, "--block-size", "64K"]);
+    pool_cmd(&["volume", "create", &p, "v0", "--size", "256M"]);
+    p
+}
+
+fn serve(dir: &Path, pool: &str) -> (Daemon, std::path::PathBuf) {
+    let socket = dir.join("v0.sock");
+    let export = format!(
+        "vhost-user-blk,socket={},pool={pool},volume=v0,num-queues=2",
+        socket.display()
+    );
+    (Daemon::start(dir, &["--export".into(), export]), socket)
+}
+
+fn status(pool: &str) -> serde_json::Value {
+    serde_json::from_str(&pool_cmd(&["status", pool, "--json"])).unwrap()
+}
+
+fn flush(d: &mut BlkDriver) -> u8 {
+    d.run(
+        0,
+        &Request {
+            kind: T_FLUSH,
+            ..Default::default()
+        },
+    )
+    .status
+}
+
+#[test]
+fn a_thin_volume_stores_reads_zeroes_discards_and_survives_a_restart() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let pool = make_pool(dir.path(), "32M");
+    let (mut daemon, socket) = serve(dir.path(), &pool);
+    let mut d = BlkDriver::connect(
+        &socket,
+        DriverOptions {
+            queues: 2,
+            ..Default::default()
+        },
+    );
+    assert_eq!(d.capacity(), (256 << 20) / 512);
+    // Unwritten space reads as zeroes.
+    let (st, data) = d.read(0, 0, 8192);
+    assert_eq!((st, data), (S_OK, vec![0; 8192]));
+    // A partial write to a new block: the rest of the block reads as zeroes.
+    let a = pattern(4096, 1);
+    assert_eq!(d.write(1, 8, &a), S_OK);
+    let (_, block) = d.read(0, 0, BLOCK as usize);
+    assert!(block[..4096].iter().all(|&b| b == 0));
+    assert_eq!(&block[4096..8192], &a[..]);
+    assert!(block[8192..].iter().all(|&b| b == 0));
+    // Two whole blocks far away, across queues.
+    let b = pattern(2 * BLOCK as usize, 2);
+    assert_eq!(d.write(0, (100 << 20) / 512, &b), S_OK);
+    assert_eq!(d.read(1, (100 << 20) / 512, b.len()).1, b);
+    assert_eq!(flush(&mut d), S_OK);
+    drop(d);
+    let s = status(&pool);
+    assert_eq!(s["used_bytes"], 3 * BLOCK, "{s}");
+    assert_eq!(s["volumes"][0]["mapped_bytes"], 3 * BLOCK);
+
+    // Discard the two whole blocks: after a flush the space is back in the pool.
+    let mut d = BlkDriver::connect(&socket, DriverOptions::default());
+    let discard = Request {
+        kind: T_DISCARD,
+        out: dwz_segment((100 << 20) / 512, (2 * BLOCK / 512) as u32, 0),
+        ..Default::default()
+    };
+    assert_eq!(d.run(0, &discard).status, S_OK);
+    assert_eq!(d.read(0, (100 << 20) / 512, 4096).1, vec![0; 4096]);
+    assert_eq!(flush(&mut d), S_OK);
+    drop(d);
+    assert_eq!(status(&pool)["used_bytes"], BLOCK);
+
+    // A restart keeps what was written.
+    assert_eq!(daemon.stop(), Some(0));
+    let (_daemon, socket) = serve(dir.path(), &pool);
+    let mut d = BlkDriver::connect(&socket, DriverOptions::default());
+    assert_eq!(d.read(0, 8, 4096).1, a);
+    assert_eq!(d.read(0, (100 << 20) / 512, 4096).1, vec![0; 4096]);
+}
+
+#[test]
+fn a_full_pool_fails_the_write_with_ioerr_and_keeps_serving() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let pool = make_pool(dir.path(), "256K"); // 4 blocks for a 256 MiB volume
+    let (_daemon, socket) = serve(dir.path(), &pool);
+    let mut d = BlkDriver::connect(&socket, DriverOptions::default());
+    for i in 0..4u64 {
+        assert_eq!(d.write(0, i * BLOCK / 512, &pattern(4096, i as u8)), S_OK);
+    }
+    assert_eq!(d.write(0, 10 * BLOCK / 512, &pattern(4096, 9)), S_IOERR);
+    // Mapped blocks still take writes and reads.
+    assert_eq!(d.write(0, 0, &pattern(4096, 7)), S_OK);
+    assert_eq!(d.read(0, 0, 4096).1, pattern(4096, 7));
+    assert_eq!(d.read(0, 10 * BLOCK / 512, 4096).1, vec![0; 4096]);
+}
+
+#[test]
+fn sigkill_at_fifty_points_loses_no_flushed_write_and_leaves_a_consistent_pool() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let pool = make_pool(dir.path(), "16M");
+    let blocks = 16u64;
+    // What each block held at the last completed flush (zeroes at first).
+    let mut flushed: Vec<Vec<u8>> = vec![vec![0; 4096]; blocks as usize];
+    let mut seed = 0x9e37_79b9u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for crash in 0..50u64 {
+        let (mut daemon, socket) = serve(dir.path(), &pool);
+        let mut d = BlkDriver::connect(&socket, DriverOptions::default());
+        // Everything flushed before reads back intact.
+        for b in 0..blocks {
+            assert_eq!(
+                d.read(0, b * BLOCK / 512, 4096).1,
+                flushed[b as usize],
+                "crash {crash}: block {b} lost a flushed write"
+            );
+        }
+        // Per block, what it may hold after the crash besides its flushed contents.
+        let mut since: Vec<Vec<Vec<u8>>> = vec![Vec::new(); blocks as usize];
+        for step in 0..(next() % 12) {
+            let b = next() % blocks;
+            let data = pattern(4096, (crash * 13 + step) as u8);
+            assert_eq!(d.write(0, b * BLOCK / 512, &data), S_OK);
+            since[b as usize] = vec![data];
+            if next() % 3 == 0 {
+                assert_eq!(flush(&mut d), S_OK);
+                for (b, s) in since.iter_mut().enumerate() {
+                    if let Some(data) = s.pop() {
+                        flushed[b] = data;
+                    }
+                    s.clear();
+                }
+            }
+        }
+        // Requests still in flight when the kill comes: writes and a flush, not waited for.
+        for i in 0..(next() % 4) {
+            let b = next() % blocks;
+            let data = pattern(4096, (crash * 7 + i + 100) as u8);
+            let _ = d.submit(
+                0,
+                &Request {
+                    kind: T_OUT,
+                    sector: b * BLOCK / 512,
+                    out: data.clone(),
+                    ..Default::default()
+                },
+            );
+            since[b as usize].push(data);
+        }
+        let _ = d.submit(
+            0,
+            &Request {
+                kind: T_FLUSH,
+                ..Default::default()
+            },
+        );
+        // Kill without warning.
+        let child = daemon.child.take().unwrap();
+        // SAFETY: signals our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let mut child = child;
+        child.wait().unwrap();
+        drop(d);
+        // Unflushed writes may or may not have survived; whatever a block holds now must be
+        // its flushed contents or the unflushed write, and it becomes the new baseline.
+        let out = Command::new(BIN)
+            .args(["pool", "check", &pool])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "crash {crash}: pool check failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (_daemon, socket) = serve(dir.path(), &pool);
+        let mut d = BlkDriver::connect(&socket, DriverOptions::default());
+        for b in 0..blocks as usize {
+            let got = d.read(0, b as u64 * BLOCK / 512, 4096).1;
+            let ok = got == flushed[b] || since[b].contains(&got);
+            assert!(
+                ok,
+                "crash {crash}: block {b} holds data never written there"
+            );
+            flushed[b] = got;
+        }
+    }
+}
