@@ -8,7 +8,7 @@ use export::{Export, Volume};
 use pollblk_engine::backend::{Backend, FileBackend, NullBackend, ThinBackend};
 use pollblk_engine::device::{BlkDevice, DiskOptions};
 use pollblk_engine::reactor::{PollConfig, PollMode, Reactors};
-use pollblk_engine::thin::Pool;
+use pollblk_engine::thin::{self, Pool};
 use pollblk_vhost_user::Server;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,8 +26,9 @@ struct Cli {
 enum Command {
     /// Serve virtual disks until SIGINT or SIGTERM.
     ///
-    /// Without --export, serves ./pollblk-data/disk0.img (created sparse, 1 GiB, if missing)
-    /// on ./pollblk-data/disk0.sock and prints the QEMU command line that attaches a guest.
+    /// Without --export, serves volume disk0 (1 GiB) of the thin pool ./pollblk-data/pool
+    /// (4 GiB, sparse; created if missing) on ./pollblk-data/disk0.sock and prints the QEMU
+    /// command line that attaches a guest.
     Serve {
         /// A disk: vhost-user-blk,socket=PATH,file=PATH[,num-queues=N][,readonly=on]
         /// [,block-size=512|4096][,serial=ID] or vhost-user-blk,socket=PATH,null,size=BYTES[,read-zeroes=off].
@@ -55,6 +56,7 @@ enum Command {
 
 const DEFAULT_DIR: &str = "pollblk-data";
 const DEFAULT_SIZE: u64 = 1 << 30;
+const DEFAULT_POOL_SIZE: u64 = 4 << 30;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -90,21 +92,27 @@ fn main() -> ExitCode {
     }
 }
 
-/// The built-in default: one 1 GiB sparse image next to its socket.
+/// The built-in default: volume disk0 (1 GiB) of a 4 GiB sparse thin pool, next to its
+/// socket; created on first use.
 fn default_export() -> Result<Export, String> {
     let dir = PathBuf::from(DEFAULT_DIR);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let image = dir.join("disk0.img");
-    if !image.exists() {
-        let file =
-            std::fs::File::create(&image).map_err(|e| format!("{}: {e}", image.display()))?;
-        file.set_len(DEFAULT_SIZE)
-            .map_err(|e| format!("{}: {e}", image.display()))?;
-        eprintln!("pollblk: created {} (sparse, 1 GiB)", image.display());
+    let pool_dir = dir.join("pool");
+    if !pool_dir.join("superblock").exists() {
+        let pool = Pool::create(&pool_dir, DEFAULT_POOL_SIZE, thin::DEFAULT_BLOCK_SIZE)
+            .map_err(|e| format!("{}: {e}", pool_dir.display()))?;
+        pool.volume_create("disk0", DEFAULT_SIZE)
+            .map_err(|e| format!("{}: {e}", pool_dir.display()))?;
+        eprintln!(
+            "pollblk: created thin pool {} (4 GiB, sparse) with volume disk0 (1 GiB)",
+            pool_dir.display()
+        );
     }
     Ok(Export {
         socket: dir.join("disk0.sock"),
-        volume: Volume::File(image),
+        volume: Volume::Thin {
+            pool: pool_dir,
+            volume: "disk0".into(),
+        },
         num_queues: export::DEFAULT_NUM_QUEUES,
         readonly: false,
         block_size: 512,
@@ -235,6 +243,9 @@ fn serve(
             return Err(format!("socket {} is given twice", a.socket.display()));
         }
     }
+    // Before any thread starts (thin volumes start workers): every thread inherits the mask,
+    // so SIGINT/SIGTERM reach only the main thread's sigwait.
+    let signals = block_signals();
     let mut pools = Pools::new();
     let devices = exports
         .iter()
@@ -242,7 +253,6 @@ fn serve(
         .map(|(i, export)| open_device(i, export, &mut pools))
         .collect::<Result<Vec<_>, _>>()?;
 
-    let signals = block_signals();
     let reactors = Reactors::start(&cores, poll).map_err(|e| format!("starting reactors: {e}"))?;
     let handles: Vec<_> = (0..reactors.len())
         .map(|i| reactors.for_queue(i).clone())
@@ -270,7 +280,7 @@ fn serve(
     if is_default {
         println!(
             "pollblk: serving {} on {}\nAttach a guest with:\n{}",
-            DEFAULT_DIR.to_string() + "/disk0.img",
+            DEFAULT_DIR.to_string() + "/pool, volume disk0",
             exports[0].socket.display(),
             qemu_command_line(&exports[0].socket, exports[0].num_queues)
         );

@@ -96,14 +96,19 @@ fn a_socket_in_use_is_refused_and_left_alone() {
 fn no_arguments_serves_the_default_disk_and_prints_the_qemu_command() {
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::start(dir.path(), &[]);
-    let image = dir.path().join("pollblk-data/disk0.img");
-    assert_eq!(std::fs::metadata(&image).unwrap().len(), 1 << 30);
+    let pool = dir.path().join("pollblk-data/pool");
     assert!(dir.path().join("pollblk-data/disk0.sock").exists());
+    let (code, status, err) = pollblk(&["pool", "status", pool.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["size_bytes"], 4u64 << 30);
+    assert_eq!(status["volumes"][0]["name"], "disk0");
+    assert_eq!(status["volumes"][0]["size_bytes"], 1u64 << 30);
     let out = daemon.stdout.join("\n");
     assert!(out.contains("vhost-user-blk-pci,chardev=disk0"), "{out}");
     assert!(out.contains("memory-backend-memfd"), "{out}");
     assert_eq!(daemon.stop(), Some(0));
-    // A second start reuses the image.
+    // A second start reuses the pool.
     let mut again = Daemon::start(dir.path(), &[]);
     assert_eq!(again.stop(), Some(0));
 }
