@@ -33,6 +33,8 @@ pub struct Export {
     pub readonly: bool,
     pub block_size: u32,
     pub serial: Option<String>,
+    /// Offer PROVISION (experimental virtio-blk feature, seed 004).
+    pub provision: bool,
 }
 
 /// Parses a size: plain bytes or with a K/M/G/T suffix (powers of 1024).
@@ -86,6 +88,7 @@ impl std::str::FromStr for Export {
         let mut readonly = false;
         let mut block_size = 512;
         let mut serial = None;
+        let mut provision = false;
         for part in parts {
             let (key, value) = part.split_once('=').unwrap_or((part, ""));
             let need_value = || {
@@ -113,6 +116,7 @@ impl std::str::FromStr for Export {
                         })?
                 }
                 "readonly" => readonly = parse_on_off(key, need_value()?)?,
+                "provision" => provision = parse_on_off(key, need_value()?)?,
                 "block-size" => {
                     block_size = match need_value()? {
                         "512" => 512,
@@ -145,6 +149,7 @@ impl std::str::FromStr for Export {
                 readonly,
                 block_size,
                 serial,
+                provision,
             });
         }
         let volume = match (file, null, size) {
@@ -179,6 +184,7 @@ impl std::str::FromStr for Export {
             readonly,
             block_size,
             serial,
+            provision,
         })
     }
 }

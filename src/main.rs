@@ -31,7 +31,8 @@ enum Command {
     /// command line that attaches a guest.
     Serve {
         /// A disk: vhost-user-blk,socket=PATH,file=PATH[,num-queues=N][,readonly=on]
-        /// [,block-size=512|4096][,serial=ID] or vhost-user-blk,socket=PATH,null,size=BYTES[,read-zeroes=off].
+        /// [,block-size=512|4096][,serial=ID][,provision=on], or with null,size=BYTES
+        /// [,read-zeroes=off] or pool=DIR,volume=NAME instead of file=PATH.
         /// Repeatable.
         #[arg(long = "export", value_name = "SPEC")]
         exports: Vec<Export>,
@@ -117,6 +118,7 @@ fn default_export() -> Result<Export, String> {
         readonly: false,
         block_size: 512,
         serial: None,
+        provision: false,
     })
 }
 
@@ -169,6 +171,7 @@ fn open_device(index: usize, export: &Export, pools: &mut Pools) -> Result<Arc<B
             block_size: export.block_size,
             readonly: export.readonly,
             num_queues: export.num_queues,
+            provision: export.provision,
         },
         backend,
     )))

@@ -218,3 +218,78 @@ fn sigkill_at_fifty_points_loses_no_flushed_write_and_leaves_a_consistent_pool()
         }
     }
 }
+
+fn provision(sector: u64, sectors: u32, flags: u32) -> Request {
+    Request {
+        kind: 15, // VIRTIO_BLK_T_PROVISION (seed 004)
+        out: dwz_segment(sector, sectors, flags),
+        ..Default::default()
+    }
+}
+
+const F_PROVISION: u64 = 1 << 18;
+
+#[test]
+fn provision_allocates_ahead_of_writes_and_is_offered_only_when_enabled() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let pool = make_pool(dir.path(), "256K"); // 4 blocks
+    let socket = dir.path().join("p.sock");
+    let export = format!(
+        "vhost-user-blk,socket={},pool={pool},volume=v0,provision=on",
+        socket.display()
+    );
+    let daemon = Daemon::start(dir.path(), &["--export".into(), export]);
+    let full_config = DriverOptions {
+        config_len: 104,
+        ..Default::default()
+    };
+    let mut d = BlkDriver::connect(&socket, full_config.clone());
+    assert_ne!(d.offered & F_PROVISION, 0);
+    assert_eq!(d.config_u32(100), 32, "max_provision_seg");
+    assert_eq!(d.config_u32(96), 1 << 22, "max_provision_sectors");
+    // Provision two blocks: they read as zeroes and hold space.
+    let two = (2 * BLOCK / 512) as u32;
+    assert_eq!(d.run(0, &provision(0, two, 0)).status, S_OK);
+    assert_eq!(d.read(0, 0, 4096).1, vec![0; 4096]);
+    assert_eq!(flush(&mut d), S_OK);
+    assert_eq!(status(&pool)["used_bytes"], 2 * BLOCK);
+    // Fill the rest of the pool elsewhere; writes into the provisioned range still succeed.
+    assert_eq!(d.write(0, 10 * BLOCK / 512, &pattern(4096, 1)), S_OK);
+    assert_eq!(d.write(0, 11 * BLOCK / 512, &pattern(4096, 2)), S_OK);
+    assert_eq!(d.write(0, 12 * BLOCK / 512, &pattern(4096, 3)), S_IOERR);
+    assert_eq!(d.write(0, BLOCK / 512, &pattern(4096, 4)), S_OK);
+    // Unknown flags (the unmap bit included) get UNSUPP; a full pool IOERR.
+    assert_eq!(d.run(0, &provision(0, 8, 1)).status, S_UNSUPP);
+    assert_eq!(d.run(0, &provision(0, 8, 0x80)).status, S_UNSUPP);
+    assert_eq!(d.run(0, &provision(20 * BLOCK / 512, 8, 0)).status, S_IOERR);
+    drop(d);
+    drop(daemon);
+
+    // Without provision=on the feature is not offered and the request is UNSUPP.
+    let (_daemon, socket) = serve(dir.path(), &pool);
+    let mut d = BlkDriver::connect(&socket, full_config);
+    assert_eq!(d.offered & F_PROVISION, 0);
+    assert_eq!(d.config_u32(100), 0);
+    assert_eq!(d.run(0, &provision(0, 8, 0)).status, S_UNSUPP);
+}
+
+#[test]
+fn provision_on_a_file_allocates_its_holes() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let file = common::image(dir.path(), "sparse.img", 64 << 20);
+    let socket = dir.path().join("f.sock");
+    let _daemon = Daemon::start(
+        dir.path(),
+        &common::file_export(&socket, &file, ",provision=on"),
+    );
+    let mut d = BlkDriver::connect(&socket, DriverOptions::default());
+    use std::os::unix::fs::MetadataExt;
+    let before = std::fs::metadata(&file).unwrap().blocks();
+    assert_eq!(d.run(0, &provision(0, (8 << 20) / 512, 0)).status, S_OK);
+    let after = std::fs::metadata(&file).unwrap().blocks();
+    assert!(
+        after >= before + (8 << 20) / 512,
+        "{before} -> {after} blocks"
+    );
+    assert_eq!(d.read(0, 0, 4096).1, vec![0; 4096]);
+}

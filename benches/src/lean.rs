@@ -78,6 +78,7 @@ impl LeanQueues {
                     | F_FLUSH
                     | F_BLK_SIZE,
                 ram_bytes: ram_bytes.next_multiple_of(4096),
+                ..Default::default()
             },
         );
         let event_idx = driver.features & F_EVENT_IDX != 0;

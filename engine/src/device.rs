@@ -19,6 +19,8 @@ pub struct DiskOptions {
     pub serial: String,
     /// Most queues a front end may use.
     pub num_queues: u16,
+    /// Offer PROVISION (experimental, seed 004; needs a backend that can allocate).
+    pub provision: bool,
 }
 
 /// A disk served to guests.
@@ -100,7 +102,15 @@ impl BlkDevice {
         } else if info.discard {
             bits |= 1 << feature::DISCARD | 1 << feature::WRITE_ZEROES;
         }
+        if self.provisions() {
+            bits |= 1 << feature::PROVISION;
+        }
         bits
+    }
+
+    /// Whether PROVISION requests are served.
+    pub fn provisions(&self) -> bool {
+        self.options.provision && !self.options.readonly
     }
 
     /// The config space as the guest reads it now.
@@ -122,6 +132,16 @@ impl BlkDevice {
             max_write_zeroes_sectors: blk::MAX_DWZ_SECTORS,
             max_write_zeroes_seg: blk::MAX_DWZ_SEG,
             write_zeroes_may_unmap: 1,
+            max_provision_sectors: if self.provisions() {
+                blk::MAX_DWZ_SECTORS
+            } else {
+                0
+            },
+            max_provision_seg: if self.provisions() {
+                blk::MAX_DWZ_SEG
+            } else {
+                0
+            },
         }
     }
 }

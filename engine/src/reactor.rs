@@ -990,7 +990,7 @@ fn dispatch(
             slot.used_len = 1 + written as u32;
             return Ok(Ops::default());
         }
-        RequestKind::Discard | RequestKind::WriteZeroes => {
+        RequestKind::Discard | RequestKind::WriteZeroes | RequestKind::Provision => {
             return dispatch_dwz(device, slot, req, user_data, sq, completer);
         }
         RequestKind::Unsupported(_) => return Err(status::UNSUPP),
@@ -1008,12 +1008,17 @@ fn dispatch_dwz(
     completer: &Completer,
 ) -> Result<Ops, u8> {
     let is_discard = req.kind == RequestKind::Discard;
-    if device.options().readonly || !device.backend().info().discard {
-        return Err(if device.options().readonly {
-            status::IOERR
-        } else {
-            status::UNSUPP
-        });
+    let is_provision = req.kind == RequestKind::Provision;
+    if device.options().readonly {
+        return Err(status::IOERR);
+    }
+    let supported = if is_provision {
+        device.provisions()
+    } else {
+        device.backend().info().discard
+    };
+    if !supported {
+        return Err(status::UNSUPP);
     }
     let count = req.data_len as usize / blk::DWZ_SEGMENT_SIZE;
     if !(req.data_len as usize).is_multiple_of(blk::DWZ_SEGMENT_SIZE) || count == 0 {
@@ -1029,12 +1034,13 @@ fn dispatch_dwz(
     let block_size = u64::from(device.options().block_size);
     for i in 0..count {
         let seg = DwzSegment::decode(raw, i);
-        let allowed_flags = if is_discard {
+        let allowed_flags = if is_discard || is_provision {
             0
         } else {
             blk::WRITE_ZEROES_FLAG_UNMAP
         };
-        // virtio 1.3, 5.2.6.2: unknown flags, or unmap on a discard, get UNSUPP.
+        // virtio 1.3, 5.2.6.2: unknown flags, or unmap on a discard (or, by seed 004, on a
+        // provision), get UNSUPP.
         if seg.flags & !allowed_flags != 0 {
             return Err(status::UNSUPP);
         }
@@ -1062,6 +1068,8 @@ fn dispatch_dwz(
         let len = u64::from(seg.num_sectors) * blk::SECTOR_SIZE;
         let op = if is_discard {
             IoOp::Discard { offset, len }
+        } else if is_provision {
+            IoOp::Provision { offset, len }
         } else {
             IoOp::WriteZeroes {
                 offset,

@@ -158,6 +158,11 @@ impl Backend for FileBackend {
                 .offset(offset)
                 .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
+            // Plain allocation: holes get blocks, data stays.
+            IoOp::Provision { offset, len } => opcode::Fallocate::new(fd, len)
+                .offset(offset)
+                .mode(libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
         };
         // SAFETY: the caller keeps the iovecs and buffers alive until the CQE (trait contract)
         // and guarantees a free SQ entry.

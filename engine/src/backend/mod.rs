@@ -50,6 +50,9 @@ pub enum IoOp {
     Discard { offset: u64, len: u64 },
     /// Zero a range, keeping it allocated unless `unmap`.
     WriteZeroes { offset: u64, len: u64, unmap: bool },
+    /// Allocate a range so later writes to it cannot fail for lack of space (contents
+    /// unchanged).
+    Provision { offset: u64, len: u64 },
 }
 
 /// How a backend took an operation.

@@ -53,7 +53,10 @@ impl Backend for NullBackend {
                 let iov = unsafe { std::slice::from_raw_parts(iov, iov_count as usize) };
                 Submitted::Done(iov.iter().map(|v| v.iov_len as i32).sum())
             }
-            IoOp::Flush | IoOp::Discard { .. } | IoOp::WriteZeroes { .. } => Submitted::Done(0),
+            IoOp::Flush
+            | IoOp::Discard { .. }
+            | IoOp::WriteZeroes { .. }
+            | IoOp::Provision { .. } => Submitted::Done(0),
         }
     }
 

@@ -152,6 +152,7 @@ fn run(pool: &Pool, volume: &Volume, op: &IoOp, buf: &mut [u8]) -> Result<i32, T
         IoOp::WriteZeroes { offset, len, unmap } => {
             pool.write_zeroes(volume, offset, len, unmap).map(|_| 0)
         }
+        IoOp::Provision { offset, len } => pool.provision(volume, offset, len).map(|_| 0),
     }
 }
 

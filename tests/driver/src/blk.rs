@@ -40,6 +40,9 @@ pub struct DriverOptions {
     /// Features to accept if offered (others offered are declined).
     pub accept: u64,
     pub ram_bytes: u64,
+    /// Config space bytes to read (60: through write_zeroes_may_unmap, what every back end
+    /// serves; pollblk's experimental fields reach 104).
+    pub config_len: u32,
 }
 
 impl Default for DriverOptions {
@@ -49,6 +52,7 @@ impl Default for DriverOptions {
             queue_size: 128,
             accept: u64::MAX,
             ram_bytes: 256 << 20,
+            config_len: 60,
         }
     }
 }
@@ -128,7 +132,12 @@ impl BlkDriver {
             );
         }
         let (_, config) = frontend
-            .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
+            .get_config(
+                0,
+                options.config_len,
+                VhostUserConfigFlags::WRITABLE,
+                &vec![0u8; options.config_len as usize],
+            )
             .unwrap();
         let ram = GuestRam::new(options.ram_bytes);
         let mut driver = BlkDriver {
