@@ -27,6 +27,9 @@
 //! - A block unmapped by DISCARD or WRITE_ZEROES goes to a pending list, not the free map, until
 //!   a commit holding its unmapping is durable. Before that a crash would bring the old mapping
 //!   back, so the block must not meanwhile hold another volume's data.
+//! - Nor while an I/O that looked the block up before the unmapping still runs (a read that
+//!   raced a discard, a write whose lookup came first): every read and write pins an epoch, and
+//!   a flush moves to the next epoch and waits for the previous one's I/O before it frees.
 //! - A checkpoint writes generation G+1's checkpoint and empty journal in full (fsync), then
 //!   replaces the superblock by rename (fsync of the file and the directory). Until the rename,
 //!   generation G's files are intact and current; after it, G+1's are.
@@ -34,9 +37,11 @@
 //!
 //! # Not here yet
 //!
-//! The reactor data path (io_uring, O_DIRECT) over this map, per-reactor allocation caches,
-//! the PROVISION feature in the virtio device, volume resize, and the CLI are the rest of the
-//! thin-pool work; this module is its core, used synchronously.
+//! The reactor data path (io_uring, O_DIRECT on mapped blocks, holding the epoch pin until the
+//! CQE), per-reactor allocation caches, sub-block tracking so a first 4 KiB write does not
+//! write a whole block, volume resize and a data device are the rest of the thin-pool work.
+//! Today the thin backend (backend/thin.rs) runs this module's synchronous API on worker
+//! threads.
 
 pub mod format;
 mod pool;

@@ -192,8 +192,56 @@ pub struct VolumeStatus {
     pub mapped_bytes: u64,
 }
 
+/// Keeps data blocks looked up by I/O in progress from being handed out again (an SRCU-like
+/// grace period). Every read or write pins the current epoch for as long as it uses a mapping
+/// it looked up; a flush, before it frees the blocks it unmapped, moves to the next epoch and
+/// waits until every I/O pinned to the previous one has finished. I/O that starts after the
+/// move looks up after the unmapping and cannot reach the freed blocks.
+struct Epochs {
+    current: AtomicU64,
+    pinned: [AtomicU64; 2],
+}
+
+/// One I/O's pin on an epoch; unpinned on drop.
+pub(crate) struct Pin<'a> {
+    epochs: &'a Epochs,
+    slot: usize,
+}
+
+impl Drop for Pin<'_> {
+    fn drop(&mut self) {
+        self.epochs.pinned[self.slot].fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl Epochs {
+    fn pin(&self) -> Pin<'_> {
+        loop {
+            let e = self.current.load(Ordering::Acquire);
+            let slot = (e & 1) as usize;
+            self.pinned[slot].fetch_add(1, Ordering::AcqRel);
+            // SeqCst pairs with the flusher's move: either it sees this pin, or this I/O sees
+            // the new epoch and retries there.
+            if self.current.load(Ordering::SeqCst) == e {
+                return Pin { epochs: self, slot };
+            }
+            self.pinned[slot].fetch_sub(1, Ordering::Release);
+        }
+    }
+
+    /// Moves to the next epoch and waits until no I/O is pinned to the previous one.
+    fn wait_for_readers(&self) {
+        let old = self.current.fetch_add(1, Ordering::SeqCst);
+        let slot = (old & 1) as usize;
+        while self.pinned[slot].load(Ordering::Acquire) != 0 {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+}
+
 /// An open thin pool.
 pub struct Pool {
+    epochs: Epochs,
     /// Holds an exclusive flock on DIR/lock while the pool is open: two processes (a daemon
     /// and the pool tool) must never change one pool at once.
     _lock: Option<File>,
@@ -339,6 +387,10 @@ impl Pool {
             .write(writable)
             .open(dir.join("data"))?;
         let pool = Pool {
+            epochs: Epochs {
+                current: AtomicU64::new(0),
+                pinned: [AtomicU64::new(0), AtomicU64::new(0)],
+            },
             _lock: lock,
             dir: dir.to_path_buf(),
             block_size: sb.block_size,
@@ -486,13 +538,13 @@ impl Pool {
         let id = volumes[at].id;
         self.append_commit(&[Record::VolumeDelete { id }])?;
         let volume = volumes.remove(at);
-        let mut alloc = self.alloc.lock().unwrap();
-        for e in volume.map.iter() {
-            let value = e.swap(0, Ordering::AcqRel);
-            if value != 0 {
-                alloc.release(value - 1);
-            }
-        }
+        drop(volumes);
+        let freeing = volume
+            .map
+            .iter()
+            .filter_map(|e| e.swap(0, Ordering::AcqRel).checked_sub(1))
+            .collect();
+        self.release_after_grace(freeing);
         Ok(())
     }
 
@@ -545,6 +597,7 @@ impl Pool {
     /// Reads; unmapped blocks read as zeroes.
     pub fn read(&self, v: &Volume, offset: u64, buf: &mut [u8]) -> Result<(), ThinError> {
         self.check_range(v, offset, buf.len() as u64)?;
+        let _pin = self.epochs.pin();
         let mut done = 0;
         for (vb, within, n) in self.pieces(offset, buf.len() as u64) {
             let out = &mut buf[done..done + n as usize];
@@ -562,6 +615,7 @@ impl Pool {
     /// Writes; a write to an unmapped block allocates it and fills the rest with zeroes.
     pub fn write(&self, v: &Volume, offset: u64, data: &[u8]) -> Result<(), ThinError> {
         self.check_range(v, offset, data.len() as u64)?;
+        let _pin = self.epochs.pin();
         let mut done = 0;
         for (vb, within, n) in self.pieces(offset, data.len() as u64) {
             self.write_block(v, vb, within, Some(&data[done..done + n as usize]))?;
@@ -652,6 +706,7 @@ impl Pool {
         unmap: bool,
     ) -> Result<(), ThinError> {
         self.check_range(v, offset, len)?;
+        let _pin = self.epochs.pin();
         let bs = u64::from(self.block_size);
         let zeroes = vec![0u8; bs as usize];
         for (vb, within, n) in self.pieces(offset, len) {
@@ -668,6 +723,7 @@ impl Pool {
     /// fail for lack of space.
     pub fn provision(&self, v: &Volume, offset: u64, len: u64) -> Result<(), ThinError> {
         self.check_range(v, offset, len)?;
+        let _pin = self.epochs.pin();
         for (vb, within, _) in self.pieces(offset, len) {
             self.write_block(v, vb, within, None)?;
         }
@@ -703,11 +759,7 @@ impl Pool {
         if !records.is_empty() {
             self.append_commit_locked(&mut journal, &records)?;
         }
-        let mut alloc = self.alloc.lock().unwrap();
-        for p in freeing {
-            alloc.release(p);
-        }
-        drop(alloc);
+        self.release_after_grace(freeing);
         if journal.len > CHECKPOINT_AFTER_BYTES {
             self.checkpoint_locked(&mut journal)?;
         }
@@ -807,11 +859,26 @@ impl Pool {
         };
         let _ = std::fs::remove_file(checkpoint_path(&self.dir, old));
         let _ = std::fs::remove_file(journal_path(&self.dir, old));
+        self.release_after_grace(freeing);
+        Ok(())
+    }
+
+    /// Frees blocks whose unmapping is durable, once no I/O that may have looked them up
+    /// before the unmapping is still using them.
+    fn release_after_grace(&self, freeing: Vec<u64>) {
+        if freeing.is_empty() {
+            return;
+        }
+        self.epochs.wait_for_readers();
         let mut alloc = self.alloc.lock().unwrap();
         for p in freeing {
             alloc.release(p);
         }
-        Ok(())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pin(&self) -> Pin<'_> {
+        self.epochs.pin()
     }
 }
 

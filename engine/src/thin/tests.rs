@@ -281,3 +281,27 @@ fn volume_names_sizes_and_duplicates_are_checked() {
     assert!(Pool::create(&dir.path().join("pool"), 16 * 4096, BS).is_err());
     assert!(Pool::create(&dir.path().join("p2"), 1 << 20, 3000).is_err());
 }
+
+#[test]
+fn a_discarded_block_is_not_freed_while_an_io_that_looked_it_up_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let bs = u64::from(BS);
+    let pool = std::sync::Arc::new(Pool::create(&dir.path().join("pool"), 2 * bs, BS).unwrap());
+    let v = pool.volume_create("v", 2 * bs).unwrap();
+    pool.write(&v, 0, &[5; 512]).unwrap();
+    let pin = pool.pin(); // an I/O in progress that looked the block up
+    pool.discard(&v, 0, bs).unwrap();
+    let flusher = {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.flush().unwrap())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        !flusher.is_finished(),
+        "flush freed a block an I/O may still use"
+    );
+    assert_eq!(pool.status().used_bytes, bs);
+    drop(pin);
+    flusher.join().unwrap();
+    assert_eq!(pool.status().used_bytes, 0);
+}
