@@ -48,7 +48,8 @@ const MAX_SLOTS_PER_QUEUE: usize = 1024;
 /// Largest request data: what seg_max buffers of size_max can hold.
 const MAX_REQUEST_BYTES: u64 = blk::SEG_MAX as u64 * blk::SIZE_MAX as u64;
 
-/// user_data tags (top 4 bits).
+/// user_data tags (top 4 bits). A TAG_IO user_data is TAG | queue index << 32 | slot; bits
+/// 48..60 belong to the backend (see `Backend::completed`).
 const TAG_IO: u64 = 1 << 60;
 const TAG_KICK: u64 = 2 << 60;
 const TAG_MAILBOX: u64 = 3 << 60;
@@ -729,6 +730,7 @@ impl Reactor {
                 self.ops_in_flight -= 1;
                 let (qi, slot) = decode_io(user_data);
                 let queue = self.queues[qi].as_deref_mut().expect("I/O of a live queue");
+                queue.device.backend().completed(user_data);
                 complete_op(queue, slot, result);
             }
             TAG_KICK => {

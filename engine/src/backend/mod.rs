@@ -28,6 +28,9 @@ pub struct BackendInfo {
     pub discard: bool,
 }
 
+/// Bits of a TAG_IO user_data a backend may use for itself (`Backend::completed`).
+pub const BACKEND_USER_DATA_MASK: u64 = 0xfff << 48;
+
 /// One block operation. Offsets and lengths are in bytes and already range-checked.
 #[derive(Clone, Copy, Debug)]
 pub enum IoOp {
@@ -112,4 +115,9 @@ pub trait Backend: Send + Sync {
 
     /// Makes everything written durable (shutdown, detach); may block.
     fn sync_all(&self) -> io::Result<()>;
+
+    /// Called by the reactor with the user_data of each CQE of an SQE this backend pushed,
+    /// before the request finishes. Bits 48..60 of user_data are the backend's own: it may
+    /// set them on its SQEs (the reactor ignores them) to find its state here.
+    fn completed(&self, _user_data: u64) {}
 }

@@ -216,6 +216,14 @@ impl Drop for Pin<'_> {
 
 impl Epochs {
     fn pin(&self) -> Pin<'_> {
+        Pin {
+            epochs: self,
+            slot: self.pin_raw(),
+        }
+    }
+
+    /// Pins the current epoch; returns the slot to unpin.
+    fn pin_raw(&self) -> usize {
         loop {
             let e = self.current.load(Ordering::Acquire);
             let slot = (e & 1) as usize;
@@ -223,7 +231,7 @@ impl Epochs {
             // SeqCst pairs with the flusher's move: either it sees this pin, or this I/O sees
             // the new epoch and retries there.
             if self.current.load(Ordering::SeqCst) == e {
-                return Pin { epochs: self, slot };
+                return slot;
             }
             self.pinned[slot].fetch_sub(1, Ordering::Release);
         }
@@ -879,6 +887,38 @@ impl Pool {
     #[cfg(test)]
     pub(crate) fn pin(&self) -> Pin<'_> {
         self.epochs.pin()
+    }
+
+    /// The data file, for I/O submitted elsewhere (io_uring) to blocks `map_one` resolved.
+    pub fn data_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.data)
+    }
+
+    /// For an I/O that lies within one mapped block: its offset in the data file and a pinned
+    /// epoch slot, which the caller must pass to `unpin` once the I/O is done (the block stays
+    /// allocated to this volume until then). None when the range is unmapped, spans blocks or
+    /// is out of range: take the general path.
+    pub fn map_one(&self, v: &Volume, offset: u64, len: u64) -> Option<(u64, usize)> {
+        let bs = u64::from(self.block_size);
+        if len == 0
+            || self.check_range(v, offset, len).is_err()
+            || offset / bs != (offset + len - 1) / bs
+        {
+            return None;
+        }
+        let slot = self.epochs.pin_raw();
+        match v.lookup(offset / bs) {
+            Some(p) => Some((p * bs + offset % bs, slot)),
+            None => {
+                self.unpin(slot);
+                None
+            }
+        }
+    }
+
+    /// Ends an I/O begun with `map_one`.
+    pub fn unpin(&self, slot: usize) {
+        self.epochs.pinned[slot].fetch_sub(1, Ordering::Release);
     }
 }
 
