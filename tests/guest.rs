@@ -49,30 +49,40 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-#[test]
-fn linux_guest_runs_fio_verify_on_pollblk() {
+/// One guest at a time: two TCG guests on two cores would only slow each other, and the
+/// guest image is built once.
+static GUEST: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
+/// Whether the guest tests run here; false means skipped (said on stderr).
+fn guest_available(test: &str) -> bool {
     if !have("qemu-system-x86_64") && !guest_required() {
-        eprintln!("SKIPPED linux_guest_runs_fio_verify_on_pollblk: qemu-system-x86_64 not installed (.ci/run installs it)");
-        return;
+        eprintln!("SKIPPED {test}: qemu-system-x86_64 not installed (.ci/run installs it)");
+        return false;
     }
+    true
+}
+
+/// Boots the guest on a daemon started with `export` (serving `socket`), checks every step
+/// the guest reports, stops the daemon; returns the console log.
+fn run_guest(dir: &Path, export: &[String], socket: &Path) -> String {
+    let mut built = GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let guest_dir = repo().join("target/guest");
-    let build = Command::new(repo().join("tests/guest/build-guest.sh"))
-        .arg(&guest_dir)
-        .status()
-        .expect("run build-guest.sh");
-    assert!(build.success(), "building the guest failed");
+    if !*built {
+        let build = Command::new(repo().join("tests/guest/build-guest.sh"))
+            .arg(&guest_dir)
+            .status()
+            .expect("run build-guest.sh");
+        assert!(build.success(), "building the guest failed");
+        *built = true;
+    }
+    let mut daemon = Daemon::start(dir, export);
 
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let file = image(dir.path(), "guest.img", 1 << 30);
-    let socket = dir.path().join("guest.sock");
-    let mut daemon = Daemon::start(dir.path(), &file_export(&socket, &file, ",num-queues=2"));
-
-    let log_path = dir.path().join("console.log");
+    let log_path = dir.join("console.log");
     let started = std::time::Instant::now();
     let run = Command::new(repo().join("tests/guest/run-guest.sh"))
         .args([
             "--socket",
-            path_str(&socket),
+            path_str(socket),
             "--guest-dir",
             path_str(&guest_dir),
         ])
@@ -157,6 +167,70 @@ fn linux_guest_runs_fio_verify_on_pollblk() {
         daemon.stop(),
         Some(0),
         "pollblk exits cleanly after the guest"
+    );
+    log
+}
+
+#[test]
+fn linux_guest_runs_fio_verify_on_pollblk() {
+    if !guest_available("linux_guest_runs_fio_verify_on_pollblk") {
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let file = image(dir.path(), "guest.img", 1 << 30);
+    let socket = dir.path().join("guest.sock");
+    run_guest(
+        dir.path(),
+        &file_export(&socket, &file, ",num-queues=2"),
+        &socket,
+    );
+}
+
+#[test]
+fn linux_guest_on_a_thin_volume_gives_discarded_space_back() {
+    if !guest_available("linux_guest_on_a_thin_volume_gives_discarded_space_back") {
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let pool = dir.path().join("pool");
+    let p = path_str(&pool);
+    for args in [
+        &["pool", "create", p, "--size", "2G"][..],
+        &["pool", "volume", "create", p, "vm", "--size", "1G"][..],
+    ] {
+        let out = Command::new(common::BIN).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let socket = dir.path().join("thin.sock");
+    let export = format!(
+        "vhost-user-blk,socket={},pool={p},volume=vm,num-queues=2",
+        socket.display()
+    );
+    let log = run_guest(dir.path(), &["--export".into(), export], &socket);
+    // Discarded whole blocks read as zeroes on a thin volume.
+    assert!(
+        markers(&log).iter().any(|m| m == "discard-zeroes yes"),
+        "a discarded range of a thin volume must read as zeroes"
+    );
+    // The guest wrote its two 64 MiB fio ranges in full, filled a 16 MiB range and discarded
+    // it, filled another and zeroed it (BLKZEROOUT asks the driver not to unmap, so that one
+    // stays allocated), and wrote at most 16 MiB into a third. Without the discard given
+    // back the pool would hold 176 MiB.
+    let out = Command::new(common::BIN)
+        .args(["pool", "status", p, "--json"])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let used = status["used_bytes"].as_u64().unwrap();
+    let mib = 1u64 << 20;
+    assert!(
+        (144 * mib..=160 * mib).contains(&used),
+        "pool holds {} MiB after the guest: discarded space not given back? {status}",
+        used / mib
     );
 }
 
