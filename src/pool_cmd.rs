@@ -47,6 +47,13 @@ pub enum VolumeCommand {
     },
     /// Delete a volume and free its blocks.
     Delete { dir: PathBuf, name: String },
+    /// Grow or shrink a volume (shrinking frees the blocks past the new end).
+    Resize {
+        dir: PathBuf,
+        name: String,
+        #[arg(long, value_parser = crate::export::parse_size)]
+        size: u64,
+    },
 }
 
 pub fn run(command: PoolCommand) -> Result<(), String> {
@@ -75,6 +82,14 @@ pub fn run(command: PoolCommand) -> Result<(), String> {
                 pool.volume_create(&name, size).map_err(err)?;
                 println!(
                     "pollblk: volume {name} ({size} bytes) created in {}",
+                    dir.display()
+                );
+            }
+            VolumeCommand::Resize { dir, name, size } => {
+                let pool = Pool::open(&dir).map_err(err)?;
+                pool.volume_resize(&name, size).map_err(err)?;
+                println!(
+                    "pollblk: volume {name} resized to {size} bytes in {}",
                     dir.display()
                 );
             }

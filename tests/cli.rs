@@ -147,6 +147,11 @@ fn pool_tool_creates_reports_and_checks_a_thin_pool() {
     let (code, out, _) = pollblk(&["pool", "check", p]);
     assert_eq!(code, 0);
     assert!(out.contains("consistent"), "{out}");
+    let (code, _, err) = pollblk(&["pool", "volume", "resize", p, "disk1", "--size", "2G"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = pollblk(&["pool", "status", p, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["volumes"][1]["size_bytes"], 2u64 << 30);
     let (code, _, _) = pollblk(&["pool", "volume", "delete", p, "disk1"]);
     assert_eq!(code, 0);
     let (_, out, _) = pollblk(&["pool", "status", p, "--json"]);

@@ -98,6 +98,21 @@ impl Volume {
         self.dirty[(v / 64) as usize].fetch_or(1 << (v % 64), Ordering::AcqRel);
     }
 
+    /// A copy of this volume at `size_bytes`, and the data blocks of the part cut off.
+    fn resized(&self, size_bytes: u64, block_size: u32) -> (Volume, Vec<u64>) {
+        let v = Volume::new(self.id, self.name.clone(), size_bytes, block_size);
+        let mut cut = Vec::new();
+        for (i, e) in self.map.iter().enumerate() {
+            let value = e.load(Ordering::Acquire);
+            match v.map.get(i) {
+                Some(new) => new.store(value, Ordering::Relaxed),
+                None if value != 0 => cut.push(value - 1),
+                None => {}
+            }
+        }
+        (v, cut)
+    }
+
     /// Bytes of this volume backed by data blocks.
     pub fn mapped_blocks(&self) -> u64 {
         self.map
@@ -116,6 +131,9 @@ struct Allocator {
     pending_free: Vec<u64>,
     cursor: u64,
     data_blocks: u64,
+    /// Fullness level last warned about (0: below 90%, 1: 90% or more, 2: full); a warning
+    /// is logged once per crossing upwards and re-armed when space comes back.
+    warned: u8,
 }
 
 impl Allocator {
@@ -126,7 +144,35 @@ impl Allocator {
             pending_free: Vec::new(),
             cursor: 0,
             data_blocks,
+            warned: 0,
         }
+    }
+
+    fn level(&self) -> u8 {
+        if self.used_count == self.data_blocks {
+            2
+        } else if self.used_count * 10 >= self.data_blocks * 9 {
+            1
+        } else {
+            0
+        }
+    }
+
+    fn note_level(&mut self) {
+        let level = self.level();
+        if level > self.warned {
+            tracing::warn!(
+                used_blocks = self.used_count,
+                data_blocks = self.data_blocks,
+                "thin pool {}",
+                if level == 2 {
+                    "is full: writes that need a new block fail"
+                } else {
+                    "is 90% full"
+                }
+            );
+        }
+        self.warned = level;
     }
 
     fn is_used(&self, p: u64) -> bool {
@@ -143,6 +189,7 @@ impl Allocator {
         assert!(self.is_used(p), "freeing data block {p} that is not in use");
         self.used[(p / 64) as usize] &= !(1 << (p % 64));
         self.used_count -= 1;
+        self.warned = self.warned.min(self.level());
     }
 
     fn allocate(&mut self) -> Option<u64> {
@@ -158,6 +205,7 @@ impl Allocator {
                 if p < self.data_blocks {
                     self.mark_used(p);
                     self.cursor = p + 1;
+                    self.note_level();
                     return Some(p);
                 }
             }
@@ -446,10 +494,13 @@ impl Pool {
                     volumes.push(Volume::new(*id, name.clone(), *size_bytes, self.block_size));
                 }
                 Record::VolumeDelete { id } => volumes.retain(|v| v.id != *id),
-                Record::VolumeResize { .. } => {
-                    return Err(ThinError::Invalid(
-                        "volume resize records are not supported by this build".into(),
-                    ))
+                Record::VolumeResize { id, size_bytes } => {
+                    let at = volumes
+                        .iter()
+                        .position(|v| v.id == *id)
+                        .ok_or(corrupt("resize of an unknown volume"))?;
+                    let (resized, _) = volumes[at].resized(*size_bytes, self.block_size);
+                    volumes[at] = resized;
                 }
                 Record::Map { id, vblock, pblock } => {
                     let v = volumes
@@ -553,6 +604,32 @@ impl Pool {
             .filter_map(|e| e.swap(0, Ordering::AcqRel).checked_sub(1))
             .collect();
         self.release_after_grace(freeing);
+        Ok(())
+    }
+
+    /// Grows or shrinks a volume (shrinking frees the blocks past the new end). Offline: the
+    /// volume must not be served while this runs (the pool tool holds the pool's lock).
+    pub fn volume_resize(&self, name: &str, size_bytes: u64) -> Result<(), ThinError> {
+        if size_bytes == 0 || !size_bytes.is_multiple_of(512) {
+            return Err(ThinError::Invalid(format!(
+                "volume size {size_bytes}: a non-zero multiple of 512 bytes"
+            )));
+        }
+        // Every pending map change durable first: the resized copy starts clean.
+        self.flush()?;
+        let mut volumes = self.volumes.write().unwrap();
+        let at = volumes
+            .iter()
+            .position(|v| v.name == name)
+            .ok_or_else(|| ThinError::NoVolume(name.into()))?;
+        let (resized, cut) = volumes[at].resized(size_bytes, self.block_size);
+        self.append_commit(&[Record::VolumeResize {
+            id: resized.id,
+            size_bytes,
+        }])?;
+        volumes[at] = Arc::new(resized);
+        drop(volumes);
+        self.release_after_grace(cut);
         Ok(())
     }
 
@@ -927,4 +1004,28 @@ impl Pool {
 /// nothing, takes no lock, so it works on a pool a daemon serves. Inconsistency is an error.
 pub fn check(dir: &Path) -> Result<PoolStatus, ThinError> {
     Pool::inspect(dir)
+}
+
+#[cfg(test)]
+mod allocator_tests {
+    use super::Allocator;
+
+    #[test]
+    fn fullness_is_reported_once_per_crossing_and_rearmed_when_space_returns() {
+        let mut a = Allocator::new(10);
+        let got: Vec<u64> = (0..8).map(|_| a.allocate().unwrap()).collect();
+        assert_eq!(got, (0..8).collect::<Vec<_>>());
+        assert_eq!(a.warned, 0);
+        a.allocate().unwrap();
+        assert_eq!(a.warned, 1, "90% crossed");
+        a.allocate().unwrap();
+        assert_eq!(a.warned, 2, "full");
+        assert_eq!(a.allocate(), None);
+        a.release(3);
+        assert_eq!(a.warned, 1, "re-armed below full");
+        a.release(4);
+        a.release(5);
+        assert_eq!(a.warned, 0, "re-armed below 90%");
+        assert_eq!(a.allocate(), Some(3), "freed blocks are found again");
+    }
 }

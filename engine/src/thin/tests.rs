@@ -305,3 +305,37 @@ fn a_discarded_block_is_not_freed_while_an_io_that_looked_it_up_runs() {
     flusher.join().unwrap();
     assert_eq!(pool.status().used_bytes, 0);
 }
+
+#[test]
+fn volumes_grow_and_shrink_and_shrinking_frees_the_cut_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let bs = u64::from(BS);
+    let pool = Pool::create(&path, 16 * bs, BS).unwrap();
+    let v = pool.volume_create("v", 4 * bs).unwrap();
+    pool.write(&v, 0, &pattern(1, 512)).unwrap();
+    pool.write(&v, 3 * bs, &pattern(2, 512)).unwrap();
+    pool.volume_resize("v", 8 * bs).unwrap();
+    let v = pool.volume("v").unwrap();
+    assert_eq!(v.size_bytes, 8 * bs);
+    pool.write(&v, 7 * bs, &pattern(3, 512)).unwrap();
+    pool.volume_resize("v", 2 * bs).unwrap();
+    assert_eq!(
+        pool.status().used_bytes,
+        bs,
+        "blocks past the new end are freed"
+    );
+    pool.flush().unwrap();
+    drop(pool);
+    let pool = Pool::open(&path).unwrap();
+    let v = pool.volume("v").unwrap();
+    assert_eq!(v.size_bytes, 2 * bs);
+    let mut got = vec![0u8; 512];
+    pool.read(&v, 0, &mut got).unwrap();
+    assert_eq!(got, pattern(1, 512));
+    assert!(
+        pool.write(&v, 2 * bs, &[1; 512]).is_err(),
+        "past the new end"
+    );
+    assert_eq!(pool.status().used_bytes, bs);
+}
