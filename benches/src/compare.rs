@@ -49,7 +49,7 @@ pub struct CompareArgs {
     /// Core the generator runs on.
     #[arg(long, default_value_t = 1)]
     bench_core: usize,
-    /// Workload groups to run: null, file, file-shm, idle (default: all).
+    /// Workload groups to run: null, file, file-shm, thin, idle (default: all).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     only: Vec<String>,
     /// Generator front end: lean (pollblk-bench's own minimal driver) or blkio (libblkio).
@@ -69,6 +69,8 @@ enum Target {
     Pollblk,
     /// pollblk with `--poll-mode poll`: what adaptive mode is measured against.
     PollblkPoll,
+    /// pollblk serving a thin volume (Backend::Thin), against pollblk on the raw file.
+    PollblkThin,
     Qsd,
     /// fio with io_uring on the host file: the ceiling of the file backend.
     HostFio,
@@ -79,6 +81,7 @@ impl Target {
         match self {
             Target::Pollblk => "pollblk",
             Target::PollblkPoll => "pollblk-poll",
+            Target::PollblkThin => "pollblk-thin",
             Target::Qsd => "qsd",
             Target::HostFio => "host-fio",
         }
@@ -93,6 +96,10 @@ enum Backend {
     /// The same raw file for all targets; `shm` puts it on tmpfs (/dev/shm), where no device
     /// bounds the figures and the software path of each target shows.
     File { shm: bool },
+    /// On tmpfs: a thin volume (pollblk-thin) against a raw file of its size (pollblk). With
+    /// `first_write` both start empty every run (a fresh pool, a sparse file); without, the
+    /// volume is mapped in full and the file written in full once.
+    Thin { first_write: bool },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -135,6 +142,8 @@ impl Workload {
             Backend::Null { read_zeroes: true } => "null read-zeroes",
             Backend::File { shm: false } => "file",
             Backend::File { shm: true } => "file on tmpfs",
+            Backend::Thin { first_write: false } => "thin vs raw, mapped,",
+            Backend::Thin { first_write: true } => "thin vs raw, first writes,",
         };
         if self.pattern == Pattern::Idle {
             format!("{backend} idle, front end connected")
@@ -217,6 +226,30 @@ const WORKLOADS: &[Workload] = &[
         metrics: &[Metric::IopsK, Metric::LatP99Us, Metric::IopsPerCpuSK],
     },
     Workload {
+        group: "thin",
+        backend: Backend::Thin { first_write: false },
+        pattern: Pattern::RandRead,
+        iodepth: 32,
+        targets: &[Target::Pollblk, Target::PollblkThin],
+        metrics: &[Metric::IopsK, Metric::LatP99Us],
+    },
+    Workload {
+        group: "thin",
+        backend: Backend::Thin { first_write: false },
+        pattern: Pattern::RandWrite,
+        iodepth: 32,
+        targets: &[Target::Pollblk, Target::PollblkThin],
+        metrics: &[Metric::IopsK, Metric::LatP99Us],
+    },
+    Workload {
+        group: "thin",
+        backend: Backend::Thin { first_write: true },
+        pattern: Pattern::RandWrite,
+        iodepth: 32,
+        targets: &[Target::Pollblk, Target::PollblkThin],
+        metrics: &[Metric::IopsK, Metric::LatP99Us],
+    },
+    Workload {
         group: "idle",
         backend: NULL,
         pattern: Pattern::Idle,
@@ -272,11 +305,72 @@ struct Setup {
     dir: PathBuf,
     file: PathBuf,
     shm_file: PathBuf,
+    /// tmpfs directory of the thin rows' pools and raw files.
+    thin_dir: PathBuf,
+    /// Whether the mapped thin volume and its raw file are made (once per compare).
+    thin_ready: std::cell::Cell<bool>,
     runtime: Duration,
     ramp: Duration,
 }
 
+/// Size of the first-write rows' volume and raw file (sparse; 1 M blocks of 64 KiB).
+const FIRST_WRITE_VOLUME: u64 = 64 << 30;
+
+/// Makes the thin rows' volumes: for first writes, an empty pool or sparse file before every
+/// run; otherwise, once, a volume mapped in full and a raw file written in full.
+fn prepare_thin(setup: &Setup, first_write: bool, target: Target) -> Result<(), String> {
+    use pollblk_engine::thin::{Pool, DEFAULT_BLOCK_SIZE};
+    let (raw, pool_dir) = setup.thin_paths(first_write);
+    // First writes need room to stay first writes for the whole run: a volume (and a sparse
+    // file) so large that random 4 KiB writes rarely land in a block already taken.
+    let size = if first_write {
+        FIRST_WRITE_VOLUME
+    } else {
+        setup.args.size
+    };
+    let err = |e: &dyn std::fmt::Display| format!("preparing the thin rows: {e}");
+    std::fs::create_dir_all(&setup.thin_dir).map_err(|e| err(&e))?;
+    let make_pool = || -> Result<Pool, String> {
+        let _ = std::fs::remove_dir_all(&pool_dir);
+        let pool = Pool::create(&pool_dir, 2 * size, DEFAULT_BLOCK_SIZE).map_err(|e| err(&e))?;
+        pool.volume_create("v", size).map_err(|e| err(&e))?;
+        Ok(pool)
+    };
+    if first_write {
+        if target == Target::PollblkThin {
+            make_pool()?;
+        } else {
+            let f = std::fs::File::create(&raw).map_err(|e| err(&e))?;
+            f.set_len(size).map_err(|e| err(&e))?;
+        }
+        return Ok(());
+    }
+    if setup.thin_ready.get() {
+        return Ok(());
+    }
+    write_test_file(&raw, size)?;
+    let pool = make_pool()?;
+    let v = pool.volume("v").map_err(|e| err(&e))?;
+    let data = std::fs::read(&raw).map_err(|e| err(&e))?;
+    for (i, chunk) in data.chunks(DEFAULT_BLOCK_SIZE as usize).enumerate() {
+        pool.write(&v, (i * DEFAULT_BLOCK_SIZE as usize) as u64, chunk)
+            .map_err(|e| err(&e))?;
+    }
+    pool.flush().map_err(|e| err(&e))?;
+    setup.thin_ready.set(true);
+    Ok(())
+}
+
 impl Setup {
+    /// (raw file, pool directory) of the thin rows.
+    fn thin_paths(&self, first_write: bool) -> (PathBuf, PathBuf) {
+        let tag = if first_write { "empty" } else { "full" };
+        (
+            self.thin_dir.join(format!("raw-{tag}.img")),
+            self.thin_dir.join(format!("pool-{tag}")),
+        )
+    }
+
     fn file_for(&self, backend: Backend) -> &Path {
         match backend {
             Backend::File { shm: true } => &self.shm_file,
@@ -292,7 +386,7 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
     if args.size < 1 << 20 || !args.size.is_multiple_of(4096) {
         return Err("--size must be at least 1m and a multiple of 4k".into());
     }
-    let known = ["null", "file", "file-shm", "idle"];
+    let known = ["null", "file", "file-shm", "thin", "idle"];
     if let Some(bad) = args.only.iter().find(|g| !known.contains(&g.as_str())) {
         return Err(format!(
             "--only: unknown group {bad:?} (expected {known:?})"
@@ -326,6 +420,11 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
             "/dev/shm/pollblk-compare-{}.img",
             std::process::id()
         )),
+        thin_dir: PathBuf::from(format!(
+            "/dev/shm/pollblk-compare-{}-thin",
+            std::process::id()
+        )),
+        thin_ready: std::cell::Cell::new(false),
         runtime: seconds(args.runtime, "--runtime")?,
         ramp: seconds(args.ramp, "--ramp")?,
         pollblk,
@@ -350,6 +449,7 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
     }
     let outcome = run_all(&setup, &selected);
     let _ = std::fs::remove_file(&setup.shm_file);
+    let _ = std::fs::remove_dir_all(&setup.thin_dir);
     if setup.args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&setup.dir);
     }
@@ -419,6 +519,9 @@ fn run_one(setup: &Setup, w: &Workload, target: Target) -> Result<(Sample, u64),
     if target == Target::HostFio {
         return Ok((host_fio(setup, w)?, 0));
     }
+    if let Backend::Thin { first_write } = w.backend {
+        prepare_thin(setup, first_write, target)?;
+    }
     let socket = setup.dir.join(format!("{}.sock", target.name()));
     let mut daemon = start_target(setup, w, target, &socket)?;
     let spec = LoadSpec {
@@ -449,12 +552,20 @@ fn start_target(
     let file = setup.file_for(w.backend).display();
     let sock = socket.display();
     let mut cmd = match target {
-        Target::Pollblk | Target::PollblkPoll => {
+        Target::Pollblk | Target::PollblkPoll | Target::PollblkThin => {
             let backend = match w.backend {
                 Backend::Null { read_zeroes } => {
                     format!("null,size={size},read-zeroes={}", on_off(read_zeroes))
                 }
                 Backend::File { .. } => format!("file={file}"),
+                Backend::Thin { first_write } => {
+                    let (raw, pool) = setup.thin_paths(first_write);
+                    if target == Target::PollblkThin {
+                        format!("pool={},volume=v", pool.display())
+                    } else {
+                        format!("file={}", raw.display())
+                    }
+                }
             };
             let mode = if target == Target::PollblkPoll {
                 "poll"
@@ -475,6 +586,7 @@ fn start_target(
                     "driver=null-co,node-name=disk,size={size},read-zeroes={}",
                     on_off(read_zeroes)
                 ),
+                Backend::Thin { .. } => unreachable!("thin rows compare pollblk with itself"),
                 Backend::File { .. } => {
                     format!(
                         "driver=file,node-name=disk,filename={file},cache.direct=on,aio=io_uring"
@@ -680,7 +792,14 @@ fn summarize(workloads: &[&Workload], samples: &[Vec<Vec<Sample>>]) -> Vec<Value
                 }
             }
             let mut ratios = serde_json::Map::new();
-            if let Some(ours) = medians.get("pollblk").and_then(Value::as_f64) {
+            let thin = medians.get("pollblk-thin").and_then(Value::as_f64);
+            let raw = medians.get("pollblk").and_then(Value::as_f64);
+            if let (Some(thin), Some(raw)) = (thin, raw) {
+                // Thin rows ask how close the thin volume comes to the raw file.
+                if raw > 0.0 {
+                    ratios.insert("pollblk-thin/pollblk".into(), json!(thin / raw));
+                }
+            } else if let Some(ours) = medians.get("pollblk").and_then(Value::as_f64) {
                 for (name, v) in &medians {
                     match v.as_f64() {
                         Some(theirs) if name != "pollblk" && theirs > 0.0 => {
@@ -706,8 +825,8 @@ fn print_table(rows: &[Value], to_stderr: bool) {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<34} {:<24} {:>10} {:>10} {:>12} {:>10}  ratios",
-        "workload", "metric", cols[0], cols[1], cols[2], cols[3]
+        "{:<36} {:<24} {:>10} {:>10} {:>12} {:>10} {:>12}  ratios",
+        "workload", "metric", cols[0], cols[1], cols[2], cols[3], cols[4]
     );
     for row in rows {
         let cell = |name: &str| format_value(row["medians"][name].as_f64());
@@ -721,13 +840,14 @@ fn print_table(rows: &[Value], to_stderr: bool) {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<34} {:<24} {:>10} {:>10} {:>12} {:>10}  {}",
+            "{:<36} {:<24} {:>10} {:>10} {:>12} {:>10} {:>12}  {}",
             row["workload"].as_str().unwrap_or(""),
             row["metric"].as_str().unwrap_or(""),
             cell(cols[0]),
             cell(cols[1]),
             cell(cols[2]),
             cell(cols[3]),
+            cell(cols[4]),
             ratios.join(", ")
         );
     }
@@ -739,7 +859,7 @@ fn print_table(rows: &[Value], to_stderr: bool) {
 }
 
 /// Column order of the tables.
-const COLUMNS: [&str; 4] = ["pollblk", "qsd", "pollblk-poll", "host-fio"];
+const COLUMNS: [&str; 5] = ["pollblk", "qsd", "pollblk-poll", "host-fio", "pollblk-thin"];
 
 fn format_value(v: Option<f64>) -> String {
     match v {
@@ -754,7 +874,7 @@ fn markdown_table(rows: &[Value]) -> String {
     for c in COLUMNS {
         let _ = write!(out, " {c} |");
     }
-    out += " pollblk / other |\n|---|---|---:|---:|---:|---:|---|\n";
+    out += " ratios |\n|---|---|---:|---:|---:|---:|---:|---|\n";
     for row in rows {
         let _ = write!(
             out,
@@ -769,10 +889,7 @@ fn markdown_table(rows: &[Value]) -> String {
             .as_object()
             .map(|o| {
                 o.iter()
-                    .map(|(k, v)| {
-                        let other = k.trim_start_matches("pollblk/");
-                        format!("{:.2} vs {other}", v.as_f64().unwrap_or(0.0))
-                    })
+                    .map(|(k, v)| format!("{k} {:.2}", v.as_f64().unwrap_or(0.0)))
                     .collect()
             })
             .unwrap_or_default();
