@@ -726,20 +726,16 @@ impl Pool {
                 }
                 return Ok(());
             }
-            // A new block is written whole before it is mapped: its previous contents (another
+            // A new block is made whole before it is mapped: its previous contents (another
             // volume's freed data) are never visible, and a commit never journals a mapping
-            // whose data is not written yet.
+            // whose data is not written yet (the data sync before the commit covers it).
             let p = self
                 .alloc
                 .lock()
                 .unwrap()
                 .allocate()
                 .ok_or(ThinError::NoSpace)?;
-            let mut block = vec![0u8; bs as usize];
-            if let Some(data) = data {
-                block[within as usize..within as usize + data.len()].copy_from_slice(data);
-            }
-            if let Err(e) = self.data.write_all_at(&block, p * bs) {
+            if let Err(e) = self.fill_new_block(p, within, data) {
                 self.alloc.lock().unwrap().release(p);
                 return Err(e.into());
             }
@@ -756,6 +752,37 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// Gives new data block `p` its contents: `data` at `within` and zeroes elsewhere. The
+    /// zeroes come from punching the block out of the data file (a hole reads as zeroes, and
+    /// costs no data write) where the file system can; otherwise the block is written whole.
+    fn fill_new_block(&self, p: u64, within: u64, data: Option<&[u8]>) -> io::Result<()> {
+        let bs = u64::from(self.block_size);
+        let start = p * bs;
+        if data.is_some_and(|d| d.len() as u64 == bs) {
+            return self.data.write_all_at(data.unwrap(), start);
+        }
+        // SAFETY: fallocate on a descriptor we own.
+        let punched = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&self.data),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                start as libc::off_t,
+                bs as libc::off_t,
+            )
+        } == 0;
+        if punched {
+            if let Some(data) = data {
+                self.data.write_all_at(data, start + within)?;
+            }
+            return Ok(());
+        }
+        let mut block = vec![0u8; bs as usize];
+        if let Some(data) = data {
+            block[within as usize..within as usize + data.len()].copy_from_slice(data);
+        }
+        self.data.write_all_at(&block, start)
     }
 
     /// Unmaps the whole blocks of a range (they read as zeroes from now on); partial blocks at
