@@ -7,12 +7,17 @@ use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum PoolCommand {
-    /// Create a pool: DIR/data (sparse, SIZE rounded down to whole blocks) and its metadata.
+    /// Create a pool: DIR/data (sparse, SIZE rounded down to whole blocks), or data on a
+    /// block device, and its metadata in DIR.
     Create {
         dir: PathBuf,
-        /// Data size (K/M/G/T suffixes).
-        #[arg(long, value_parser = crate::export::parse_size)]
-        size: u64,
+        /// Data size (K/M/G/T suffixes); with --data-device, at most the device's (default:
+        /// all of it).
+        #[arg(long, value_parser = crate::export::parse_size, required_unless_present = "data_device")]
+        size: Option<u64>,
+        /// Keep the data on this block device (or existing file) instead of DIR/data.
+        #[arg(long, value_name = "PATH")]
+        data_device: Option<PathBuf>,
         /// Data block size: a power of two from 4K to 2M.
         #[arg(long, value_parser = crate::export::parse_size, default_value_t = u64::from(DEFAULT_BLOCK_SIZE))]
         block_size: u64,
@@ -62,11 +67,13 @@ pub fn run(command: PoolCommand) -> Result<(), String> {
         PoolCommand::Create {
             dir,
             size,
+            data_device,
             block_size,
         } => {
             let block_size = u32::try_from(block_size)
                 .map_err(|_| format!("--block-size {block_size}: at most 2M"))?;
-            let pool = Pool::create(&dir, size, block_size).map_err(err)?;
+            let pool =
+                Pool::create_on(&dir, data_device.as_deref(), size, block_size).map_err(err)?;
             let s = pool.status();
             println!(
                 "pollblk: pool {} created: {} bytes in {} blocks of {} bytes",

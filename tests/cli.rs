@@ -203,3 +203,31 @@ fn pool_tool_creates_reports_and_checks_a_thin_pool() {
         "{err}"
     );
 }
+
+#[test]
+fn a_pool_can_keep_its_data_on_a_device() {
+    let dir = tempfile::tempdir().unwrap();
+    // A preallocated file stands in for the block device (no loop devices here).
+    let device = dir.path().join("device");
+    std::fs::File::create(&device)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let pool = dir.path().join("pool");
+    let p = pool.to_str().unwrap();
+    let d = device.to_str().unwrap();
+    let (code, _, err) = pollblk(&["pool", "create", p, "--data-device", d, "--size", "64M"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("larger than"), "{err}");
+    let (code, _, err) = pollblk(&["pool", "create", p, "--data-device", d]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read_link(pool.join("data")).unwrap(),
+        device.canonicalize().unwrap()
+    );
+    let (_, out, _) = pollblk(&["pool", "status", p, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["size_bytes"], 32 << 20);
+    let (code, _, err) = pollblk(&["pool", "volume", "create", p, "v", "--size", "1G"]);
+    assert_eq!(code, 0, "{err}");
+}

@@ -35,13 +35,19 @@
 //!   generation G's files are intact and current; after it, G+1's are.
 //! - A torn journal tail is cut at open: the commit it belonged to was never acknowledged.
 //!
+//! # Data path
+//!
+//! backend/thin.rs: reads and overwrites inside one mapped block go to the reactor's
+//! io_uring on the data file, with the epoch pinned until the CQE; everything else runs this
+//! module's synchronous API on worker threads and completes through the reactor's Completer.
+//! A first write punches a hole over its new block (zeroes without writing them) and writes
+//! only its data.
+//!
 //! # Not here yet
 //!
-//! The reactor data path (io_uring, O_DIRECT on mapped blocks, holding the epoch pin until the
-//! CQE), per-reactor allocation caches, sub-block tracking so a first 4 KiB write does not
-//! write a whole block, volume resize and a data device are the rest of the thin-pool work.
-//! Today the thin backend (backend/thin.rs) runs this module's synchronous API on worker
-//! threads.
+//! Per-reactor allocation caches and per-reactor epoch counters (allocation and pins share
+//! one lock and one cache line today), grouped commits (each FLUSH commits on its own), and
+//! resizing a volume while it is served (offline resize works).
 
 pub mod format;
 mod pool;

@@ -318,6 +318,36 @@ fn journal_path(dir: &Path, generation: u64) -> PathBuf {
     dir.join(format!("journal.{generation}"))
 }
 
+/// Bytes of a block device or regular file.
+fn device_size(path: &Path) -> Result<u64, ThinError> {
+    use std::os::unix::fs::FileTypeExt;
+    let f = File::open(path)
+        .map_err(|e| ThinError::Invalid(format!("data device {}: {e}", path.display())))?;
+    let meta = f.metadata()?;
+    if meta.file_type().is_block_device() {
+        let mut size: u64 = 0;
+        // SAFETY: BLKGETSIZE64 writes one u64.
+        if unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0x8008_1272, // BLKGETSIZE64
+                &mut size,
+            )
+        } != 0
+        {
+            return Err(io::Error::last_os_error().into());
+        }
+        Ok(size)
+    } else if meta.is_file() {
+        Ok(meta.len())
+    } else {
+        Err(ThinError::Invalid(format!(
+            "data device {}: not a block device or file",
+            path.display()
+        )))
+    }
+}
+
 fn lock_pool(dir: &Path) -> Result<File, ThinError> {
     if !dir.join("superblock").is_file() {
         return Err(ThinError::Invalid(format!(
@@ -365,17 +395,23 @@ impl Pool {
     /// Creates a pool in `dir` (which must not hold one) with a sparse data file of
     /// `size_bytes` rounded down to whole blocks.
     pub fn create(dir: &Path, size_bytes: u64, block_size: u32) -> Result<Pool, ThinError> {
+        Pool::create_on(dir, None, Some(size_bytes), block_size)
+    }
+
+    /// Creates a pool in `dir` whose data lives on `data_device` (a block device or an
+    /// existing file; DIR/data links to it), or in a new sparse DIR/data when None. The size
+    /// is the device's unless `size_bytes` asks for less; without a device it is required.
+    pub fn create_on(
+        dir: &Path,
+        data_device: Option<&Path>,
+        size_bytes: Option<u64>,
+        block_size: u32,
+    ) -> Result<Pool, ThinError> {
         if !block_size.is_power_of_two()
             || !(format::MIN_BLOCK_SIZE..=format::MAX_BLOCK_SIZE).contains(&block_size)
         {
             return Err(ThinError::Invalid(format!(
                 "block size {block_size}: expected a power of two from 4 KiB to 2 MiB"
-            )));
-        }
-        let data_blocks = size_bytes / u64::from(block_size);
-        if data_blocks == 0 {
-            return Err(ThinError::Invalid(format!(
-                "pool size {size_bytes} holds no whole block of {block_size} bytes"
             )));
         }
         std::fs::create_dir_all(dir)?;
@@ -385,13 +421,43 @@ impl Pool {
                 dir.display()
             )));
         }
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(dir.join("data"))?;
-        data.set_len(data_blocks * u64::from(block_size))?;
-        data.sync_all()?;
+        let size_bytes = match data_device {
+            Some(dev) => {
+                let available = device_size(dev)?;
+                match size_bytes {
+                    Some(s) if s > available => {
+                        return Err(ThinError::Invalid(format!(
+                            "--size {s} is larger than {} ({available} bytes)",
+                            dev.display()
+                        )))
+                    }
+                    Some(s) => s,
+                    None => available,
+                }
+            }
+            None => size_bytes.ok_or_else(|| ThinError::Invalid("a pool size is needed".into()))?,
+        };
+        let data_blocks = size_bytes / u64::from(block_size);
+        if data_blocks == 0 {
+            return Err(ThinError::Invalid(format!(
+                "pool size {size_bytes} holds no whole block of {block_size} bytes"
+            )));
+        }
+        match data_device {
+            Some(dev) => {
+                let target = dev.canonicalize()?;
+                std::os::unix::fs::symlink(&target, dir.join("data"))?;
+            }
+            None => {
+                let data = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(dir.join("data"))?;
+                data.set_len(data_blocks * u64::from(block_size))?;
+                data.sync_all()?;
+            }
+        }
         let generation = 1;
         let mut checkpoint = Vec::new();
         Record::Commit { records: 0 }.encode_into(generation, 0, &mut checkpoint);
