@@ -46,8 +46,10 @@
 //! # Not here yet
 //!
 //! Per-reactor allocation caches and per-reactor epoch counters (allocation and pins share
-//! one lock and one cache line today), grouped commits (each FLUSH commits on its own), and
-//! resizing a volume while it is served (offline resize works).
+//! one lock and one cache line today), and resizing a volume while it is served (offline
+//! resize works). Commits are grouped: a FLUSH that waited while a commit that started after
+//! it arrived ran is answered by that commit (about 100 commits for 160 concurrent flushes in
+//! the tests).
 
 pub mod format;
 mod pool;

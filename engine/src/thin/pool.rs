@@ -216,6 +216,8 @@ impl Allocator {
 
 /// The journal being appended to.
 struct Journal {
+    /// Number of the last flush commit that completed (commits are numbered from 1).
+    last_done: u64,
     file: File,
     generation: u64,
     next_seq: u64,
@@ -298,6 +300,8 @@ impl Epochs {
 /// An open thin pool.
 pub struct Pool {
     epochs: Epochs,
+    /// Flush commits started (group commit: see `flush`).
+    commits_started: AtomicU64,
     /// Holds an exclusive flock on DIR/lock while the pool is open: two processes (a daemon
     /// and the pool tool) must never change one pool at once.
     _lock: Option<File>,
@@ -509,6 +513,7 @@ impl Pool {
             .write(writable)
             .open(dir.join("data"))?;
         let pool = Pool {
+            commits_started: AtomicU64::new(0),
             epochs: Epochs {
                 current: AtomicU64::new(0),
                 pinned: [AtomicU64::new(0), AtomicU64::new(0)],
@@ -521,6 +526,7 @@ impl Pool {
             volumes: RwLock::new(Vec::new()),
             alloc: Mutex::new(Allocator::new(sb.data_blocks)),
             journal: Mutex::new(Journal {
+                last_done: 0,
                 file: OpenOptions::new()
                     .read(true)
                     .write(writable)
@@ -912,7 +918,14 @@ impl Pool {
     /// the data file is synced, then the changes are journaled and the journal synced; blocks
     /// whose unmapping was journaled become free.
     pub fn flush(&self) -> Result<(), ThinError> {
+        // Group commit: a commit that starts after this flush arrived covers everything that
+        // completed before it, so a flush that waited for the lock while one ran may be done.
+        let arrived_after = self.commits_started.load(Ordering::SeqCst);
         let mut journal = self.journal.lock().unwrap();
+        if journal.last_done > arrived_after {
+            return Ok(());
+        }
+        let this_commit = self.commits_started.fetch_add(1, Ordering::SeqCst) + 1;
         // Taken before the map is read: every block in it was unmapped (and marked dirty)
         // before this point, so its unmapping is in this commit or an earlier one.
         let freeing = std::mem::take(&mut self.alloc.lock().unwrap().pending_free);
@@ -938,10 +951,16 @@ impl Pool {
             self.append_commit_locked(&mut journal, &records)?;
         }
         self.release_after_grace(freeing);
+        journal.last_done = this_commit;
         if journal.len > CHECKPOINT_AFTER_BYTES {
             self.checkpoint_locked(&mut journal)?;
         }
         Ok(())
+    }
+
+    /// Commits made by flushes so far (each one a data sync and a journal sync).
+    pub fn commits(&self) -> u64 {
+        self.journal.lock().unwrap().last_done
     }
 
     fn append_commit(&self, records: &[Record]) -> Result<(), ThinError> {
@@ -1027,6 +1046,7 @@ impl Pool {
         };
         replace_file(&self.dir, "superblock", &sb.encode())?;
         *journal = Journal {
+            last_done: journal.last_done,
             file: OpenOptions::new()
                 .write(true)
                 .open(journal_path(&self.dir, generation))?,

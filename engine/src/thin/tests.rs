@@ -339,3 +339,41 @@ fn volumes_grow_and_shrink_and_shrinking_frees_the_cut_blocks() {
     );
     assert_eq!(pool.status().used_bytes, bs);
 }
+
+#[test]
+fn concurrent_writers_and_flushes_lose_nothing_with_at_most_one_commit_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let bs = u64::from(BS);
+    let pool = std::sync::Arc::new(Pool::create(&path, 256 * bs, BS).unwrap());
+    let v = pool.volume_create("v", 256 * bs).unwrap();
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (pool, v) = (pool.clone(), v.clone());
+            std::thread::spawn(move || {
+                for i in 0..40u64 {
+                    let block = t * 64 + i;
+                    pool.write(&v, block * bs, &pattern(block, 512)).unwrap();
+                    pool.flush().unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let commits = pool.commits();
+    assert!(commits <= 160, "{commits} commits for 160 flushes");
+    drop(v);
+    drop(pool);
+    let pool = Pool::open(&path).unwrap();
+    let v = pool.volume("v").unwrap();
+    for t in 0..4u64 {
+        for i in 0..40u64 {
+            let block = t * 64 + i;
+            let mut got = vec![0u8; 512];
+            pool.read(&v, block * bs, &mut got).unwrap();
+            assert_eq!(got, pattern(block, 512), "block {block} after reopen");
+        }
+    }
+}
