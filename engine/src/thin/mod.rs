@@ -45,9 +45,10 @@
 //!
 //! # Not here yet
 //!
-//! Per-reactor allocation caches and per-reactor epoch counters (allocation and pins share
-//! one lock and one cache line today), and resizing a volume while it is served (offline
-//! resize works). Commits are grouped: a FLUSH that waited while a commit that started after
+//! Per-reactor epoch counters (pins share one cache line today) and resizing a volume while
+//! it is served (offline resize works). Allocation is sharded: each thread allocates from its
+//! own shard of the block bitmap under that shard's lock, so concurrent first writes do not
+//! meet on one lock, and counts stay exact. Commits are grouped: a FLUSH that waited while a commit that started after
 //! it arrived ran is answered by that commit (about 100 commits for 160 concurrent flushes in
 //! the tests).
 

@@ -122,47 +122,183 @@ impl Volume {
     }
 }
 
-/// Free-space accounting: a bitmap of data blocks in use, and blocks freed in memory whose
-/// unmapping is not durable yet (they must not be handed out: after a crash the old mapping
-/// would come back and see another volume's data).
+/// Free-space accounting for the data blocks of a pool.
+///
+/// The blocks are split into shards, each a bitmap behind its own lock, and a thread
+/// allocates from the shard its hint names, moving on only when that one is full: concurrent
+/// first writes on different threads take different locks. Counts are exact at all times (no
+/// block sits reserved in a cache that `status` would have to explain). Blocks unmapped in
+/// memory wait in `pending_free` until their unmapping is durable (see `Pool::flush`).
 struct Allocator {
-    used: Vec<u64>,
-    used_count: u64,
-    pending_free: Vec<u64>,
-    cursor: u64,
+    shards: Box<[Mutex<Shard>]>,
+    shard_blocks: u64,
     data_blocks: u64,
+    used: AtomicU64,
+    pending_free: Mutex<Vec<u64>>,
     /// Fullness level last warned about (0: below 90%, 1: 90% or more, 2: full); a warning
     /// is logged once per crossing upwards and re-armed when space comes back.
-    warned: u8,
+    warned: std::sync::atomic::AtomicU8,
+}
+
+/// Blocks [base, base + blocks) of the pool.
+struct Shard {
+    base: u64,
+    blocks: u64,
+    bits: Vec<u64>,
+    used: u64,
+    cursor: u64,
+}
+
+/// Most shards a pool's allocator has.
+const MAX_SHARDS: u64 = 8;
+/// Fewest blocks per shard (smaller pools have fewer shards).
+const MIN_SHARD_BLOCKS: u64 = 1024;
+
+impl Shard {
+    fn is_used(&self, i: u64) -> bool {
+        self.bits[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    fn set(&mut self, i: u64, used: bool) {
+        let (w, bit) = ((i / 64) as usize, 1u64 << (i % 64));
+        if used {
+            debug_assert!(self.bits[w] & bit == 0);
+            self.bits[w] |= bit;
+            self.used += 1;
+        } else {
+            debug_assert!(self.bits[w] & bit != 0);
+            self.bits[w] &= !bit;
+            self.used -= 1;
+        }
+    }
+
+    fn allocate(&mut self) -> Option<u64> {
+        if self.used == self.blocks {
+            return None;
+        }
+        let words = self.bits.len() as u64;
+        for k in 0..=words {
+            let w = (self.cursor / 64 + k) % words;
+            let word = self.bits[w as usize];
+            if word != u64::MAX {
+                let i = w * 64 + u64::from(word.trailing_ones());
+                if i < self.blocks {
+                    self.set(i, true);
+                    self.cursor = i + 1;
+                    return Some(self.base + i);
+                }
+            }
+        }
+        None
+    }
+}
+
+thread_local! {
+    /// Which shard this thread tries first.
+    static SHARD_HINT: u64 = {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    };
 }
 
 impl Allocator {
     fn new(data_blocks: u64) -> Allocator {
+        let count = (data_blocks / MIN_SHARD_BLOCKS).clamp(1, MAX_SHARDS);
+        let shard_blocks = data_blocks.div_ceil(count);
+        let shards = (0..count)
+            .map(|i| {
+                let base = i * shard_blocks;
+                let blocks = shard_blocks.min(data_blocks - base);
+                Mutex::new(Shard {
+                    base,
+                    blocks,
+                    bits: vec![0; blocks.div_ceil(64) as usize],
+                    used: 0,
+                    cursor: 0,
+                })
+            })
+            .collect();
         Allocator {
-            used: vec![0; data_blocks.div_ceil(64) as usize],
-            used_count: 0,
-            pending_free: Vec::new(),
-            cursor: 0,
+            shards,
+            shard_blocks,
             data_blocks,
-            warned: 0,
+            used: AtomicU64::new(0),
+            pending_free: Mutex::new(Vec::new()),
+            warned: std::sync::atomic::AtomicU8::new(0),
         }
     }
 
+    fn shard_of(&self, p: u64) -> (&Mutex<Shard>, u64) {
+        let shard = &self.shards[(p / self.shard_blocks) as usize];
+        (shard, p % self.shard_blocks)
+    }
+
+    fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    fn is_used(&self, p: u64) -> bool {
+        let (shard, i) = self.shard_of(p);
+        shard.lock().unwrap().is_used(i)
+    }
+
+    fn mark_used(&self, p: u64) {
+        let (shard, i) = self.shard_of(p);
+        shard.lock().unwrap().set(i, true);
+        self.used.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn release(&self, p: u64) {
+        let (shard, i) = self.shard_of(p);
+        let mut shard = shard.lock().unwrap();
+        assert!(
+            shard.is_used(i),
+            "freeing data block {p} that is not in use"
+        );
+        shard.set(i, false);
+        drop(shard);
+        self.used.fetch_sub(1, Ordering::AcqRel);
+        self.warned.fetch_min(self.level(), Ordering::AcqRel);
+    }
+
+    fn allocate(&self) -> Option<u64> {
+        let first = SHARD_HINT.with(|h| *h) as usize;
+        let n = self.shards.len();
+        for k in 0..n {
+            if let Some(p) = self.shards[(first + k) % n].lock().unwrap().allocate() {
+                self.used.fetch_add(1, Ordering::AcqRel);
+                self.note_level();
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Holds an unmapped block until its unmapping is durable.
+    fn defer_free(&self, p: u64) {
+        self.pending_free.lock().unwrap().push(p);
+    }
+
+    fn take_pending(&self) -> Vec<u64> {
+        std::mem::take(&mut self.pending_free.lock().unwrap())
+    }
+
     fn level(&self) -> u8 {
-        if self.used_count == self.data_blocks {
+        let used = self.used();
+        if used == self.data_blocks {
             2
-        } else if self.used_count * 10 >= self.data_blocks * 9 {
+        } else if used * 10 >= self.data_blocks * 9 {
             1
         } else {
             0
         }
     }
 
-    fn note_level(&mut self) {
+    fn note_level(&self) {
         let level = self.level();
-        if level > self.warned {
+        if self.warned.fetch_max(level, Ordering::AcqRel) < level {
             tracing::warn!(
-                used_blocks = self.used_count,
+                used_blocks = self.used(),
                 data_blocks = self.data_blocks,
                 "thin pool {}",
                 if level == 2 {
@@ -172,45 +308,6 @@ impl Allocator {
                 }
             );
         }
-        self.warned = level;
-    }
-
-    fn is_used(&self, p: u64) -> bool {
-        self.used[(p / 64) as usize] & (1 << (p % 64)) != 0
-    }
-
-    fn mark_used(&mut self, p: u64) {
-        debug_assert!(!self.is_used(p));
-        self.used[(p / 64) as usize] |= 1 << (p % 64);
-        self.used_count += 1;
-    }
-
-    fn release(&mut self, p: u64) {
-        assert!(self.is_used(p), "freeing data block {p} that is not in use");
-        self.used[(p / 64) as usize] &= !(1 << (p % 64));
-        self.used_count -= 1;
-        self.warned = self.warned.min(self.level());
-    }
-
-    fn allocate(&mut self) -> Option<u64> {
-        if self.used_count == self.data_blocks {
-            return None;
-        }
-        let words = self.used.len() as u64;
-        for i in 0..=words {
-            let w = (self.cursor / 64 + i) % words;
-            let word = self.used[w as usize];
-            if word != u64::MAX {
-                let p = w * 64 + u64::from(word.trailing_ones());
-                if p < self.data_blocks {
-                    self.mark_used(p);
-                    self.cursor = p + 1;
-                    self.note_level();
-                    return Some(p);
-                }
-            }
-        }
-        None
     }
 }
 
@@ -310,7 +407,7 @@ pub struct Pool {
     data_blocks: u64,
     data: File,
     volumes: RwLock<Vec<Arc<Volume>>>,
-    alloc: Mutex<Allocator>,
+    alloc: Allocator,
     journal: Mutex<Journal>,
 }
 
@@ -524,7 +621,7 @@ impl Pool {
             data_blocks: sb.data_blocks,
             data,
             volumes: RwLock::new(Vec::new()),
-            alloc: Mutex::new(Allocator::new(sb.data_blocks)),
+            alloc: Allocator::new(sb.data_blocks),
             journal: Mutex::new(Journal {
                 last_done: 0,
                 file: OpenOptions::new()
@@ -595,15 +692,14 @@ impl Pool {
                 Record::Commit { .. } => {}
             }
         }
-        let mut alloc = self.alloc.lock().unwrap();
         for v in &volumes {
             for e in v.map.iter() {
                 let value = e.load(Ordering::Relaxed);
                 if value != 0 {
-                    if alloc.is_used(value - 1) {
+                    if self.alloc.is_used(value - 1) {
                         return Err(corrupt("a data block is mapped twice"));
                     }
-                    alloc.mark_used(value - 1);
+                    self.alloc.mark_used(value - 1);
                 }
             }
         }
@@ -707,7 +803,7 @@ impl Pool {
 
     pub fn status(&self) -> PoolStatus {
         let bs = u64::from(self.block_size);
-        let used = self.alloc.lock().unwrap().used_count;
+        let used = self.alloc.used();
         PoolStatus {
             block_size: self.block_size,
             size_bytes: self.data_blocks * bs,
@@ -801,14 +897,9 @@ impl Pool {
             // A new block is made whole before it is mapped: its previous contents (another
             // volume's freed data) are never visible, and a commit never journals a mapping
             // whose data is not written yet (the data sync before the commit covers it).
-            let p = self
-                .alloc
-                .lock()
-                .unwrap()
-                .allocate()
-                .ok_or(ThinError::NoSpace)?;
+            let p = self.alloc.allocate().ok_or(ThinError::NoSpace)?;
             if let Err(e) = self.fill_new_block(p, within, data) {
-                self.alloc.lock().unwrap().release(p);
+                self.alloc.release(p);
                 return Err(e.into());
             }
             match v.map[vb as usize].compare_exchange(0, p + 1, Ordering::AcqRel, Ordering::Acquire)
@@ -820,7 +911,7 @@ impl Pool {
                 Err(_) => {
                     // Another writer mapped it first; ours was never visible, give it back and
                     // write into theirs.
-                    self.alloc.lock().unwrap().release(p);
+                    self.alloc.release(p);
                 }
             }
         }
@@ -875,7 +966,7 @@ impl Pool {
         if old != 0 {
             v.mark_dirty(vb);
             // Free for reuse only once the unmapping is durable (see Allocator).
-            self.alloc.lock().unwrap().pending_free.push(old - 1);
+            self.alloc.defer_free(old - 1);
         }
     }
 
@@ -928,7 +1019,7 @@ impl Pool {
         let this_commit = self.commits_started.fetch_add(1, Ordering::SeqCst) + 1;
         // Taken before the map is read: every block in it was unmapped (and marked dirty)
         // before this point, so its unmapping is in this commit or an earlier one.
-        let freeing = std::mem::take(&mut self.alloc.lock().unwrap().pending_free);
+        let freeing = self.alloc.take_pending();
         let mut records = Vec::new();
         for v in self.volumes.read().unwrap().iter() {
             for (w, word) in v.dirty.iter().enumerate() {
@@ -1006,7 +1097,7 @@ impl Pool {
     fn checkpoint_locked(&self, journal: &mut Journal) -> Result<(), ThinError> {
         let old = journal.generation;
         let generation = old + 1;
-        let freeing = std::mem::take(&mut self.alloc.lock().unwrap().pending_free);
+        let freeing = self.alloc.take_pending();
         let mut records = Vec::new();
         for v in self.volumes.read().unwrap().iter() {
             records.push(Record::VolumeCreate {
@@ -1068,9 +1159,8 @@ impl Pool {
             return;
         }
         self.epochs.wait_for_readers();
-        let mut alloc = self.alloc.lock().unwrap();
         for p in freeing {
-            alloc.release(p);
+            self.alloc.release(p);
         }
     }
 
@@ -1121,24 +1211,70 @@ pub fn check(dir: &Path) -> Result<PoolStatus, ThinError> {
 
 #[cfg(test)]
 mod allocator_tests {
-    use super::Allocator;
+    use super::{Allocator, MIN_SHARD_BLOCKS};
 
     #[test]
     fn fullness_is_reported_once_per_crossing_and_rearmed_when_space_returns() {
-        let mut a = Allocator::new(10);
+        let a = Allocator::new(10);
         let got: Vec<u64> = (0..8).map(|_| a.allocate().unwrap()).collect();
         assert_eq!(got, (0..8).collect::<Vec<_>>());
-        assert_eq!(a.warned, 0);
+        assert_eq!(a.warned.load(std::sync::atomic::Ordering::Relaxed), 0);
         a.allocate().unwrap();
-        assert_eq!(a.warned, 1, "90% crossed");
+        assert_eq!(
+            a.warned.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "90% crossed"
+        );
         a.allocate().unwrap();
-        assert_eq!(a.warned, 2, "full");
+        assert_eq!(
+            a.warned.load(std::sync::atomic::Ordering::Relaxed),
+            2,
+            "full"
+        );
         assert_eq!(a.allocate(), None);
         a.release(3);
-        assert_eq!(a.warned, 1, "re-armed below full");
+        assert_eq!(
+            a.warned.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "re-armed"
+        );
         a.release(4);
         a.release(5);
-        assert_eq!(a.warned, 0, "re-armed below 90%");
+        assert_eq!(
+            a.warned.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "re-armed"
+        );
         assert_eq!(a.allocate(), Some(3), "freed blocks are found again");
+    }
+
+    #[test]
+    fn threads_allocate_from_their_shards_and_every_block_is_handed_out_once() {
+        let blocks = 5 * MIN_SHARD_BLOCKS + 17;
+        let a = std::sync::Arc::new(Allocator::new(blocks));
+        assert_eq!(a.shards.len(), 5);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    let mut mine = Vec::new();
+                    while let Some(p) = a.allocate() {
+                        mine.push(p);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let mut all: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (0..blocks).collect::<Vec<_>>(),
+            "each block once, none lost"
+        );
+        assert_eq!(a.used(), blocks);
     }
 }
