@@ -283,6 +283,11 @@ impl Allocator {
         std::mem::take(&mut self.pending_free.lock().unwrap())
     }
 
+    /// Puts back blocks taken for freeing when the commit that would free them failed.
+    fn restore_pending(&self, blocks: Vec<u64>) {
+        self.pending_free.lock().unwrap().extend(blocks);
+    }
+
     fn level(&self) -> u8 {
         let used = self.used();
         if used == self.data_blocks {
@@ -374,7 +379,7 @@ impl Epochs {
         loop {
             let e = self.current.load(Ordering::Acquire);
             let slot = (e & 1) as usize;
-            self.pinned[slot].fetch_add(1, Ordering::AcqRel);
+            self.pinned[slot].fetch_add(1, Ordering::SeqCst);
             // SeqCst pairs with the flusher's move: either it sees this pin, or this I/O sees
             // the new epoch and retries there.
             if self.current.load(Ordering::SeqCst) == e {
@@ -388,7 +393,7 @@ impl Epochs {
     fn wait_for_readers(&self) {
         let old = self.current.fetch_add(1, Ordering::SeqCst);
         let slot = (old & 1) as usize;
-        while self.pinned[slot].load(Ordering::Acquire) != 0 {
+        while self.pinned[slot].load(Ordering::SeqCst) != 0 {
             std::thread::sleep(std::time::Duration::from_micros(50));
         }
     }
@@ -397,6 +402,10 @@ impl Epochs {
 /// An open thin pool.
 pub struct Pool {
     epochs: Epochs,
+    /// A commit failed after its sync: nothing can be promised any more (see `poison`).
+    poisoned: std::sync::atomic::AtomicBool,
+    /// One grace period at a time: two overlapping ones would each wait on one slot only.
+    grace: Mutex<()>,
     /// Flush commits started (group commit: see `flush`).
     commits_started: AtomicU64,
     /// Holds an exclusive flock on DIR/lock while the pool is open: two processes (a daemon
@@ -610,6 +619,8 @@ impl Pool {
             .write(writable)
             .open(dir.join("data"))?;
         let pool = Pool {
+            poisoned: std::sync::atomic::AtomicBool::new(false),
+            grace: Mutex::new(()),
             commits_started: AtomicU64::new(0),
             epochs: Epochs {
                 current: AtomicU64::new(0),
@@ -740,32 +751,39 @@ impl Pool {
                 "volume size {size_bytes}: a non-zero multiple of 512 bytes"
             )));
         }
+        // Lock order everywhere: journal, then volumes.
+        let mut journal = self.journal.lock().unwrap();
         let mut volumes = self.volumes.write().unwrap();
         if volumes.iter().any(|v| v.name == name) {
             return Err(ThinError::VolumeExists(name.into()));
         }
         let id = volumes.iter().map(|v| v.id + 1).max().unwrap_or(1);
         let volume = Arc::new(Volume::new(id, name.into(), size_bytes, self.block_size));
-        self.append_commit(&[Record::VolumeCreate {
-            id,
-            size_bytes,
-            name: name.into(),
-        }])?;
+        self.append_commit_locked(
+            &mut journal,
+            &[Record::VolumeCreate {
+                id,
+                size_bytes,
+                name: name.into(),
+            }],
+        )?;
         volumes.push(volume.clone());
         Ok(volume)
     }
 
     /// Deletes a volume; its blocks become free once the deletion is durable (right away).
     pub fn volume_delete(&self, name: &str) -> Result<(), ThinError> {
+        let mut journal = self.journal.lock().unwrap();
         let mut volumes = self.volumes.write().unwrap();
         let at = volumes
             .iter()
             .position(|v| v.name == name)
             .ok_or_else(|| ThinError::NoVolume(name.into()))?;
         let id = volumes[at].id;
-        self.append_commit(&[Record::VolumeDelete { id }])?;
+        self.append_commit_locked(&mut journal, &[Record::VolumeDelete { id }])?;
         let volume = volumes.remove(at);
         drop(volumes);
+        drop(journal);
         let freeing = volume
             .map
             .iter()
@@ -783,20 +801,33 @@ impl Pool {
                 "volume size {size_bytes}: a non-zero multiple of 512 bytes"
             )));
         }
+        let old = self.volume(name)?;
+        let bs = u64::from(self.block_size);
+        if size_bytes < old.size_bytes && !size_bytes.is_multiple_of(bs) {
+            // The block that now ends the volume keeps its first part; the rest must read as
+            // zeroes should the volume grow again.
+            let tail = size_bytes.next_multiple_of(bs).min(old.size_bytes) - size_bytes;
+            self.write_zeroes(&old, size_bytes, tail, true)?;
+        }
         // Every pending map change durable first: the resized copy starts clean.
         self.flush()?;
+        let mut journal = self.journal.lock().unwrap();
         let mut volumes = self.volumes.write().unwrap();
         let at = volumes
             .iter()
             .position(|v| v.name == name)
             .ok_or_else(|| ThinError::NoVolume(name.into()))?;
         let (resized, cut) = volumes[at].resized(size_bytes, self.block_size);
-        self.append_commit(&[Record::VolumeResize {
-            id: resized.id,
-            size_bytes,
-        }])?;
+        self.append_commit_locked(
+            &mut journal,
+            &[Record::VolumeResize {
+                id: resized.id,
+                size_bytes,
+            }],
+        )?;
         volumes[at] = Arc::new(resized);
         drop(volumes);
+        drop(journal);
         self.release_after_grace(cut);
         Ok(())
     }
@@ -868,6 +899,7 @@ impl Pool {
     /// Writes; a write to an unmapped block allocates it and fills the rest with zeroes.
     pub fn write(&self, v: &Volume, offset: u64, data: &[u8]) -> Result<(), ThinError> {
         self.check_range(v, offset, data.len() as u64)?;
+        self.check_poisoned()?;
         let _pin = self.epochs.pin();
         let mut done = 0;
         for (vb, within, n) in self.pieces(offset, data.len() as u64) {
@@ -919,18 +951,26 @@ impl Pool {
 
     /// Gives new data block `p` its contents: `data` at `within` and zeroes elsewhere. The
     /// zeroes come from punching the block out of the data file (a hole reads as zeroes, and
-    /// costs no data write) where the file system can; otherwise the block is written whole.
+    /// costs no data write) or, for a provisioned block, from an allocating ZERO_RANGE, where
+    /// the file system can; otherwise the block is written whole.
     fn fill_new_block(&self, p: u64, within: u64, data: Option<&[u8]>) -> io::Result<()> {
         let bs = u64::from(self.block_size);
         let start = p * bs;
         if data.is_some_and(|d| d.len() as u64 == bs) {
             return self.data.write_all_at(data.unwrap(), start);
         }
+        // A provisioned block (no data) must really hold space: ZERO_RANGE allocates zeroed
+        // space; a block being written can be a hole around its data.
+        let mode = if data.is_some() {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
         // SAFETY: fallocate on a descriptor we own.
         let punched = unsafe {
             libc::fallocate(
                 std::os::fd::AsRawFd::as_raw_fd(&self.data),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                mode,
                 start as libc::off_t,
                 bs as libc::off_t,
             )
@@ -1016,17 +1056,27 @@ impl Pool {
         if journal.last_done > arrived_after {
             return Ok(());
         }
+        self.check_poisoned()?;
         let this_commit = self.commits_started.fetch_add(1, Ordering::SeqCst) + 1;
         // Taken before the map is read: every block in it was unmapped (and marked dirty)
         // before this point, so its unmapping is in this commit or an earlier one.
         let freeing = self.alloc.take_pending();
+        let volumes = self.volumes.read().unwrap();
         let mut records = Vec::new();
-        for v in self.volumes.read().unwrap().iter() {
+        // (volume, word, bits) taken from the dirty maps: put back if the commit fails, so
+        // the changes go into the next one.
+        let mut taken = Vec::new();
+        for (vi, v) in volumes.iter().enumerate() {
             for (w, word) in v.dirty.iter().enumerate() {
-                let mut bits = word.swap(0, Ordering::AcqRel);
-                while bits != 0 {
-                    let vb = w as u64 * 64 + u64::from(bits.trailing_zeros());
-                    bits &= bits - 1;
+                let bits = word.swap(0, Ordering::AcqRel);
+                if bits == 0 {
+                    continue;
+                }
+                taken.push((vi, w, bits));
+                let mut rest = bits;
+                while rest != 0 {
+                    let vb = w as u64 * 64 + u64::from(rest.trailing_zeros());
+                    rest &= rest - 1;
                     let pblock = v.lookup(vb).unwrap_or(UNMAPPED);
                     records.push(Record::Map {
                         id: v.id,
@@ -1037,10 +1087,28 @@ impl Pool {
             }
         }
         // Data first: a mapping must never be durable before the data it points to.
-        self.data.sync_data()?;
-        if !records.is_empty() {
-            self.append_commit_locked(&mut journal, &records)?;
+        let committed = self
+            .data
+            .sync_data()
+            .map_err(ThinError::from)
+            .and_then(|_| {
+                if records.is_empty() {
+                    Ok(())
+                } else {
+                    self.append_commit_locked(&mut journal, &records)
+                }
+            });
+        if let Err(e) = committed {
+            for (vi, w, bits) in taken {
+                volumes[vi].dirty[w].fetch_or(bits, Ordering::AcqRel);
+            }
+            self.alloc.restore_pending(freeing);
+            // After a failed sync the kernel may have dropped the dirty pages it could not
+            // write: a later sync that "succeeds" proves nothing. Refuse from here on.
+            self.poison(&e);
+            return Err(e);
         }
+        drop(volumes);
         self.release_after_grace(freeing);
         journal.last_done = this_commit;
         if journal.len > CHECKPOINT_AFTER_BYTES {
@@ -1049,14 +1117,26 @@ impl Pool {
         Ok(())
     }
 
+    /// Marks the pool failed: every later write and flush returns EIO. Reopening the pool
+    /// (restarting the daemon) recovers what the last successful commit made durable.
+    fn poison(&self, why: &ThinError) {
+        if !self.poisoned.swap(true, Ordering::AcqRel) {
+            tracing::error!(pool = %self.dir.display(), error = %why,
+                "thin pool metadata commit failed: the pool refuses writes until it is reopened");
+        }
+    }
+
+    fn check_poisoned(&self) -> Result<(), ThinError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            Err(ThinError::Io(io::Error::from_raw_os_error(libc::EIO)))
+        } else {
+            Ok(())
+        }
+    }
+
     /// Commits made by flushes so far (each one a data sync and a journal sync).
     pub fn commits(&self) -> u64 {
         self.journal.lock().unwrap().last_done
-    }
-
-    fn append_commit(&self, records: &[Record]) -> Result<(), ThinError> {
-        let mut journal = self.journal.lock().unwrap();
-        self.append_commit_locked(&mut journal, records)
     }
 
     /// Appends records and their Commit marker, then syncs the journal.
@@ -1095,18 +1175,24 @@ impl Pool {
     }
 
     fn checkpoint_locked(&self, journal: &mut Journal) -> Result<(), ThinError> {
+        self.check_poisoned()?;
         let old = journal.generation;
         let generation = old + 1;
         let freeing = self.alloc.take_pending();
+        let volumes = self.volumes.read().unwrap();
         let mut records = Vec::new();
-        for v in self.volumes.read().unwrap().iter() {
+        let mut taken = Vec::new();
+        for (vi, v) in volumes.iter().enumerate() {
             records.push(Record::VolumeCreate {
                 id: v.id,
                 size_bytes: v.size_bytes,
                 name: v.name.clone(),
             });
-            for w in v.dirty.iter() {
-                w.store(0, Ordering::Release);
+            for (w, word) in v.dirty.iter().enumerate() {
+                let bits = word.swap(0, Ordering::AcqRel);
+                if bits != 0 {
+                    taken.push((vi, w, bits));
+                }
             }
             for (vb, e) in v.map.iter().enumerate() {
                 let value = e.load(Ordering::Acquire);
@@ -1119,7 +1205,14 @@ impl Pool {
                 }
             }
         }
-        self.data.sync_data()?;
+        let restore = |e: ThinError| {
+            for &(vi, w, bits) in &taken {
+                volumes[vi].dirty[w].fetch_or(bits, Ordering::AcqRel);
+            }
+            self.alloc.restore_pending(freeing.clone());
+            e
+        };
+        self.data.sync_data().map_err(|e| restore(e.into()))?;
         let mut bytes = Vec::new();
         for (seq, r) in records.iter().enumerate() {
             r.encode_into(generation, seq as u64, &mut bytes);
@@ -1128,24 +1221,37 @@ impl Pool {
             records: records.len() as u64,
         }
         .encode_into(generation, records.len() as u64, &mut bytes);
-        replace_file(&self.dir, &format!("checkpoint.{generation}"), &bytes)?;
-        replace_file(&self.dir, &format!("journal.{generation}"), &[])?;
+        // Until the superblock is renamed, generation `old` stays current and whole: a failure
+        // here leaves everything as it was (the changes go into the next commit).
+        replace_file(&self.dir, &format!("checkpoint.{generation}"), &bytes)
+            .and_then(|_| replace_file(&self.dir, &format!("journal.{generation}"), &[]))
+            .map_err(|e| restore(e.into()))?;
+        let next_journal = OpenOptions::new()
+            .write(true)
+            .open(journal_path(&self.dir, generation))
+            .map_err(|e| restore(e.into()))?;
         let sb = Superblock {
             block_size: self.block_size,
             data_blocks: self.data_blocks,
             generation,
         };
-        replace_file(&self.dir, "superblock", &sb.encode())?;
+        let renamed = replace_file(&self.dir, "superblock", &sb.encode());
+        if let Err(e) = renamed {
+            // The rename may or may not have happened: which generation a reopen will read
+            // is unknown, so nothing more may be committed in this process.
+            let e = restore(e.into());
+            self.poison(&e);
+            return Err(e);
+        }
         *journal = Journal {
             last_done: journal.last_done,
-            file: OpenOptions::new()
-                .write(true)
-                .open(journal_path(&self.dir, generation))?,
+            file: next_journal,
             generation,
             next_seq: 0,
             len: 0,
             buf: std::mem::take(&mut journal.buf),
         };
+        drop(volumes);
         let _ = std::fs::remove_file(checkpoint_path(&self.dir, old));
         let _ = std::fs::remove_file(journal_path(&self.dir, old));
         self.release_after_grace(freeing);
@@ -1158,6 +1264,7 @@ impl Pool {
         if freeing.is_empty() {
             return;
         }
+        let _one_at_a_time = self.grace.lock().unwrap();
         self.epochs.wait_for_readers();
         for p in freeing {
             self.alloc.release(p);

@@ -377,3 +377,24 @@ fn concurrent_writers_and_flushes_lose_nothing_with_at_most_one_commit_each() {
         }
     }
 }
+
+#[test]
+fn shrinking_into_a_block_then_growing_reads_zeroes_past_the_old_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let bs = u64::from(BS);
+    let pool = Pool::create(&dir.path().join("pool"), 16 * bs, BS).unwrap();
+    let v = pool.volume_create("v", 4 * bs).unwrap();
+    pool.write(&v, 0, &pattern(9, 2 * bs as usize)).unwrap();
+    pool.volume_resize("v", bs + bs / 2).unwrap();
+    pool.volume_resize("v", 4 * bs).unwrap();
+    let v = pool.volume("v").unwrap();
+    let mut got = vec![0u8; 2 * bs as usize];
+    pool.read(&v, 0, &mut got).unwrap();
+    let cut = (bs + bs / 2) as usize;
+    assert_eq!(
+        &got[..cut],
+        &pattern(9, 2 * bs as usize)[..cut],
+        "kept part"
+    );
+    assert!(got[cut..].iter().all(|&b| b == 0), "the cut part came back");
+}
