@@ -458,6 +458,43 @@ fn device_size(path: &Path) -> Result<u64, ThinError> {
     }
 }
 
+fn check_volume_size(size_bytes: u64) -> Result<(), ThinError> {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(512) {
+        return Err(ThinError::Invalid(format!(
+            "volume size {size_bytes}: a non-zero multiple of 512 bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn index_of(volumes: &[Arc<Volume>], name: &str) -> Result<usize, ThinError> {
+    volumes
+        .iter()
+        .position(|v| v.name == name)
+        .ok_or_else(|| ThinError::NoVolume(name.into()))
+}
+
+/// Takes every volume's dirty bits: (volume index, word, bits) for each non-empty word.
+fn take_dirty(volumes: &[Arc<Volume>]) -> Vec<(usize, usize, u64)> {
+    let mut taken = Vec::new();
+    for (vi, v) in volumes.iter().enumerate() {
+        for (w, word) in v.dirty.iter().enumerate() {
+            let bits = word.swap(0, Ordering::AcqRel);
+            if bits != 0 {
+                taken.push((vi, w, bits));
+            }
+        }
+    }
+    taken
+}
+
+/// Puts back dirty bits a failed commit took, so the next commit carries them.
+fn put_back_dirty(volumes: &[Arc<Volume>], taken: &[(usize, usize, u64)]) {
+    for &(vi, w, bits) in taken {
+        volumes[vi].dirty[w].fetch_or(bits, Ordering::AcqRel);
+    }
+}
+
 fn lock_pool(dir: &Path) -> Result<File, ThinError> {
     if !dir.join("superblock").is_file() {
         return Err(ThinError::Invalid(format!(
@@ -746,11 +783,7 @@ impl Pool {
                 format::MAX_NAME
             )));
         }
-        if size_bytes == 0 || !size_bytes.is_multiple_of(512) {
-            return Err(ThinError::Invalid(format!(
-                "volume size {size_bytes}: a non-zero multiple of 512 bytes"
-            )));
-        }
+        check_volume_size(size_bytes)?;
         // Lock order everywhere: journal, then volumes.
         let mut journal = self.journal.lock().unwrap();
         let mut volumes = self.volumes.write().unwrap();
@@ -775,10 +808,7 @@ impl Pool {
     pub fn volume_delete(&self, name: &str) -> Result<(), ThinError> {
         let mut journal = self.journal.lock().unwrap();
         let mut volumes = self.volumes.write().unwrap();
-        let at = volumes
-            .iter()
-            .position(|v| v.name == name)
-            .ok_or_else(|| ThinError::NoVolume(name.into()))?;
+        let at = index_of(&volumes, name)?;
         let id = volumes[at].id;
         self.append_commit_locked(&mut journal, &[Record::VolumeDelete { id }])?;
         let volume = volumes.remove(at);
@@ -796,11 +826,7 @@ impl Pool {
     /// Grows or shrinks a volume (shrinking frees the blocks past the new end). Offline: the
     /// volume must not be served while this runs (the pool tool holds the pool's lock).
     pub fn volume_resize(&self, name: &str, size_bytes: u64) -> Result<(), ThinError> {
-        if size_bytes == 0 || !size_bytes.is_multiple_of(512) {
-            return Err(ThinError::Invalid(format!(
-                "volume size {size_bytes}: a non-zero multiple of 512 bytes"
-            )));
-        }
+        check_volume_size(size_bytes)?;
         let old = self.volume(name)?;
         let bs = u64::from(self.block_size);
         if size_bytes < old.size_bytes && !size_bytes.is_multiple_of(bs) {
@@ -813,10 +839,7 @@ impl Pool {
         self.flush()?;
         let mut journal = self.journal.lock().unwrap();
         let mut volumes = self.volumes.write().unwrap();
-        let at = volumes
-            .iter()
-            .position(|v| v.name == name)
-            .ok_or_else(|| ThinError::NoVolume(name.into()))?;
+        let at = index_of(&volumes, name)?;
         let (resized, cut) = volumes[at].resized(size_bytes, self.block_size);
         self.append_commit_locked(
             &mut journal,
@@ -1062,28 +1085,21 @@ impl Pool {
         // before this point, so its unmapping is in this commit or an earlier one.
         let freeing = self.alloc.take_pending();
         let volumes = self.volumes.read().unwrap();
+        // Put back if the commit fails, so the changes go into the next one.
+        let taken = take_dirty(&volumes);
         let mut records = Vec::new();
-        // (volume, word, bits) taken from the dirty maps: put back if the commit fails, so
-        // the changes go into the next one.
-        let mut taken = Vec::new();
-        for (vi, v) in volumes.iter().enumerate() {
-            for (w, word) in v.dirty.iter().enumerate() {
-                let bits = word.swap(0, Ordering::AcqRel);
-                if bits == 0 {
-                    continue;
-                }
-                taken.push((vi, w, bits));
-                let mut rest = bits;
-                while rest != 0 {
-                    let vb = w as u64 * 64 + u64::from(rest.trailing_zeros());
-                    rest &= rest - 1;
-                    let pblock = v.lookup(vb).unwrap_or(UNMAPPED);
-                    records.push(Record::Map {
-                        id: v.id,
-                        vblock: vb,
-                        pblock,
-                    });
-                }
+        for &(vi, w, bits) in &taken {
+            let v = &volumes[vi];
+            let mut rest = bits;
+            while rest != 0 {
+                let vb = w as u64 * 64 + u64::from(rest.trailing_zeros());
+                rest &= rest - 1;
+                let pblock = v.lookup(vb).unwrap_or(UNMAPPED);
+                records.push(Record::Map {
+                    id: v.id,
+                    vblock: vb,
+                    pblock,
+                });
             }
         }
         // Data first: a mapping must never be durable before the data it points to.
@@ -1099,9 +1115,7 @@ impl Pool {
                 }
             });
         if let Err(e) = committed {
-            for (vi, w, bits) in taken {
-                volumes[vi].dirty[w].fetch_or(bits, Ordering::AcqRel);
-            }
+            put_back_dirty(&volumes, &taken);
             self.alloc.restore_pending(freeing);
             // After a failed sync the kernel may have dropped the dirty pages it could not
             // write: a later sync that "succeeds" proves nothing. Refuse from here on.
@@ -1180,20 +1194,15 @@ impl Pool {
         let generation = old + 1;
         let freeing = self.alloc.take_pending();
         let volumes = self.volumes.read().unwrap();
+        // The checkpoint holds every entry: the dirty bits are covered (put back on failure).
+        let taken = take_dirty(&volumes);
         let mut records = Vec::new();
-        let mut taken = Vec::new();
-        for (vi, v) in volumes.iter().enumerate() {
+        for v in volumes.iter() {
             records.push(Record::VolumeCreate {
                 id: v.id,
                 size_bytes: v.size_bytes,
                 name: v.name.clone(),
             });
-            for (w, word) in v.dirty.iter().enumerate() {
-                let bits = word.swap(0, Ordering::AcqRel);
-                if bits != 0 {
-                    taken.push((vi, w, bits));
-                }
-            }
             for (vb, e) in v.map.iter().enumerate() {
                 let value = e.load(Ordering::Acquire);
                 if value != 0 {
@@ -1206,9 +1215,7 @@ impl Pool {
             }
         }
         let restore = |e: ThinError| {
-            for &(vi, w, bits) in &taken {
-                volumes[vi].dirty[w].fetch_or(bits, Ordering::AcqRel);
-            }
+            put_back_dirty(&volumes, &taken);
             self.alloc.restore_pending(freeing.clone());
             e
         };
