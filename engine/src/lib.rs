@@ -6,11 +6,15 @@
 //! - [`backend`]: volumes (null, file).
 //! - [`device`]: a disk as guests see it.
 //! - [`mem`]: guest memory shared by a front end.
+//! - [`stats`]: statistics in KVM's binary stats layout.
+//! - [`clock`]: the nanosecond clock request latencies use.
 
 pub mod backend;
 pub mod blk;
+pub mod clock;
 pub mod device;
 pub mod mem;
 pub mod reactor;
+pub mod stats;
 pub mod thin;
 pub mod virtqueue;
