@@ -35,7 +35,13 @@ pub struct Export {
     pub serial: Option<String>,
     /// Offer PROVISION (experimental virtio-blk feature, seed 004).
     pub provision: bool,
+    /// Offer the stats virtqueue (experimental, seed 000) on this feature bit.
+    pub guest_stats_bit: Option<u32>,
 }
+
+/// Feature bits the stats virtqueue may use: device-specific (below 24), unassigned in virtio
+/// 1.3 (0 to 17 are) and not PROVISION's 18.
+pub const GUEST_STATS_BITS: std::ops::RangeInclusive<u32> = 19..=23;
 
 /// Parses a size: plain bytes or with a K/M/G/T suffix (powers of 1024).
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -89,6 +95,8 @@ impl std::str::FromStr for Export {
         let mut block_size = 512;
         let mut serial = None;
         let mut provision = false;
+        let mut guest_stats = false;
+        let mut guest_stats_bit = None;
         for part in parts {
             let (key, value) = part.split_once('=').unwrap_or((part, ""));
             let need_value = || {
@@ -117,6 +125,23 @@ impl std::str::FromStr for Export {
                 }
                 "readonly" => readonly = parse_on_off(key, need_value()?)?,
                 "provision" => provision = parse_on_off(key, need_value()?)?,
+                "guest-stats" => guest_stats = parse_on_off(key, need_value()?)?,
+                "guest-stats-bit" => {
+                    guest_stats_bit = Some(
+                        need_value()?
+                            .parse()
+                            .ok()
+                            .filter(|b| GUEST_STATS_BITS.contains(b))
+                            .ok_or_else(|| {
+                                format!(
+                                    "guest-stats-bit={value}: expected {} to {} (unassigned \
+                                     device feature bits)",
+                                    GUEST_STATS_BITS.start(),
+                                    GUEST_STATS_BITS.end()
+                                )
+                            })?,
+                    )
+                }
                 "block-size" => {
                     block_size = match need_value()? {
                         "512" => 512,
@@ -135,6 +160,13 @@ impl std::str::FromStr for Export {
             }
         }
         let socket = socket.ok_or("socket=PATH is required")?;
+        if guest_stats_bit.is_some() && !guest_stats {
+            return Err("guest-stats-bit= goes with guest-stats=on".into());
+        }
+        let guest_stats_bit = guest_stats.then(|| {
+            guest_stats_bit
+                .unwrap_or(pollblk_engine::device::GuestStatsOptions::DEFAULT_FEATURE_BIT)
+        });
         if pool.is_some() != pool_volume.is_some() {
             return Err("pool=DIR and volume=NAME go together".into());
         }
@@ -150,6 +182,7 @@ impl std::str::FromStr for Export {
                 block_size,
                 serial,
                 provision,
+                guest_stats_bit,
             });
         }
         let volume = match (file, null, size) {
@@ -185,6 +218,7 @@ impl std::str::FromStr for Export {
             block_size,
             serial,
             provision,
+            guest_stats_bit,
         })
     }
 }

@@ -2,17 +2,21 @@
 
 mod export;
 mod pool_cmd;
+mod stats_cmd;
 
 use clap::{Parser, Subcommand};
 use export::{Export, Volume};
 use pollblk_engine::backend::{Backend, FileBackend, NullBackend, ThinBackend};
-use pollblk_engine::device::{BlkDevice, DiskOptions};
+use pollblk_engine::device::{BlkDevice, DeviceStats, DiskOptions, GuestStatsOptions};
 use pollblk_engine::reactor::{PollConfig, PollMode, Reactors};
+use pollblk_engine::stats::sets::PoolStat;
+use pollblk_engine::stats::StatsDir;
 use pollblk_engine::thin::{self, Pool};
 use pollblk_vhost_user::Server;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Polled vhost-user-blk storage host service.
 #[derive(Parser)]
@@ -47,7 +51,22 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = PollConfig::DEFAULT_IDLE.as_micros() as u64,
               value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
         poll_idle_us: u64,
+        /// Directory the statistics files go in (KVM binary stats layout, one per disk,
+        /// queue, reactor and thin pool; read them with `pollblk stats`). Default:
+        /// ./pollblk-data/stats.
+        #[arg(long, value_name = "DIR")]
+        stats_dir: Option<PathBuf>,
+        /// Group (name or number) that may read the statistics files (mode 0640); default
+        /// the daemon's group.
+        #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+        stats_group: Option<u32>,
+        /// Seconds between requests for the guest's statistics on stats virtqueues
+        /// (exports with guest-stats=on).
+        #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_interval)]
+        guest_stats_interval: Duration,
     },
+    /// Print statistics files (pollblk's, or a KVM stats fd with --fd), once or with --watch.
+    Stats(stats_cmd::StatsArgs),
     /// Create thin pools and manage their volumes (offline), read their status, check them.
     Pool {
         #[command(subcommand)]
@@ -56,6 +75,42 @@ enum Command {
 }
 
 const DEFAULT_DIR: &str = "pollblk-data";
+
+/// `--stats-group`: a group name or number.
+fn parse_group(text: &str) -> Result<u32, String> {
+    if let Ok(gid) = text.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(text).map_err(|_| format!("bad group name {text:?}"))?;
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16384];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: getgrnam_r fills `group` with pointers into `buf`, both alive for the call.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return Err(format!("no group named {text:?}"));
+    }
+    Ok(group.gr_gid)
+}
+
+/// `--guest-stats-interval`: seconds, fractions allowed.
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(0.01..=3600.0).contains(&secs) {
+        return Err(format!("{secs} s: expected 0.01 to 3600"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
 const DEFAULT_SIZE: u64 = 1 << 30;
 const DEFAULT_POOL_SIZE: u64 = 4 << 30;
 
@@ -75,14 +130,23 @@ fn main() -> ExitCode {
             cores,
             poll_mode,
             poll_idle_us,
+            stats_dir,
+            stats_group,
+            guest_stats_interval,
         } => {
             let poll = PollConfig {
                 mode: poll_mode,
                 idle: std::time::Duration::from_micros(poll_idle_us),
             };
-            serve(exports, cores, poll)
+            let stats = StatsOptions {
+                dir: stats_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DIR).join("stats")),
+                group: stats_group,
+                guest_interval: guest_stats_interval,
+            };
+            serve(exports, cores, poll, stats)
         }
         Command::Pool { command } => pool_cmd::run(command),
+        Command::Stats(args) => stats_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -119,13 +183,46 @@ fn default_export() -> Result<Export, String> {
         block_size: 512,
         serial: None,
         provision: false,
+        guest_stats_bit: None,
     })
+}
+
+/// Where statistics go and how guests are asked for theirs.
+struct StatsOptions {
+    dir: PathBuf,
+    group: Option<u32>,
+    guest_interval: Duration,
+}
+
+/// Name of a pool's statistics object: `pool-<directory name>`, unique within the daemon.
+fn pool_stats_name(pool: &Path, taken: &Pools) -> String {
+    let base: String = pool
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(20)
+        .collect();
+    format!("pool-{base}-{}", taken.len())
 }
 
 /// Thin pools opened by this daemon, shared by every export of their volumes.
 type Pools = std::collections::HashMap<PathBuf, Arc<Pool>>;
 
-fn open_device(index: usize, export: &Export, pools: &mut Pools) -> Result<Arc<BlkDevice>, String> {
+fn open_device(
+    index: usize,
+    export: &Export,
+    pools: &mut Pools,
+    stats_dir: &StatsDir,
+    guest_interval: Duration,
+) -> Result<Arc<BlkDevice>, String> {
     let backend: Arc<dyn Backend> = match &export.volume {
         Volume::Thin { pool, volume } => {
             let key = pool
@@ -137,6 +234,10 @@ fn open_device(index: usize, export: &Export, pools: &mut Pools) -> Result<Arc<B
                     let p = Arc::new(
                         Pool::open(&key).map_err(|e| format!("pool {}: {e}", pool.display()))?,
                     );
+                    let stats = stats_dir
+                        .create::<PoolStat>(&pool_stats_name(&key, pools))
+                        .map_err(|e| format!("statistics of pool {}: {e}", pool.display()))?;
+                    p.publish_stats(stats);
                     pools.insert(key, p.clone());
                     p
                 }
@@ -164,7 +265,9 @@ fn open_device(index: usize, export: &Export, pools: &mut Pools) -> Result<Arc<B
         ));
     }
     let name = format!("disk{index}");
-    Ok(Arc::new(BlkDevice::new(
+    let stats = DeviceStats::publish(stats_dir, &name, export.num_queues)
+        .map_err(|e| format!("statistics of {name}: {e}"))?;
+    Ok(Arc::new(BlkDevice::with_stats(
         DiskOptions {
             serial: export.serial.clone().unwrap_or_else(|| name.clone()),
             name,
@@ -172,8 +275,13 @@ fn open_device(index: usize, export: &Export, pools: &mut Pools) -> Result<Arc<B
             readonly: export.readonly,
             num_queues: export.num_queues,
             provision: export.provision,
+            guest_stats: export.guest_stats_bit.map(|feature_bit| GuestStatsOptions {
+                feature_bit,
+                interval: guest_interval,
+            }),
         },
         backend,
+        stats,
     )))
 }
 
@@ -229,6 +337,7 @@ fn serve(
     mut exports: Vec<Export>,
     cores: Option<Vec<usize>>,
     poll: PollConfig,
+    stats: StatsOptions,
 ) -> Result<(), String> {
     let is_default = exports.is_empty();
     if is_default {
@@ -249,14 +358,17 @@ fn serve(
     // Before any thread starts (thin volumes start workers): every thread inherits the mask,
     // so SIGINT/SIGTERM reach only the main thread's sigwait.
     let signals = block_signals();
+    let stats_dir = StatsDir::open(&stats.dir, stats.group)
+        .map_err(|e| format!("--stats-dir {}: {e}", stats.dir.display()))?;
     let mut pools = Pools::new();
     let devices = exports
         .iter()
         .enumerate()
-        .map(|(i, export)| open_device(i, export, &mut pools))
+        .map(|(i, export)| open_device(i, export, &mut pools, &stats_dir, stats.guest_interval))
         .collect::<Result<Vec<_>, _>>()?;
 
-    let reactors = Reactors::start(&cores, poll).map_err(|e| format!("starting reactors: {e}"))?;
+    let reactors = Reactors::start(&cores, poll, Some(&stats_dir))
+        .map_err(|e| format!("starting reactors: {e}"))?;
     let handles: Vec<_> = (0..reactors.len())
         .map(|i| reactors.for_queue(i).clone())
         .collect();
@@ -288,6 +400,10 @@ fn serve(
             qemu_command_line(&exports[0].socket, exports[0].num_queues)
         );
     }
+    println!(
+        "pollblk: statistics in {} (read them with: pollblk stats {0} --watch 1)",
+        stats_dir.path().display()
+    );
     println!(
         "pollblk: ready, {} reactor(s) on cores {cores:?}, poll mode {:?}",
         reactors.len(),

@@ -82,7 +82,11 @@ fn a_socket_in_use_is_refused_and_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let spec = "vhost-user-blk,socket=busy.sock,null,size=1M";
     let mut first = Daemon::start(dir.path(), &["--export".into(), spec.into()]);
-    let (code, stderr) = serve(dir.path(), &["--export", spec]);
+    // Its own statistics directory: the first daemon holds the default one.
+    let (code, stderr) = serve(
+        dir.path(),
+        &["--export", spec, "--stats-dir", "second-stats"],
+    );
     assert_ne!(code, 0);
     assert!(stderr.contains("in use"), "{stderr}");
     assert!(

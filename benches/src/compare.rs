@@ -574,6 +574,8 @@ fn start_target(
             };
             let mut cmd = Command::new(&setup.pollblk);
             cmd.args(["serve", "--cores", &setup.args.target_core.to_string()])
+                .arg("--stats-dir")
+                .arg(setup.dir.join("stats"))
                 .args(["--poll-mode", mode, "--export"])
                 .arg(format!(
                     "vhost-user-blk,socket={sock},{backend},num-queues=1"

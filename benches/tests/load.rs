@@ -21,8 +21,10 @@ fn pollblk() -> PathBuf {
 struct Daemon(Child);
 
 impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
+    /// Starts `pollblk serve ARGS` in `dir` (its statistics go under it).
+    fn start(dir: &Path, args: &[&str]) -> Daemon {
         let mut child = Command::new(pollblk())
+            .current_dir(dir)
             .arg("serve")
             .args(args)
             .stdout(Stdio::piped())
@@ -81,7 +83,7 @@ fn both_drivers_drive_every_poll_mode_with_a_mixed_load_and_report_json() {
             "vhost-user-blk,socket={},null,size=64M,num-queues=2",
             socket.display()
         );
-        let daemon = Daemon::start(&["--poll-mode", mode, "--export", &export]);
+        let daemon = Daemon::start(dir.path(), &["--poll-mode", mode, "--export", &export]);
         let mode = label.as_str();
         let pid = daemon.0.id().to_string();
         let (ok, stdout, stderr) = bench(&[
@@ -155,7 +157,7 @@ fn asking_for_more_queues_than_offered_is_an_error() {
         "vhost-user-blk,socket={},null,size=1M,num-queues=1",
         socket.display()
     );
-    let _daemon = Daemon::start(&["--export", &export]);
+    let _daemon = Daemon::start(dir.path(), &["--export", &export]);
     let (ok, _, stderr) = bench(&["--socket", socket.to_str().unwrap(), "--queues", "2"]);
     assert!(!ok);
     assert!(stderr.contains("offers 1 queue(s)"), "{stderr}");

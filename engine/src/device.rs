@@ -3,8 +3,58 @@
 
 use crate::backend::Backend;
 use crate::blk::{self, feature, BlkConfig};
+use crate::reactor::QueueRole;
+use crate::stats::sets::{DiskStat, QueueStat};
+use crate::stats::{Stats, StatsDir};
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// The stats virtqueue (seed 000) as the operator enables it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestStatsOptions {
+    /// Feature bit offered for STATS_VQ (experimental; the seed's bit 11 is now CONFIG_WCE).
+    pub feature_bit: u32,
+    /// How often the device asks the guest for its statistics.
+    pub interval: Duration,
+}
+
+impl GuestStatsOptions {
+    /// Default STATS_VQ feature bit: unassigned in virtio 1.3.
+    pub const DEFAULT_FEATURE_BIT: u32 = 19;
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+}
+
+/// A disk's statistics: its own and one set per request queue.
+pub struct DeviceStats {
+    disk: Stats<DiskStat>,
+    queues: Vec<Stats<QueueStat>>,
+    /// Counters of the stats virtqueue itself (not published: it carries no requests).
+    stats_vq: Stats<QueueStat>,
+}
+
+impl DeviceStats {
+    /// Publishes `name` and `name/queue-N` for each queue in `dir`.
+    pub fn publish(dir: &StatsDir, name: &str, num_queues: u16) -> io::Result<DeviceStats> {
+        Ok(DeviceStats {
+            disk: dir.create(name)?,
+            queues: (0..num_queues)
+                .map(|i| dir.create(&format!("{name}/queue-{i}")))
+                .collect::<io::Result<_>>()?,
+            stats_vq: Stats::private(),
+        })
+    }
+
+    /// Statistics only this process sees.
+    pub fn private(num_queues: u16) -> DeviceStats {
+        DeviceStats {
+            disk: Stats::private(),
+            queues: (0..num_queues).map(|_| Stats::private()).collect(),
+            stats_vq: Stats::private(),
+        }
+    }
+}
 
 /// How a disk is presented; chosen by the operator.
 #[derive(Clone, Debug)]
@@ -21,6 +71,8 @@ pub struct DiskOptions {
     pub num_queues: u16,
     /// Offer PROVISION (experimental, seed 004; needs a backend that can allocate).
     pub provision: bool,
+    /// Offer the stats virtqueue (experimental, seed 000).
+    pub guest_stats: Option<GuestStatsOptions>,
 }
 
 /// A disk served to guests.
@@ -31,23 +83,72 @@ pub struct BlkDevice {
     /// Write-back cache on (the guest may turn it off through CONFIG_WCE); when off, every
     /// write is made durable before it completes.
     writeback: AtomicBool,
+    stats: DeviceStats,
 }
 
 impl BlkDevice {
-    /// A disk over `backend`. Panics on options the CLI must have refused.
+    /// A disk over `backend` whose statistics only this process sees.
     pub fn new(options: DiskOptions, backend: Arc<dyn Backend>) -> BlkDevice {
+        let stats = DeviceStats::private(options.num_queues);
+        BlkDevice::with_stats(options, backend, stats)
+    }
+
+    /// A disk over `backend` counting into `stats`. Panics on options the CLI must have
+    /// refused.
+    pub fn with_stats(
+        options: DiskOptions,
+        backend: Arc<dyn Backend>,
+        stats: DeviceStats,
+    ) -> BlkDevice {
+        assert_eq!(stats.queues.len(), usize::from(options.num_queues));
+        if let Some(g) = options.guest_stats {
+            assert!(g.feature_bit < 24, "a device-specific feature bit");
+            assert!(!g.interval.is_zero());
+        }
         assert!(options.block_size == 512 || options.block_size == 4096);
         assert!(options.serial.len() <= blk::ID_BYTES);
         assert!(options.num_queues >= 1);
         assert_eq!(backend.info().size_bytes % u64::from(options.block_size), 0);
         let mut serial = [0u8; blk::ID_BYTES];
         serial[..options.serial.len()].copy_from_slice(options.serial.as_bytes());
+        stats
+            .disk
+            .set(DiskStat::CapacityBytes, backend.info().size_bytes);
         BlkDevice {
             options,
             backend,
             serial,
             writeback: AtomicBool::new(true),
+            stats,
         }
+    }
+
+    /// The disk's own statistics (capacity, the guest's view).
+    pub fn disk_stats(&self) -> &Stats<DiskStat> {
+        &self.stats.disk
+    }
+
+    /// Virtqueues a front end may set up: the request queues, then the stats virtqueue.
+    pub fn vring_count(&self) -> usize {
+        usize::from(self.options.num_queues) + usize::from(self.options.guest_stats.is_some())
+    }
+
+    /// What virtqueue `index` carries under the negotiated `features`; None if there is no
+    /// such queue.
+    pub fn queue_role(&self, index: usize, features: u64) -> Option<QueueRole> {
+        if index < usize::from(self.options.num_queues) {
+            return Some(QueueRole::Requests);
+        }
+        let g = self.options.guest_stats?;
+        (index == usize::from(self.options.num_queues) && features & 1 << g.feature_bit != 0)
+            .then_some(QueueRole::GuestStats {
+                interval: g.interval,
+            })
+    }
+
+    /// Statistics of virtqueue `index`.
+    pub fn queue_stats(&self, index: usize) -> &Stats<QueueStat> {
+        self.stats.queues.get(index).unwrap_or(&self.stats.stats_vq)
     }
 
     /// The operator's options.
@@ -104,6 +205,9 @@ impl BlkDevice {
         }
         if self.provisions() {
             bits |= 1 << feature::PROVISION;
+        }
+        if let Some(g) = self.options.guest_stats {
+            bits |= 1 << g.feature_bit;
         }
         bits
     }

@@ -13,6 +13,7 @@ pub mod backend;
 pub mod blk;
 pub mod clock;
 pub mod device;
+pub mod guest_stats;
 pub mod mem;
 pub mod reactor;
 pub mod stats;

@@ -18,8 +18,12 @@
 
 use crate::backend::{Completer, IoOp, Submitted};
 use crate::blk::{self, status, DwzSegment, RequestKind};
+use crate::clock::Clock;
 use crate::device::BlkDevice;
+use crate::guest_stats::GuestStatsVq;
 use crate::mem::GuestMemory;
+use crate::stats::sets::{Class, QueueStat, ReactorStat, CLASSES, CLASS_STATS};
+use crate::stats::{Stats, StatsDir};
 use crate::virtqueue::{Broken, RingAddrs, Segments, SplitQueue};
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{opcode, squeue, types, IoUring};
@@ -141,6 +145,19 @@ pub struct QueueSetup {
     pub call: Option<EventFd>,
     pub err: Option<EventFd>,
     pub enabled: bool,
+    /// Where the queue's counters go (the device's statistics of this queue index).
+    pub stats: Stats<QueueStat>,
+    pub role: QueueRole,
+}
+
+/// What a virtqueue carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueRole {
+    /// virtio-blk requests.
+    Requests,
+    /// The stats virtqueue (seed 000): the device holds the driver's buffer and returns it
+    /// every `interval` to ask for the guest's statistics.
+    GuestStats { interval: Duration },
 }
 
 enum Msg {
@@ -214,7 +231,11 @@ pub struct Reactors {
 
 impl Reactors {
     /// Starts one reactor per core in `cores`, each pinned to its core.
-    pub fn start(cores: &[usize], poll: PollConfig) -> io::Result<Reactors> {
+    pub fn start(
+        cores: &[usize],
+        poll: PollConfig,
+        stats_dir: Option<&StatsDir>,
+    ) -> io::Result<Reactors> {
         assert!(!cores.is_empty());
         let mut handles = Vec::with_capacity(cores.len());
         let mut threads = Vec::with_capacity(cores.len());
@@ -223,6 +244,10 @@ impl Reactors {
             let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
             let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
             let thread_wake = wake.clone();
+            let stats = match stats_dir {
+                Some(dir) => dir.create(&format!("reactor-{index}"))?,
+                None => Stats::private(),
+            };
             let thread = std::thread::Builder::new()
                 .name(format!("reactor-{index}"))
                 .spawn(move || {
@@ -230,7 +255,7 @@ impl Reactors {
                         tracing::warn!(core, "could not pin reactor {index}");
                     }
                     // The ring is made on its own thread: SINGLE_ISSUER binds it to the creator.
-                    match Reactor::new(rx, thread_wake, poll) {
+                    match Reactor::new(rx, thread_wake, poll, stats) {
                         Ok(mut reactor) => {
                             let _ = ready_tx.send(Ok(()));
                             reactor.run();
@@ -317,6 +342,11 @@ struct Slot {
     is_read: bool,
     bounce: Option<BounceBuf>,
     bounce_iov: libc::iovec,
+    /// What the request counts as, and its sectors when it succeeds.
+    class: Class,
+    sectors: u64,
+    /// Clock time of the reactor iteration that took the request.
+    start: u64,
 }
 
 impl Slot {
@@ -336,6 +366,9 @@ impl Slot {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
             },
+            class: Class::Other,
+            sectors: 0,
+            start: 0,
         }
     }
 }
@@ -362,6 +395,12 @@ struct QueueState {
     in_flight: usize,
     /// Used entries pushed since the last publish.
     unpublished: bool,
+    stats: Stats<QueueStat>,
+    /// Requests finished during the current avail batch, by class: their latency is the
+    /// batch's, recorded when it ends (one clock read per batch, not per request).
+    batch_finished: [u32; CLASSES],
+    /// Set for the stats virtqueue.
+    guest_stats: Option<Box<GuestStatsVq>>,
 }
 
 impl QueueState {
@@ -374,6 +413,7 @@ impl QueueState {
             tracing::error!(disk = %self.device.options().name, ?why,
                 "virtqueue broken: it stops until the front end resets it");
             self.broken = true;
+            self.stats.set(QueueStat::Broken, 1);
             if let Some(err) = &self.err {
                 let _ = err.write(1);
             }
@@ -394,10 +434,19 @@ struct Reactor {
     ops_in_flight: usize,
     poll: PollConfig,
     shutting_down: bool,
+    stats: Stats<ReactorStat>,
+    clock: Clock,
+    /// Earliest time a stats virtqueue of this reactor asks the guest (u64::MAX: none).
+    guest_stats_due: u64,
 }
 
 impl Reactor {
-    fn new(rx: Receiver<Msg>, wake: Arc<EventFd>, poll: PollConfig) -> io::Result<Reactor> {
+    fn new(
+        rx: Receiver<Msg>,
+        wake: Arc<EventFd>,
+        poll: PollConfig,
+        stats: Stats<ReactorStat>,
+    ) -> io::Result<Reactor> {
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
@@ -424,6 +473,9 @@ impl Reactor {
             ops_in_flight: 0,
             poll,
             shutting_down: false,
+            stats,
+            clock: Clock::get(),
+            guest_stats_due: u64::MAX,
         };
         reactor.arm_wake();
         reactor.arm_external();
@@ -458,16 +510,16 @@ impl Reactor {
 
     /// Finishes operations completed on other threads; true if there were any.
     fn reap_external(&mut self) -> bool {
-        let mut any = false;
+        let mut now = None;
         while let Ok((user_data, result)) = self.external_rx.try_recv() {
-            any = true;
+            let now = *now.get_or_insert_with(|| self.clock.now());
             let (qi, slot) = decode_io(user_data);
             let queue = self.queues[qi]
                 .as_deref_mut()
                 .expect("deferred I/O of a live queue");
-            complete_op(queue, slot, result);
+            complete_op(queue, slot, result, now);
         }
-        any
+        now.is_some()
     }
 
     fn run(&mut self) {
@@ -483,11 +535,18 @@ impl Reactor {
             self.enter(false);
             busy |= self.reap();
             busy |= self.reap_external();
+            if self.guest_stats_due != u64::MAX {
+                self.ask_guests_for_stats();
+            }
             self.publish_and_notify();
             self.finish_stops();
+            self.stats
+                .set(ReactorStat::UringOpsInFlight, self.ops_in_flight as u64);
             if busy {
+                self.stats.add(ReactorStat::IterationsBusy, 1);
                 idle_since = Instant::now();
             } else {
+                self.stats.add(ReactorStat::IterationsIdle, 1);
                 let has_queues = self.queues.iter().any(Option::is_some);
                 if self.poll.should_sleep(idle_since.elapsed(), has_queues) {
                     self.sleep();
@@ -507,15 +566,29 @@ impl Reactor {
         if !pending && !wait {
             return;
         }
-        let result = if wait {
-            self.ring.submitter().submit_and_wait(1)
-        } else {
+        self.stats.add(ReactorStat::UringEnters, 1);
+        let result = if !wait {
             self.ring.submitter().submit()
+        } else if self.guest_stats_due != u64::MAX {
+            // Wake up in time to ask a guest for its statistics.
+            let wait_ns = self.guest_stats_due.saturating_sub(self.clock.now()).max(1);
+            let ts = types::Timespec::new()
+                .sec(wait_ns / 1_000_000_000)
+                .nsec((wait_ns % 1_000_000_000) as u32);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            self.ring.submitter().submit_with_args(1, &args)
+        } else {
+            self.ring.submitter().submit_and_wait(1)
         };
         match result {
             Ok(_) => {}
-            // EINTR: a signal; EBUSY: the CQ is full, reaping frees it. Both retry next pass.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+            // EINTR: a signal; EBUSY: the CQ is full, reaping frees it; ETIME: the wait's
+            // timeout. All retry next pass.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::ETIME)
+                ) => {}
             Err(e) => panic!("io_uring_enter failed: {e}"),
         }
     }
@@ -529,6 +602,7 @@ impl Reactor {
             }
         }
         if !pending && self.rx.is_empty() && self.external_rx.is_empty() {
+            self.stats.add(ReactorStat::Sleeps, 1);
             self.enter(true);
         }
         // Interrupt mode keeps kicks on: the next sleep re-arms them anyway.
@@ -555,6 +629,13 @@ impl Reactor {
                     Some(qi) => {
                         let queue = self.queues[qi].as_mut().unwrap();
                         queue.stopping = Some(reply);
+                        if let Some(vq) = queue.guest_stats.as_deref_mut() {
+                            // The held buffer is in flight: the driver gets it back.
+                            if let Some(head) = vq.release() {
+                                queue.ring.push_used(head, 0);
+                                queue.unpublished = true;
+                            }
+                        }
                     }
                     None => {
                         let _ = reply.send(0);
@@ -630,7 +711,20 @@ impl Reactor {
             // The reactor polls this ring from now on: kicks would only cost the driver exits.
             ring.disable_notification();
         }
-        let slot_count = usize::from(setup.size).min(MAX_SLOTS_PER_QUEUE);
+        let guest_stats = match setup.role {
+            QueueRole::Requests => None,
+            QueueRole::GuestStats { interval } => Some(Box::new(GuestStatsVq::new(
+                setup.device.disk_stats().clone(),
+                interval,
+            ))),
+        };
+        let slot_count = if guest_stats.is_some() {
+            0
+        } else {
+            usize::from(setup.size).min(MAX_SLOTS_PER_QUEUE)
+        };
+        setup.stats.set(QueueStat::Broken, 0);
+        setup.stats.set(QueueStat::InFlight, 0);
         let queue = Box::new(QueueState {
             id,
             device: setup.device,
@@ -650,6 +744,9 @@ impl Reactor {
             free_slots: (0..slot_count as u32).rev().collect(),
             in_flight: 0,
             unpublished: false,
+            stats: setup.stats,
+            batch_finished: [0; CLASSES],
+            guest_stats,
         });
         let qi = match self.queues.iter().position(Option::is_none) {
             Some(qi) => qi,
@@ -661,7 +758,36 @@ impl Reactor {
         assert!(qi < 1 << 16, "queue index must fit user_data");
         self.queues[qi] = Some(queue);
         self.arm_kick(qi);
+        self.count_queues();
         Ok(())
+    }
+
+    fn count_queues(&mut self) {
+        let count = self.queues.iter().flatten().count();
+        self.stats.set(ReactorStat::Queues, count as u64);
+    }
+
+    /// Returns held stats buffers whose interval is up (the driver answers with statistics)
+    /// and computes when the next one is due.
+    fn ask_guests_for_stats(&mut self) {
+        let now = self.clock.now();
+        if now < self.guest_stats_due {
+            return;
+        }
+        let mut due = u64::MAX;
+        for queue in self.queues.iter_mut().flatten() {
+            let Some(vq) = queue.guest_stats.as_deref_mut() else {
+                continue;
+            };
+            if queue.stopping.is_none() && !queue.broken && queue.enabled {
+                if let Some(head) = vq.request_if_due(now) {
+                    queue.ring.push_used(head, 0);
+                    queue.unpublished = true;
+                }
+            }
+            due = due.min(vq.due());
+        }
+        self.guest_stats_due = due;
     }
 
     fn arm_kick(&mut self, qi: usize) {
@@ -679,8 +805,16 @@ impl Reactor {
         if !queue.takes_requests() {
             return false;
         }
+        if queue.guest_stats.is_some() {
+            let took = poll_guest_stats(queue, self.clock.now());
+            if let Some(vq) = queue.guest_stats.as_deref() {
+                self.guest_stats_due = self.guest_stats_due.min(vq.due());
+            }
+            return took;
+        }
         let mut sq = self.ring.submission();
         let mut taken = 0;
+        let mut batch_start = 0;
         while taken < AVAIL_BATCH && !queue.free_slots.is_empty() {
             if self.ops_in_flight + MAX_OPS_PER_REQUEST > CQ_ENTRIES as usize {
                 break;
@@ -696,12 +830,29 @@ impl Reactor {
                     break;
                 }
             };
+            if taken == 0 {
+                batch_start = self.clock.now();
+            }
             taken += 1;
             let slot = queue.free_slots.pop().expect("checked non-empty");
             queue.in_flight += 1;
+            queue.slots[slot as usize].start = batch_start;
             self.ops_in_flight += start_request(queue, qi, slot, head, &mut sq, &self.completer);
         }
-        taken > 0
+        if taken == 0 {
+            queue.stats.add(QueueStat::PollsIdle, 1);
+            return false;
+        }
+        queue.stats.add(QueueStat::PollsBusy, 1);
+        queue.stats.set(QueueStat::InFlight, queue.in_flight as u64);
+        queue
+            .stats
+            .peak(QueueStat::InFlightPeak, queue.in_flight as u64);
+        if queue.batch_finished.iter().any(|&n| n > 0) {
+            let latency = self.clock.now().saturating_sub(batch_start);
+            record_batch_latency(queue, latency);
+        }
+        true
     }
 
     /// Copies completions out of the CQ and finishes them; true if there were any.
@@ -718,20 +869,21 @@ impl Reactor {
                 return any;
             }
             any = true;
+            let now = self.clock.now();
             for &(user_data, result) in &batch[..count] {
-                self.complete(user_data, result);
+                self.complete(user_data, result, now);
             }
         }
     }
 
-    fn complete(&mut self, user_data: u64, result: i32) {
+    fn complete(&mut self, user_data: u64, result: i32, now: u64) {
         match user_data & TAG_MASK {
             TAG_IO => {
                 self.ops_in_flight -= 1;
                 let (qi, slot) = decode_io(user_data);
                 let queue = self.queues[qi].as_deref_mut().expect("I/O of a live queue");
                 queue.device.backend().completed(user_data);
-                complete_op(queue, slot, result);
+                complete_op(queue, slot, result, now);
             }
             TAG_KICK => {
                 self.ops_in_flight -= 1;
@@ -743,7 +895,9 @@ impl Reactor {
                 // Clear the count so the next poll waits for a new kick. Only after POLLIN:
                 // the fd may be blocking, and a read of a zero count would block the reactor.
                 if result > 0 {
-                    let _ = queue.kick.read();
+                    if let Ok(kicks) = queue.kick.read() {
+                        queue.stats.add(QueueStat::Kicks, kicks);
+                    }
                 }
                 if result >= 0 && queue.stopping.is_none() {
                     self.arm_kick(qi);
@@ -781,10 +935,14 @@ impl Reactor {
             }
             queue.unpublished = false;
             queue.ring.publish_used();
+            queue.stats.set(QueueStat::InFlight, queue.in_flight as u64);
             if queue.ring.needs_notification() {
                 if let Some(call) = &queue.call {
                     let _ = call.write(1);
+                    queue.stats.add(QueueStat::NotificationsSent, 1);
                 }
+            } else {
+                queue.stats.add(QueueStat::NotificationsSuppressed, 1);
             }
             if queue.in_flight == 0 {
                 queue.retired_mem.clear();
@@ -817,11 +975,13 @@ impl Reactor {
                 continue;
             }
             let queue = self.queues[qi].take().unwrap();
+            queue.stats.set(QueueStat::InFlight, 0);
             let _ = queue
                 .stopping
                 .as_ref()
                 .unwrap()
                 .send(queue.ring.last_avail_idx());
+            self.count_queues();
         }
     }
 }
@@ -844,6 +1004,50 @@ impl std::ops::AddAssign for Ops {
         self.uring += other.uring;
         self.deferred += other.deferred;
     }
+}
+
+/// Takes the buffers the driver posted on a stats virtqueue; true if there were any.
+fn poll_guest_stats(queue: &mut QueueState, now: u64) -> bool {
+    let QueueState {
+        ring,
+        mem,
+        guest_stats,
+        ..
+    } = queue;
+    let vq = guest_stats.as_deref_mut().expect("a stats virtqueue");
+    let mut took = false;
+    let mut broken = None;
+    for _ in 0..AVAIL_BATCH {
+        let head = match ring.pop_avail() {
+            Ok(Some(head)) => head,
+            Ok(None) => break,
+            Err(why) => {
+                broken = Some(why);
+                break;
+            }
+        };
+        took = true;
+        if let Err(why) = ring.walk_chain(mem, head, &mut vq.segs) {
+            broken = Some(why);
+            break;
+        }
+        if let Some(extra) = vq.accept(head, now) {
+            ring.push_used(extra, 0);
+            queue.unpublished = true;
+        }
+    }
+    if let Some(why) = broken {
+        queue.mark_broken(why);
+    }
+    queue.stats.add(
+        if took {
+            QueueStat::PollsBusy
+        } else {
+            QueueStat::PollsIdle
+        },
+        1,
+    );
+    took
 }
 
 /// (queue index, slot) of a TAG_IO user_data.
@@ -872,6 +1076,8 @@ fn start_request(
     slot.is_read = false;
     slot.expected = 0;
     slot.data = 0..0;
+    slot.class = Class::Other;
+    slot.sectors = 0;
     if let Err(why) = queue.ring.walk_chain(&queue.mem, head, &mut slot.segs) {
         // The head is taken but the ring is not trustworthy: stop the queue here.
         queue.mark_broken(why);
@@ -883,7 +1089,7 @@ fn start_request(
         // Nowhere to report an error: return the chain with nothing written.
         slot.status_ptr = std::ptr::null_mut();
         slot.used_len = 0;
-        finish(queue, slot_index);
+        finish(queue, slot_index, IN_BATCH);
         return 0;
     };
     slot.status_ptr = status_ptr;
@@ -902,12 +1108,12 @@ fn start_request(
             ops.uring
         }
         Ok(_) => {
-            finish(queue, slot_index);
+            finish(queue, slot_index, IN_BATCH);
             0
         }
         Err(code) => {
             queue.slots[slot_index as usize].status = code;
-            finish(queue, slot_index);
+            finish(queue, slot_index, IN_BATCH);
             0
         }
     }
@@ -935,6 +1141,7 @@ fn dispatch(
     let op = match req.kind {
         RequestKind::In | RequestKind::Out => {
             let is_read = req.kind == RequestKind::In;
+            slot.class = if is_read { Class::Read } else { Class::Write };
             if !is_read && device.options().readonly {
                 return Err(status::IOERR);
             }
@@ -942,6 +1149,7 @@ fn dispatch(
                 return Err(status::IOERR);
             }
             let offset = range_ok(req.sector, req.data_len).ok_or(status::IOERR)?;
+            slot.sectors = req.data_len / blk::SECTOR_SIZE;
             if req.data_len == 0 {
                 return Ok(Ops::default());
             }
@@ -985,7 +1193,10 @@ fn dispatch(
                 }
             }
         }
-        RequestKind::Flush => IoOp::Flush,
+        RequestKind::Flush => {
+            slot.class = Class::Flush;
+            IoOp::Flush
+        }
         RequestKind::GetId => {
             let data = &slot.segs.iovecs()[req.data.clone()];
             let written = blk::copy_to_iovecs(data, device.serial());
@@ -1011,6 +1222,11 @@ fn dispatch_dwz(
 ) -> Result<Ops, u8> {
     let is_discard = req.kind == RequestKind::Discard;
     let is_provision = req.kind == RequestKind::Provision;
+    slot.class = match req.kind {
+        RequestKind::Discard => Class::Discard,
+        RequestKind::Provision => Class::Provision,
+        _ => Class::WriteZeroes,
+    };
     if device.options().readonly {
         return Err(status::IOERR);
     }
@@ -1068,6 +1284,7 @@ fn dispatch_dwz(
         }
         let offset = seg.sector * blk::SECTOR_SIZE;
         let len = u64::from(seg.num_sectors) * blk::SECTOR_SIZE;
+        slot.sectors += u64::from(seg.num_sectors);
         let op = if is_discard {
             IoOp::Discard { offset, len }
         } else if is_provision {
@@ -1129,21 +1346,64 @@ fn record_result(slot: &mut Slot, result: i32) {
     }
 }
 
-fn complete_op(queue: &mut QueueState, slot_index: u32, result: i32) {
+fn complete_op(queue: &mut QueueState, slot_index: u32, result: i32, now: u64) {
     let slot = &mut queue.slots[slot_index as usize];
     assert!(slot.ops_pending > 0, "completion of an idle slot");
     record_result(slot, result);
     slot.ops_pending -= 1;
     if slot.ops_pending == 0 {
-        finish(queue, slot_index);
+        finish(queue, slot_index, now);
+    }
+}
+
+/// `finish`'s time for a request that ends within the avail batch that took it: its latency
+/// is the batch's, recorded by `record_batch_latency`.
+const IN_BATCH: u64 = u64::MAX;
+
+/// Counts a finished request: its class's ops, sectors (when it succeeded) and latency
+/// (`end` = clock time of the completion, or IN_BATCH), and errors by status.
+fn count_request(queue: &mut QueueState, slot_index: u32, end: u64) {
+    let slot = &queue.slots[slot_index as usize];
+    let class = CLASS_STATS[slot.class as usize];
+    let stats = &queue.stats;
+    stats.add(class.ops, 1);
+    match slot.status {
+        status::OK => {
+            if let Some(sectors) = class.sectors {
+                stats.add(sectors, slot.sectors);
+            }
+        }
+        status::UNSUPP => stats.add(QueueStat::ErrorsUnsupp, 1),
+        _ => stats.add(QueueStat::ErrorsIoerr, 1),
+    }
+    if end == IN_BATCH {
+        queue.batch_finished[slot.class as usize] += 1;
+    } else {
+        let latency = end.saturating_sub(slot.start);
+        stats.add(class.nanos, latency);
+        stats.log_hist(class.hist, latency, 1);
+    }
+}
+
+/// Records the latency of the requests that finished within the avail batch that took them.
+fn record_batch_latency(queue: &mut QueueState, latency: u64) {
+    for (class, count) in queue.batch_finished.iter_mut().enumerate() {
+        if *count > 0 {
+            let stats = CLASS_STATS[class];
+            queue.stats.add(stats.nanos, latency * u64::from(*count));
+            queue.stats.log_hist(stats.hist, latency, u64::from(*count));
+            *count = 0;
+        }
     }
 }
 
 /// The one place a request ends: data copied back, status byte written last, used entry
-/// pushed, slot freed.
-fn finish(queue: &mut QueueState, slot_index: u32) {
+/// pushed, slot freed, counted.
+fn finish(queue: &mut QueueState, slot_index: u32, end: u64) {
+    count_request(queue, slot_index, end);
     let slot = &mut queue.slots[slot_index as usize];
     if let Some(bounce) = slot.bounce.take() {
+        queue.stats.add(QueueStat::BounceBuffers, 1);
         if slot.is_read && slot.status == status::OK {
             // SAFETY: the bounce buffer holds `expected` bytes, filled by the read.
             let buf = unsafe { std::slice::from_raw_parts(bounce.ptr, slot.expected as usize) };

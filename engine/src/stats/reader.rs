@@ -120,7 +120,8 @@ impl StatsReader {
         let data_offset = self.header.data_offset as usize;
         let len = data_offset.checked_add(self.data_bytes as usize)?;
         let meta = self.file.metadata().ok()?;
-        if !meta.file_type().is_file() || meta.len() < len as u64 || data_offset % 8 != 0 {
+        if !meta.file_type().is_file() || meta.len() < len as u64 || !data_offset.is_multiple_of(8)
+        {
             return None;
         }
         if len == 0 {
@@ -224,7 +225,7 @@ pub struct Sample {
 impl Sample {
     /// The values of `desc`; empty if its offset is not 8-aligned or it lies outside.
     pub fn of(&self, desc: &Desc) -> &[u64] {
-        if desc.offset % 8 != 0 {
+        if !desc.offset.is_multiple_of(8) {
             return &[];
         }
         let start = desc.offset as usize / 8;

@@ -7,6 +7,8 @@
 //! and volume management take locks; they are not per-request work for an overwrite or a read.
 
 use super::format::{self, FormatError, Record, Superblock, UNMAPPED};
+use crate::stats::sets::PoolStat;
+use crate::stats::Stats;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -138,6 +140,8 @@ struct Allocator {
     /// Fullness level last warned about (0: below 90%, 1: 90% or more, 2: full); a warning
     /// is logged once per crossing upwards and re-armed when space comes back.
     warned: std::sync::atomic::AtomicU8,
+    /// Published statistics (`Pool::publish_stats`); blocks_used follows `used`.
+    stats: std::sync::OnceLock<Stats<PoolStat>>,
 }
 
 /// Blocks [base, base + blocks) of the pool.
@@ -225,6 +229,7 @@ impl Allocator {
             used: AtomicU64::new(0),
             pending_free: Mutex::new(Vec::new()),
             warned: std::sync::atomic::AtomicU8::new(0),
+            stats: std::sync::OnceLock::new(),
         }
     }
 
@@ -246,6 +251,18 @@ impl Allocator {
         let (shard, i) = self.shard_of(p);
         shard.lock().unwrap().set(i, true);
         self.used.fetch_add(1, Ordering::AcqRel);
+        self.count_used(1);
+    }
+
+    /// Keeps the published blocks_used equal to `used` (atomic adds: many threads allocate).
+    fn count_used(&self, delta: i64) {
+        if let Some(stats) = self.stats.get() {
+            if delta > 0 {
+                stats.shared_add(PoolStat::BlocksUsed, delta as u64);
+            } else {
+                stats.shared_sub(PoolStat::BlocksUsed, delta.unsigned_abs());
+            }
+        }
     }
 
     fn release(&self, p: u64) {
@@ -258,6 +275,7 @@ impl Allocator {
         shard.set(i, false);
         drop(shard);
         self.used.fetch_sub(1, Ordering::AcqRel);
+        self.count_used(-1);
         self.warned.fetch_min(self.level(), Ordering::AcqRel);
     }
 
@@ -267,6 +285,7 @@ impl Allocator {
         for k in 0..n {
             if let Some(p) = self.shards[(first + k) % n].lock().unwrap().allocate() {
                 self.used.fetch_add(1, Ordering::AcqRel);
+                self.count_used(1);
                 self.note_level();
                 return Some(p);
             }
@@ -801,6 +820,7 @@ impl Pool {
             }],
         )?;
         volumes.push(volume.clone());
+        self.count_volumes(&volumes);
         Ok(volume)
     }
 
@@ -812,6 +832,7 @@ impl Pool {
         let id = volumes[at].id;
         self.append_commit_locked(&mut journal, &[Record::VolumeDelete { id }])?;
         let volume = volumes.remove(at);
+        self.count_volumes(&volumes);
         drop(volumes);
         drop(journal);
         let freeing = volume
@@ -853,6 +874,25 @@ impl Pool {
         drop(journal);
         self.release_after_grace(cut);
         Ok(())
+    }
+
+    /// Publishes the pool's statistics into `stats` from now on. Call before I/O starts: an
+    /// allocation racing with this call may be missed by blocks_used.
+    pub fn publish_stats(&self, stats: Stats<PoolStat>) {
+        stats.set(PoolStat::BlockSize, u64::from(self.block_size));
+        stats.set(PoolStat::BlocksTotal, self.data_blocks);
+        stats.set(PoolStat::MetadataCommits, self.commits());
+        stats.set(PoolStat::Volumes, self.volumes.read().unwrap().len() as u64);
+        if self.alloc.stats.set(stats).is_ok() {
+            let stats = self.alloc.stats.get().unwrap();
+            stats.set(PoolStat::BlocksUsed, self.alloc.used());
+        }
+    }
+
+    fn count_volumes(&self, volumes: &[Arc<Volume>]) {
+        if let Some(stats) = self.alloc.stats.get() {
+            stats.set(PoolStat::Volumes, volumes.len() as u64);
+        }
     }
 
     pub fn status(&self) -> PoolStatus {
@@ -1125,6 +1165,9 @@ impl Pool {
         drop(volumes);
         self.release_after_grace(freeing);
         journal.last_done = this_commit;
+        if let Some(stats) = self.alloc.stats.get() {
+            stats.shared_add(PoolStat::MetadataCommits, 1);
+        }
         if journal.len > CHECKPOINT_AFTER_BYTES {
             self.checkpoint_locked(&mut journal)?;
         }

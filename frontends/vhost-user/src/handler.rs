@@ -53,7 +53,7 @@ impl BlkHandler {
     /// A fresh connection to `device`, whose queue i runs on `reactors[i % len]`.
     pub fn new(device: Arc<BlkDevice>, reactors: Vec<ReactorHandle>) -> BlkHandler {
         assert!(!reactors.is_empty());
-        let queues = usize::from(device.options().num_queues);
+        let queues = device.vring_count();
         BlkHandler {
             device,
             reactors,
@@ -118,6 +118,10 @@ impl BlkHandler {
         if vring.size == 0 {
             return Err(invalid("kick before vring size"));
         }
+        let role = self
+            .device
+            .queue_role(index, features)
+            .ok_or(invalid("stats virtqueue started without its feature"))?;
         let dup = |fd: &Option<EventFd>| fd.as_ref().and_then(|fd| fd.try_clone().ok());
         let setup = QueueSetup {
             device: self.device.clone(),
@@ -132,6 +136,8 @@ impl BlkHandler {
             err: dup(&vring.err),
             // Without PROTOCOL_FEATURES a ring is enabled as soon as it starts.
             enabled: vring.enabled || features & PROTOCOL_FEATURES_BIT == 0,
+            stats: self.device.queue_stats(index).clone(),
+            role,
         };
         let id = QueueId::fresh();
         self.reactor(index).attach(id, setup).map_err(|why| {

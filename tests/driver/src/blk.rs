@@ -43,6 +43,9 @@ pub struct DriverOptions {
     /// Config space bytes to read (60: through write_zeroes_may_unmap, what every back end
     /// serves; pollblk's experimental fields reach 104).
     pub config_len: u32,
+    /// Set up the stats virtqueue (seed 000) after the request queues; the feature bit must
+    /// be offered and accepted.
+    pub stats_vq: bool,
 }
 
 impl Default for DriverOptions {
@@ -53,6 +56,7 @@ impl Default for DriverOptions {
             accept: u64::MAX,
             ram_bytes: 256 << 20,
             config_len: 60,
+            stats_vq: false,
         }
     }
 }
@@ -98,7 +102,12 @@ pub struct BlkDriver {
     pub features: u64,
     pub offered: u64,
     pub config: Vec<u8>,
+    /// Vring index of the stats virtqueue (the last of `queues`), if set up.
+    pub stats_vring: Option<usize>,
 }
+
+/// Most vrings a driver with a stats virtqueue may address (257: 256 request queues + 1).
+const MAX_VRINGS: usize = 257;
 
 /// One 16-byte discard / write-zeroes segment.
 pub fn dwz_segment(sector: u64, num_sectors: u32, flags: u32) -> Vec<u8> {
@@ -112,7 +121,14 @@ pub fn dwz_segment(sector: u64, num_sectors: u32, flags: u32) -> Vec<u8> {
 impl BlkDriver {
     /// Connects to a vhost-user-blk socket and brings `options.queues` queues up.
     pub fn connect(socket: &Path, options: DriverOptions) -> BlkDriver {
-        let mut frontend = Frontend::connect(socket, options.queues as u64).expect("connect");
+        // The stats virtqueue comes after all the device's request queues, whose number is
+        // only known from the config space: allow any index up to there.
+        let vrings = if options.stats_vq {
+            MAX_VRINGS
+        } else {
+            options.queues
+        };
+        let mut frontend = Frontend::connect(socket, vrings as u64).expect("connect");
         frontend.set_owner().unwrap();
         let offered = frontend.get_features().unwrap();
         let features = offered & options.accept;
@@ -127,7 +143,7 @@ impl BlkDriver {
         if protocol.contains(VhostUserProtocolFeatures::MQ) {
             let max = frontend.get_queue_num().unwrap();
             assert!(
-                max as usize >= options.queues,
+                max as usize >= options.queues + usize::from(options.stats_vq),
                 "back end offers {max} queues"
             );
         }
@@ -147,6 +163,7 @@ impl BlkDriver {
             features,
             offered,
             config: config.to_vec(),
+            stats_vring: None,
         };
         driver.set_mem_table();
         for index in 0..options.queues {
@@ -154,9 +171,61 @@ impl BlkDriver {
             driver.queues.push(queue);
             driver.start_queue(index, 0);
         }
+        if options.stats_vq {
+            // The last virtqueue: after num_queues request queues (one without MQ).
+            let index = if features & F_MQ != 0 {
+                usize::from(u16::from_le_bytes(
+                    driver.config[34..36].try_into().unwrap(),
+                ))
+            } else {
+                1
+            };
+            let queue = DriverQueue::new(&mut driver.ram, 8);
+            driver.queues.push(queue);
+            driver.stats_vring = Some(index);
+            driver.start_vring(index, driver.queues.len() - 1, 0);
+        }
         driver
     }
 
+    /// Posts a buffer on the stats virtqueue (the last queue) holding `bytes` (driver-written,
+    /// device-readable) and kicks; returns its head.
+    pub fn post_stats(&mut self, bytes: &[u8]) -> u16 {
+        let q = self.queues.len() - 1;
+        let gpa = self.ram.alloc(bytes.len().max(1) as u64, 8);
+        self.ram.write(gpa, bytes);
+        let head = self.queues[q].add(
+            &mut self.ram,
+            &[Buf {
+                gpa,
+                len: bytes.len() as u32,
+                writable: false,
+            }],
+            false,
+        );
+        self.queues[q].kick.write(1).unwrap();
+        head
+    }
+
+    /// Waits for the device to return a stats buffer (its request for statistics); returns
+    /// (head, used length).
+    pub fn wait_stats_request(&mut self, timeout: Duration) -> Option<(u16, u32)> {
+        let q = self.queues.len() - 1;
+        self.queues[q].wait_used(&self.ram, timeout)
+    }
+}
+
+/// Packed stats-virtqueue entries: u16 tag, u64 value, little endian.
+pub fn stats_entries(entries: &[(u16, u64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * 10);
+    for (tag, value) in entries {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+    out
+}
+
+impl BlkDriver {
     fn set_mem_table(&mut self) {
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
@@ -170,7 +239,12 @@ impl BlkDriver {
 
     /// Sends the vring setup of queue `index` starting at avail index `base`, then enables it.
     pub fn start_queue(&mut self, index: usize, base: u16) {
-        let q = &self.queues[index];
+        self.start_vring(index, index, base);
+    }
+
+    /// Sets up vring `index` with the driver's queue `queue`.
+    fn start_vring(&mut self, index: usize, queue: usize, base: u16) {
+        let q = &self.queues[queue];
         let f = &self.frontend;
         f.set_vring_num(index, q.size).unwrap();
         f.set_vring_base(index, base).unwrap();

@@ -1,0 +1,550 @@
+//! `pollblk stats`: reads statistics files in KVM's binary stats layout (pollblk's own, or a
+//! KVM VM or vCPU stats fd passed in) and prints them once, or as rates with --watch; as
+//! text, JSON lines or Prometheus's text exposition format.
+
+use pollblk_engine::stats::format::{log_hist_upper, Desc, StatType, Unit};
+use pollblk_engine::stats::{Sample, StatsReader};
+use serde_json::{json, Map, Value};
+use std::fmt::Write as _;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct StatsArgs {
+    /// Statistics files, or directories of them (default: ./pollblk-data/stats, the serving
+    /// daemon's default --stats-dir).
+    paths: Vec<PathBuf>,
+    /// Also read this inherited file descriptor (e.g. a KVM VM or vCPU stats fd). Repeatable.
+    #[arg(long = "fd", value_name = "N")]
+    fds: Vec<i32>,
+    /// One JSON object per report.
+    #[arg(long, conflicts_with = "prometheus")]
+    json: bool,
+    /// Prometheus text exposition format (HELP and TYPE lines, values in base units).
+    #[arg(long)]
+    prometheus: bool,
+    /// Report every SECS seconds (rates per second, percentiles over the interval).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    watch: Option<Duration>,
+    /// With --watch: stop after N reports.
+    #[arg(long, value_name = "N", requires = "watch")]
+    count: Option<u64>,
+}
+
+fn parse_secs(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(0.01..=86400.0).contains(&secs) {
+        return Err(format!("{secs} s: expected 0.01 to 86400"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// One statistics file being read.
+struct Source {
+    reader: StatsReader,
+    last: Sample,
+}
+
+fn open_sources(args: &StatsArgs) -> Result<Vec<Source>, String> {
+    let mut files = Vec::new();
+    let mut paths = args.paths.clone();
+    if paths.is_empty() && args.fds.is_empty() {
+        paths.push(PathBuf::from(crate::DEFAULT_DIR).join("stats"));
+    }
+    for path in &paths {
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if meta.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "stats"))
+                .collect();
+            if found.is_empty() {
+                return Err(format!(
+                    "{}: no statistics files (is a daemon serving with this --stats-dir?)",
+                    path.display()
+                ));
+            }
+            found.sort_by_key(|p| natural_key(p));
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    let mut sources = Vec::new();
+    for path in files {
+        let reader = StatsReader::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        sources.push(reader);
+    }
+    for &fd in &args.fds {
+        // SAFETY: F_GETFD only asks whether the descriptor is open.
+        if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(format!("--fd {fd}: not an open file descriptor"));
+        }
+        // SAFETY: the descriptor is open (checked) and was handed to this process to read;
+        // it is owned from here on.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        sources.push(StatsReader::from_file(file).map_err(|e| format!("--fd {fd}: {e}"))?);
+    }
+    sources
+        .into_iter()
+        .map(|reader| {
+            let last = reader
+                .sample()
+                .map_err(|e| format!("{}: {e}", reader.id()))?;
+            Ok(Source { reader, last })
+        })
+        .collect()
+}
+
+/// Sorts disk2 before disk10 and queue-2 before queue-10.
+fn natural_key(path: &std::path::Path) -> Vec<(String, u64)> {
+    let name = path.file_stem().unwrap_or_default().to_string_lossy();
+    let mut out = Vec::new();
+    let mut text = String::new();
+    let mut number = String::new();
+    for c in name.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+        } else {
+            if !number.is_empty() {
+                out.push((
+                    std::mem::take(&mut text),
+                    number.parse().unwrap_or(u64::MAX),
+                ));
+                number.clear();
+            }
+            text.push(c);
+        }
+    }
+    out.push((text, number.parse().unwrap_or(0)));
+    out
+}
+
+pub fn run(args: StatsArgs) -> Result<(), String> {
+    let mut sources = open_sources(&args)?;
+    let Some(interval) = args.watch else {
+        let out = report(&args, &sources, None);
+        print!("{out}");
+        return Ok(());
+    };
+    let mut reports = 0u64;
+    let mut then = Instant::now();
+    loop {
+        std::thread::sleep(interval);
+        let now = Instant::now();
+        let elapsed = (now - then).as_secs_f64();
+        then = now;
+        let mut current = Vec::with_capacity(sources.len());
+        for s in &sources {
+            current.push(
+                s.reader
+                    .sample()
+                    .map_err(|e| format!("{}: {e}", s.reader.id()))?,
+            );
+        }
+        let out = report(&args, &sources, Some((&current, elapsed)));
+        print!("{out}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        for (s, c) in sources.iter_mut().zip(current) {
+            s.last = c;
+        }
+        reports += 1;
+        if args.count.is_some_and(|n| reports >= n) {
+            return Ok(());
+        }
+    }
+}
+
+/// What one statistic shows in a report.
+enum Shown {
+    /// A single value in its unit (scaled), and its rate per second over the interval.
+    Scalar { value: f64, rate: Option<f64> },
+    /// A histogram: samples counted, percentiles (upper bounds, in the unit).
+    Hist {
+        count: u64,
+        percentiles: Vec<(f64, f64)>,
+        buckets: Vec<(f64, u64)>,
+    },
+}
+
+const PERCENTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+
+/// Inclusive upper bound of bucket `i` of a histogram, in raw units.
+fn bucket_upper(desc: &Desc, i: usize) -> f64 {
+    match desc.stat_type() {
+        Some(StatType::LinearHist) => ((i as u64 + 1) * u64::from(desc.bucket_size)) as f64,
+        _ => log_hist_upper(i) as f64,
+    }
+}
+
+fn show(desc: &Desc, now: &[u64], before: Option<(&[u64], f64)>) -> Shown {
+    let scale = desc.scale();
+    let ty = desc.stat_type();
+    if ty.is_some_and(StatType::is_hist) {
+        let counts: Vec<u64> = match before {
+            Some((b, _)) if b.len() == now.len() => {
+                now.iter().zip(b).map(|(n, b)| n.wrapping_sub(*b)).collect()
+            }
+            _ => now.to_vec(),
+        };
+        let count: u64 = counts.iter().sum();
+        let mut percentiles = Vec::new();
+        if count > 0 {
+            for p in PERCENTILES {
+                let target = ((p * count as f64).ceil() as u64).max(1);
+                let mut seen = 0;
+                for (i, c) in counts.iter().enumerate() {
+                    seen += c;
+                    if seen >= target {
+                        percentiles.push((p, bucket_upper(desc, i) * scale));
+                        break;
+                    }
+                }
+            }
+        }
+        let buckets = counts
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| (bucket_upper(desc, i) * scale, c))
+            .collect();
+        return Shown::Hist {
+            count,
+            percentiles,
+            buckets,
+        };
+    }
+    let raw = now.first().copied().unwrap_or(0);
+    let rate = match (ty, before) {
+        (Some(StatType::Cumulative), Some((b, secs))) if secs > 0.0 => {
+            let delta = raw.wrapping_sub(b.first().copied().unwrap_or(0));
+            Some(delta as f64 * scale / secs)
+        }
+        _ => None,
+    };
+    Shown::Scalar {
+        value: raw as f64 * scale,
+        rate,
+    }
+}
+
+fn unit_suffix(desc: &Desc) -> &'static str {
+    match desc.unit() {
+        Some(Unit::Seconds) => "s",
+        Some(Unit::Bytes) => "B",
+        Some(Unit::Cycles) => "cycles",
+        _ => "",
+    }
+}
+
+/// A number for people: integers as they are, others with 4 significant digits; seconds
+/// with ns/us/ms.
+fn human(value: f64, desc: &Desc) -> String {
+    if desc.unit() == Some(Unit::Seconds) {
+        let (v, u) = if value == 0.0 {
+            (0.0, "s")
+        } else if value < 1e-6 {
+            (value * 1e9, "ns")
+        } else if value < 1e-3 {
+            (value * 1e6, "us")
+        } else if value < 1.0 {
+            (value * 1e3, "ms")
+        } else {
+            (value, "s")
+        };
+        return format!("{v:.4}{u}").replace(".0000", "");
+    }
+    if desc.unit() == Some(Unit::Boolean) {
+        return if value != 0.0 { "yes" } else { "no" }.into();
+    }
+    let text = if value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{value}")
+    } else {
+        format!("{value:.4}")
+    };
+    let suffix = unit_suffix(desc);
+    if suffix.is_empty() {
+        text
+    } else {
+        format!("{text} {suffix}")
+    }
+}
+
+fn report(args: &StatsArgs, sources: &[Source], current: Option<(&[Sample], f64)>) -> String {
+    let rows: Vec<Row<'_>> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| match current {
+            Some((now, secs)) => (s, &now[i], Some((&s.last, secs))),
+            None => (s, &s.last, None),
+        })
+        .collect();
+    if args.prometheus {
+        prometheus(&rows)
+    } else if args.json {
+        json_report(&rows, current.map(|(_, secs)| secs)) + "\n"
+    } else {
+        text(&rows, current.map(|(_, secs)| secs))
+    }
+}
+
+type Row<'a> = (&'a Source, &'a Sample, Option<(&'a Sample, f64)>);
+
+fn shown_of<'a>(row: &Row<'a>) -> impl Iterator<Item = (&'a Desc, Shown)> + 'a {
+    let (source, now, before) = *row;
+    source.reader.descs().iter().map(move |d| {
+        let b = before.map(|(b, secs)| (b.of(d), secs));
+        (d, show(d, now.of(d), b))
+    })
+}
+
+fn text(rows: &[Row<'_>], interval: Option<f64>) -> String {
+    let mut out = String::new();
+    if let Some(secs) = interval {
+        let _ = writeln!(out, "--- {:.2} s ---", secs);
+    }
+    for row in rows {
+        let _ = writeln!(out, "{}", row.0.reader.id());
+        for (desc, shown) in shown_of(row) {
+            let line = match shown {
+                Shown::Scalar { value, rate } => match rate {
+                    // Watching: counters as rates; quiet ones are left out.
+                    Some(rate) if interval.is_some() => {
+                        if rate == 0.0 {
+                            continue;
+                        }
+                        format!("{}/s", human(rate, desc))
+                    }
+                    _ if interval.is_some() && value == 0.0 => continue,
+                    _ => human(value, desc),
+                },
+                Shown::Hist {
+                    count, percentiles, ..
+                } => {
+                    if interval.is_some() && count == 0 {
+                        continue;
+                    }
+                    let mut line = format!("n={count}");
+                    for (p, v) in percentiles {
+                        let _ = write!(line, " p{}<={}", p * 100.0, human(v, desc));
+                    }
+                    line
+                }
+            };
+            let _ = writeln!(out, "  {:<32} {line}", desc.name);
+        }
+    }
+    out
+}
+
+fn json_report(rows: &[Row<'_>], interval: Option<f64>) -> String {
+    let sources: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            let mut stats = Map::new();
+            for (desc, shown) in shown_of(row) {
+                let value = match shown {
+                    Shown::Scalar { value, rate } => {
+                        let mut v = json!({ "value": value });
+                        if let Some(rate) = rate {
+                            v["rate"] = json!(rate);
+                        }
+                        v
+                    }
+                    Shown::Hist {
+                        count,
+                        percentiles,
+                        buckets,
+                    } => {
+                        let mut p = Map::new();
+                        for (q, v) in percentiles {
+                            p.insert(format!("p{}", q * 100.0), json!(v));
+                        }
+                        json!({
+                            "count": count,
+                            "percentiles": p,
+                            "buckets": buckets.iter().map(|(le, c)| json!([le, c])).collect::<Vec<_>>(),
+                        })
+                    }
+                };
+                let mut v = value;
+                v["type"] = json!(type_name(desc));
+                v["unit"] = json!(unit_name(desc));
+                stats.insert(desc.name.clone(), v);
+            }
+            json!({ "id": row.0.reader.id(), "stats": stats })
+        })
+        .collect();
+    let mut out = json!({ "sources": sources });
+    if let Some(secs) = interval {
+        out["interval_seconds"] = json!(secs);
+    }
+    out.to_string()
+}
+
+fn type_name(desc: &Desc) -> &'static str {
+    match desc.stat_type() {
+        Some(StatType::Cumulative) => "cumulative",
+        Some(StatType::Instant) => "instant",
+        Some(StatType::Peak) => "peak",
+        Some(StatType::LinearHist) => "linear_hist",
+        Some(StatType::LogHist) => "log_hist",
+        None => "unknown",
+    }
+}
+
+fn unit_name(desc: &Desc) -> &'static str {
+    match desc.unit() {
+        Some(Unit::None) => "none",
+        Some(Unit::Bytes) => "bytes",
+        Some(Unit::Seconds) => "seconds",
+        Some(Unit::Cycles) => "cycles",
+        Some(Unit::Boolean) => "boolean",
+        None => "unknown",
+    }
+}
+
+/// Prometheus labels of an id: `pollblk-1234/disk0/queue-1` gives
+/// `source="pollblk-1234",object="disk0",queue="1"`; `kvm-1234/vcpu-0` gives
+/// `source="kvm-1234",vcpu="0"`.
+fn labels(id: &str) -> String {
+    let mut parts = id.split('/');
+    let mut out = format!("source=\"{}\"", escape(parts.next().unwrap_or("")));
+    for part in parts {
+        match part.rsplit_once('-') {
+            Some((key, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                let _ = write!(out, ",{}=\"{n}\"", sanitize(key));
+            }
+            _ => {
+                let _ = write!(out, ",object=\"{}\"", escape(part));
+            }
+        }
+    }
+    out
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// A metric or label name: [a-zA-Z_:][a-zA-Z0-9_:]*.
+fn sanitize(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.is_empty() || out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert(0, '_');
+    }
+    out
+}
+
+fn metric_name(id: &str, desc: &Desc) -> String {
+    let prefix = id.split(['-', '/']).next().unwrap_or("stats");
+    let mut name = sanitize(&format!("{prefix}_{}", desc.name));
+    let unit = match desc.unit() {
+        Some(Unit::Seconds) => "_seconds",
+        Some(Unit::Bytes) => "_bytes",
+        _ => "",
+    };
+    if !name.ends_with(unit) {
+        name.push_str(unit);
+    }
+    if desc.stat_type() == Some(StatType::Cumulative) {
+        name.push_str("_total");
+    }
+    name
+}
+
+fn prometheus(rows: &[Row<'_>]) -> String {
+    // Every sample of a metric goes under its one HELP/TYPE block.
+    let mut order: Vec<String> = Vec::new();
+    let mut metrics: std::collections::HashMap<String, (String, Vec<String>)> =
+        std::collections::HashMap::new();
+    for row in rows {
+        let id = row.0.reader.id();
+        let labels = labels(id);
+        for (desc, shown) in shown_of(row) {
+            let name = metric_name(id, desc);
+            let kind = match desc.stat_type() {
+                Some(StatType::Cumulative) => "counter",
+                Some(t) if t.is_hist() => "histogram",
+                _ => "gauge",
+            };
+            let entry = metrics.entry(name.clone()).or_insert_with(|| {
+                order.push(name.clone());
+                let head = format!(
+                    "# HELP {name} {} ({}, {} in KVM binary stats)\n# TYPE {name} {kind}\n",
+                    desc.name,
+                    type_name(desc),
+                    unit_name(desc)
+                );
+                (head, Vec::new())
+            });
+            match shown {
+                Shown::Scalar { value, .. } => {
+                    entry.1.push(format!("{name}{{{labels}}} {value}\n"));
+                }
+                Shown::Hist { count, buckets, .. } => {
+                    let mut cumulative = 0;
+                    let last = buckets.len().saturating_sub(1);
+                    for (i, (le, c)) in buckets.iter().enumerate() {
+                        cumulative += c;
+                        // The last bucket is open-ended: it is +Inf's.
+                        if i < last {
+                            entry.1.push(format!(
+                                "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}\n"
+                            ));
+                        }
+                    }
+                    entry
+                        .1
+                        .push(format!("{name}_bucket{{{labels},le=\"+Inf\"}} {count}\n"));
+                    entry.1.push(format!("{name}_count{{{labels}}} {count}\n"));
+                }
+            }
+        }
+    }
+    let mut out = String::new();
+    for name in order {
+        let (head, samples) = &metrics[&name];
+        out.push_str(head);
+        for s in samples {
+            out.push_str(s);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_become_prometheus_labels() {
+        assert_eq!(
+            labels("pollblk-12/disk0/queue-3"),
+            "source=\"pollblk-12\",object=\"disk0\",queue=\"3\""
+        );
+        assert_eq!(labels("kvm-7/vcpu-0"), "source=\"kvm-7\",vcpu=\"0\"");
+    }
+
+    #[test]
+    fn interval_arguments_are_checked() {
+        assert!(parse_secs("0.5").is_ok());
+        assert!(parse_secs("0").is_err());
+        assert!(parse_secs("soon").is_err());
+    }
+}
