@@ -22,6 +22,10 @@ pub struct CompareArgs {
     /// pollblk binary (default: the one next to this program).
     #[arg(long, value_name = "PATH")]
     pollblk: Option<PathBuf>,
+    /// Another pollblk build (e.g. the previous commit's) for the `baseline` group, which
+    /// runs it against this one (it gets no --stats-dir, so builds before it work).
+    #[arg(long, value_name = "PATH")]
+    baseline: Option<PathBuf>,
     /// qemu-storage-daemon binary.
     #[arg(long, value_name = "PATH", default_value = "qemu-storage-daemon")]
     qsd: PathBuf,
@@ -49,7 +53,8 @@ pub struct CompareArgs {
     /// Core the generator runs on.
     #[arg(long, default_value_t = 1)]
     bench_core: usize,
-    /// Workload groups to run: null, file, file-shm, thin, idle (default: all).
+    /// Workload groups to run: null, file, file-shm, thin, stats, idle, baseline (default:
+    /// all but baseline, which needs --baseline).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     only: Vec<String>,
     /// Generator front end: lean (pollblk-bench's own minimal driver) or blkio (libblkio).
@@ -71,6 +76,10 @@ enum Target {
     PollblkPoll,
     /// pollblk serving a thin volume (Backend::Thin), against pollblk on the raw file.
     PollblkThin,
+    /// pollblk while `pollblk stats --watch 0.1` reads every statistics file at 10 Hz.
+    PollblkStatsReader,
+    /// The `--baseline` pollblk build.
+    Baseline,
     Qsd,
     /// fio with io_uring on the host file: the ceiling of the file backend.
     HostFio,
@@ -82,6 +91,8 @@ impl Target {
             Target::Pollblk => "pollblk",
             Target::PollblkPoll => "pollblk-poll",
             Target::PollblkThin => "pollblk-thin",
+            Target::PollblkStatsReader => "pollblk+reader",
+            Target::Baseline => "baseline",
             Target::Qsd => "qsd",
             Target::HostFio => "host-fio",
         }
@@ -250,6 +261,46 @@ const WORKLOADS: &[Workload] = &[
         metrics: &[Metric::IopsK, Metric::LatP99Us],
     },
     Workload {
+        group: "stats",
+        backend: NULL,
+        pattern: Pattern::RandRead,
+        iodepth: 128,
+        targets: &[Target::Pollblk, Target::PollblkStatsReader],
+        metrics: &[Metric::IopsK, Metric::IopsPerCpuSK, Metric::LatP99Us],
+    },
+    Workload {
+        group: "stats",
+        backend: Backend::File { shm: true },
+        pattern: Pattern::RandRead,
+        iodepth: 32,
+        targets: &[Target::Pollblk, Target::PollblkStatsReader],
+        metrics: &[Metric::IopsK, Metric::LatP99Us],
+    },
+    Workload {
+        group: "baseline",
+        backend: NULL,
+        pattern: Pattern::RandRead,
+        iodepth: 1,
+        targets: &[Target::Pollblk, Target::Baseline],
+        metrics: &[Metric::LatP50Us, Metric::LatP99Us],
+    },
+    Workload {
+        group: "baseline",
+        backend: NULL,
+        pattern: Pattern::RandRead,
+        iodepth: 128,
+        targets: &[Target::Pollblk, Target::Baseline],
+        metrics: &[Metric::IopsK, Metric::IopsPerCpuSK],
+    },
+    Workload {
+        group: "baseline",
+        backend: Backend::File { shm: true },
+        pattern: Pattern::RandRead,
+        iodepth: 32,
+        targets: &[Target::Pollblk, Target::Baseline],
+        metrics: &[Metric::IopsK, Metric::LatP99Us],
+    },
+    Workload {
         group: "idle",
         backend: NULL,
         pattern: Pattern::Idle,
@@ -386,11 +437,16 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
     if args.size < 1 << 20 || !args.size.is_multiple_of(4096) {
         return Err("--size must be at least 1m and a multiple of 4k".into());
     }
-    let known = ["null", "file", "file-shm", "thin", "idle"];
+    let known = [
+        "null", "file", "file-shm", "thin", "stats", "idle", "baseline",
+    ];
     if let Some(bad) = args.only.iter().find(|g| !known.contains(&g.as_str())) {
         return Err(format!(
             "--only: unknown group {bad:?} (expected {known:?})"
         ));
+    }
+    if args.only.iter().any(|g| g == "baseline") && args.baseline.is_none() {
+        return Err("--only baseline needs --baseline PATH".into());
     }
     let pollblk = match &args.pollblk {
         Some(p) => p.clone(),
@@ -433,7 +489,13 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
     };
     let selected: Vec<&Workload> = WORKLOADS
         .iter()
-        .filter(|w| setup.args.only.is_empty() || setup.args.only.iter().any(|g| g == w.group))
+        .filter(|w| {
+            if setup.args.only.is_empty() {
+                w.group != "baseline" || setup.args.baseline.is_some()
+            } else {
+                setup.args.only.iter().any(|g| g == w.group)
+            }
+        })
         .collect();
     if selected
         .iter()
@@ -524,6 +586,17 @@ fn run_one(setup: &Setup, w: &Workload, target: Target) -> Result<(Sample, u64),
     }
     let socket = setup.dir.join(format!("{}.sock", target.name()));
     let mut daemon = start_target(setup, w, target, &socket)?;
+    let mut reader = if target == Target::PollblkStatsReader {
+        match start_stats_reader(setup) {
+            Ok(reader) => Some(reader),
+            Err(e) => {
+                stop(&mut daemon);
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     let spec = LoadSpec {
         socket,
         pattern: w.pattern,
@@ -535,6 +608,16 @@ fn run_one(setup: &Setup, w: &Workload, target: Target) -> Result<(Sample, u64),
         target_pid: Some(daemon.id()),
     };
     let result = load::run(&spec, setup.args.driver);
+    if let Some(reader) = &mut reader {
+        let exited = reader.try_wait().ok().flatten();
+        stop(reader);
+        if let Some(status) = exited {
+            stop(&mut daemon);
+            return Err(format!(
+                "the statistics reader exited during the run ({status})"
+            ));
+        }
+    }
     stop(&mut daemon);
     let result = result.map_err(|e| format!("{} on {}: {e}", w.name(), target.name()))?;
     Ok((Sample::from_load(&result), result.errors))
@@ -552,7 +635,11 @@ fn start_target(
     let file = setup.file_for(w.backend).display();
     let sock = socket.display();
     let mut cmd = match target {
-        Target::Pollblk | Target::PollblkPoll | Target::PollblkThin => {
+        Target::Pollblk
+        | Target::PollblkPoll
+        | Target::PollblkThin
+        | Target::PollblkStatsReader
+        | Target::Baseline => {
             let backend = match w.backend {
                 Backend::Null { read_zeroes } => {
                     format!("null,size={size},read-zeroes={}", on_off(read_zeroes))
@@ -572,10 +659,21 @@ fn start_target(
             } else {
                 "adaptive"
             };
-            let mut cmd = Command::new(&setup.pollblk);
-            cmd.args(["serve", "--cores", &setup.args.target_core.to_string()])
-                .arg("--stats-dir")
-                .arg(setup.dir.join("stats"))
+            let mut cmd = match (target, &setup.args.baseline) {
+                (Target::Baseline, Some(baseline)) => Command::new(baseline),
+                _ => {
+                    let mut cmd = Command::new(&setup.pollblk);
+                    cmd.arg("serve")
+                        .arg("--stats-dir")
+                        .arg(setup.dir.join("stats"));
+                    cmd
+                }
+            };
+            if target == Target::Baseline {
+                cmd.arg("serve");
+            }
+            cmd.current_dir(&setup.dir)
+                .args(["--cores", &setup.args.target_core.to_string()])
                 .args(["--poll-mode", mode, "--export"])
                 .arg(format!(
                     "vhost-user-blk,socket={sock},{backend},num-queues=1"
@@ -646,6 +744,25 @@ fn start_target(
     // before the real front end connects.
     std::thread::sleep(Duration::from_millis(50));
     Ok(child)
+}
+
+/// `pollblk stats DIR --watch 0.1` (a telemetry agent polling at 10 Hz) on the generator's
+/// core, its output discarded.
+fn start_stats_reader(setup: &Setup) -> Result<Child, String> {
+    let mut cmd = Command::new(&setup.pollblk);
+    cmd.arg("stats")
+        .arg(setup.dir.join("stats"))
+        .args(["--watch", "0.1"]);
+    let core = setup.args.bench_core;
+    // SAFETY: sched_setaffinity is async-signal-safe; the closure touches no shared state.
+    unsafe {
+        cmd.pre_exec(move || pin_self(core));
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start the statistics reader: {e}"))
 }
 
 fn on_off(b: bool) -> &'static str {
@@ -794,12 +911,15 @@ fn summarize(workloads: &[&Workload], samples: &[Vec<Vec<Sample>>]) -> Vec<Value
                 }
             }
             let mut ratios = serde_json::Map::new();
-            let thin = medians.get("pollblk-thin").and_then(Value::as_f64);
+            // Thin rows ask how close the thin volume comes to the raw file, stats rows how
+            // close pollblk read at 10 Hz comes to pollblk unread: variant over pollblk.
+            let variant = ["pollblk-thin", "pollblk+reader"]
+                .into_iter()
+                .find_map(|name| Some((name, medians.get(name)?.as_f64()?)));
             let raw = medians.get("pollblk").and_then(Value::as_f64);
-            if let (Some(thin), Some(raw)) = (thin, raw) {
-                // Thin rows ask how close the thin volume comes to the raw file.
+            if let (Some((name, variant)), Some(raw)) = (variant, raw) {
                 if raw > 0.0 {
-                    ratios.insert("pollblk-thin/pollblk".into(), json!(thin / raw));
+                    ratios.insert(format!("{name}/pollblk"), json!(variant / raw));
                 }
             } else if let Some(ours) = medians.get("pollblk").and_then(Value::as_f64) {
                 for (name, v) in &medians {
@@ -823,13 +943,12 @@ fn summarize(workloads: &[&Workload], samples: &[Vec<Vec<Sample>>]) -> Vec<Value
 }
 
 fn print_table(rows: &[Value], to_stderr: bool) {
-    let cols = COLUMNS;
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<36} {:<24} {:>10} {:>10} {:>12} {:>10} {:>12}  ratios",
-        "workload", "metric", cols[0], cols[1], cols[2], cols[3], cols[4]
-    );
+    let _ = write!(out, "{:<36} {:<24}", "workload", "metric");
+    for c in COLUMNS {
+        let _ = write!(out, " {c:>14}");
+    }
+    let _ = writeln!(out, "  ratios");
     for row in rows {
         let cell = |name: &str| format_value(row["medians"][name].as_f64());
         let ratios: Vec<String> = row["ratios"]
@@ -840,18 +959,16 @@ fn print_table(rows: &[Value], to_stderr: bool) {
                     .collect()
             })
             .unwrap_or_default();
-        let _ = writeln!(
+        let _ = write!(
             out,
-            "{:<36} {:<24} {:>10} {:>10} {:>12} {:>10} {:>12}  {}",
+            "{:<36} {:<24}",
             row["workload"].as_str().unwrap_or(""),
-            row["metric"].as_str().unwrap_or(""),
-            cell(cols[0]),
-            cell(cols[1]),
-            cell(cols[2]),
-            cell(cols[3]),
-            cell(cols[4]),
-            ratios.join(", ")
+            row["metric"].as_str().unwrap_or("")
         );
+        for c in COLUMNS {
+            let _ = write!(out, " {:>14}", cell(c));
+        }
+        let _ = writeln!(out, "  {}", ratios.join(", "));
     }
     if to_stderr {
         eprint!("{out}");
@@ -861,7 +978,15 @@ fn print_table(rows: &[Value], to_stderr: bool) {
 }
 
 /// Column order of the tables.
-const COLUMNS: [&str; 5] = ["pollblk", "qsd", "pollblk-poll", "host-fio", "pollblk-thin"];
+const COLUMNS: [&str; 7] = [
+    "pollblk",
+    "qsd",
+    "pollblk-poll",
+    "host-fio",
+    "pollblk-thin",
+    "pollblk+reader",
+    "baseline",
+];
 
 fn format_value(v: Option<f64>) -> String {
     match v {
@@ -876,7 +1001,9 @@ fn markdown_table(rows: &[Value]) -> String {
     for c in COLUMNS {
         let _ = write!(out, " {c} |");
     }
-    out += " ratios |\n|---|---|---:|---:|---:|---:|---:|---|\n";
+    out += " ratios |\n|---|---|";
+    out += &"---:|".repeat(COLUMNS.len());
+    out += "---|\n";
     for row in rows {
         let _ = write!(
             out,
