@@ -263,6 +263,10 @@ fn human(value: f64, desc: &Desc) -> String {
     }
     let text = if value.fract() == 0.0 && value.abs() < 1e15 {
         format!("{value}")
+    } else if value.abs() >= 100.0 {
+        format!("{value:.0}")
+    } else if value.abs() >= 1.0 {
+        format!("{value:.2}")
     } else {
         format!("{value:.4}")
     };
@@ -302,10 +306,96 @@ fn shown_of<'a>(row: &Row<'a>) -> impl Iterator<Item = (&'a Desc, Shown)> + 'a {
     })
 }
 
+/// Per-disk totals over the queues of pollblk's files (ids `.../DISK/queue-N`), for the top
+/// of a --watch report: what an operator scans first.
+fn disk_summary(rows: &[Row<'_>], secs: f64) -> String {
+    struct Disk {
+        name: String,
+        v: [f64; 8],
+    }
+    const NAMES: [&str; 8] = [
+        "read_ops",
+        "write_ops",
+        "read_sectors",
+        "write_sectors",
+        "read_time",
+        "write_time",
+        "errors_ioerr",
+        "in_flight",
+    ];
+    let mut disks: Vec<Disk> = Vec::new();
+    for (source, now, before) in rows {
+        let id = source.reader.id();
+        let mut parts = id.rsplit('/');
+        let (Some(queue), Some(disk)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if !queue.starts_with("queue-") {
+            continue;
+        }
+        let at = match disks.iter().position(|d| d.name == disk) {
+            Some(at) => at,
+            None => {
+                disks.push(Disk {
+                    name: disk.to_string(),
+                    v: [0.0; 8],
+                });
+                disks.len() - 1
+            }
+        };
+        for desc in source.reader.descs() {
+            let Some(k) = NAMES.iter().position(|n| *n == desc.name) else {
+                continue;
+            };
+            let raw = now.of(desc).first().copied().unwrap_or(0);
+            let value = if k == 7 {
+                raw as f64
+            } else {
+                let then = before.map_or(0, |(b, _)| b.of(desc).first().copied().unwrap_or(0));
+                raw.wrapping_sub(then) as f64 * desc.scale()
+            };
+            disks[at].v[k] += value;
+        }
+    }
+    if disks.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "{:<10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>8} {:>9}\n",
+        "disk", "r/s", "w/s", "rMB/s", "wMB/s", "r_lat", "w_lat", "inflight", "errors/s"
+    );
+    let lat = |time: f64, ops: f64| {
+        if ops > 0.0 {
+            let us = time / ops * 1e6;
+            format!("{us:.1}us")
+        } else {
+            "-".into()
+        }
+    };
+    for d in &disks {
+        let v = &d.v;
+        let _ = writeln!(
+            out,
+            "{:<10} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>10} {:>10} {:>8} {:>9.0}",
+            d.name,
+            v[0] / secs,
+            v[1] / secs,
+            v[2] * 512.0 / secs / 1e6,
+            v[3] * 512.0 / secs / 1e6,
+            lat(v[4], v[0]),
+            lat(v[5], v[1]),
+            v[7],
+            v[6] / secs
+        );
+    }
+    out
+}
+
 fn text(rows: &[Row<'_>], interval: Option<f64>) -> String {
     let mut out = String::new();
     if let Some(secs) = interval {
         let _ = writeln!(out, "--- {:.2} s ---", secs);
+        out.push_str(&disk_summary(rows, secs));
     }
     for row in rows {
         let _ = writeln!(out, "{}", row.0.reader.id());

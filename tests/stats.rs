@@ -311,6 +311,13 @@ fn watch_shows_live_rates() {
         text.contains("read_latency_hist") && text.contains("p99<="),
         "{text}"
     );
+    // The per-disk summary on top: disk0's reads per second.
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("disk0 "))
+        .unwrap_or_else(|| panic!("no disk0 summary in {text}"));
+    let reads: f64 = summary.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(reads > 10.0, "{summary}");
 }
 
 #[test]
