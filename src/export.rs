@@ -3,6 +3,7 @@
 //! `vhost-user-blk,socket=PATH,file=PATH[,num-queues=N][,readonly=on][,block-size=512|4096][,serial=ID]`
 //! `vhost-user-blk,socket=PATH,null,size=BYTES[,read-zeroes=on|off][,...same options]`
 //! `vhost-user-blk,socket=PATH,pool=DIR,volume=NAME[,...same options]`
+//! `vhost-user-blk,socket=PATH,rbd=POOL/IMAGE[,ceph-conf=PATH][,client=NAME][,rbd-timeout=SECS][,...]`
 
 use std::path::PathBuf;
 
@@ -22,7 +23,23 @@ pub enum Volume {
     Null { size_bytes: u64, read_zeroes: bool },
     /// A volume of the thin pool in a directory (`pollblk pool create`).
     Thin { pool: PathBuf, volume: String },
+    /// An image of a Ceph cluster (needs a build with `--features rbd`).
+    Rbd(RbdVolume),
 }
+
+/// `rbd=POOL/IMAGE[,ceph-conf=PATH][,client=NAME][,rbd-timeout=SECS]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RbdVolume {
+    pub pool: String,
+    pub image: String,
+    pub conf: Option<PathBuf>,
+    pub client: Option<String>,
+    /// Seconds an operation may wait on the cluster before it fails with IOERR.
+    pub timeout_secs: u64,
+}
+
+/// Default of `rbd-timeout=`.
+pub const DEFAULT_RBD_TIMEOUT_SECS: u64 = 30;
 
 /// One parsed `--export`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +114,10 @@ impl std::str::FromStr for Export {
         let mut provision = false;
         let mut guest_stats = false;
         let mut guest_stats_bit = None;
+        let mut rbd = None;
+        let mut ceph_conf = None;
+        let mut client = None;
+        let mut rbd_timeout = None;
         for part in parts {
             let (key, value) = part.split_once('=').unwrap_or((part, ""));
             let need_value = || {
@@ -125,6 +146,26 @@ impl std::str::FromStr for Export {
                 }
                 "readonly" => readonly = parse_on_off(key, need_value()?)?,
                 "provision" => provision = parse_on_off(key, need_value()?)?,
+                "rbd" => {
+                    let (pool, image) = need_value()?
+                        .split_once('/')
+                        .filter(|(p, i)| !p.is_empty() && !i.is_empty() && !i.contains('/'))
+                        .ok_or_else(|| format!("rbd={value}: expected POOL/IMAGE"))?;
+                    rbd = Some((pool.to_string(), image.to_string()));
+                }
+                "ceph-conf" => ceph_conf = Some(PathBuf::from(need_value()?)),
+                "client" => client = Some(need_value()?.to_string()),
+                "rbd-timeout" => {
+                    rbd_timeout = Some(
+                        need_value()?
+                            .parse::<u64>()
+                            .ok()
+                            .filter(|s| (1..=3600).contains(s))
+                            .ok_or_else(|| {
+                                format!("rbd-timeout={value}: expected 1 to 3600 seconds")
+                            })?,
+                    )
+                }
                 "guest-stats" => guest_stats = parse_on_off(key, need_value()?)?,
                 "guest-stats-bit" => {
                     guest_stats_bit = Some(
@@ -163,10 +204,49 @@ impl std::str::FromStr for Export {
         if guest_stats_bit.is_some() && !guest_stats {
             return Err("guest-stats-bit= goes with guest-stats=on".into());
         }
+        if rbd.is_none() && (ceph_conf.is_some() || client.is_some() || rbd_timeout.is_some()) {
+            return Err("ceph-conf=, client= and rbd-timeout= go with rbd=POOL/IMAGE".into());
+        }
+        if let Some((rbd_pool, rbd_image)) = rbd {
+            if file.is_some()
+                || null
+                || size.is_some()
+                || read_zeroes.is_some()
+                || pool.is_some()
+                || pool_volume.is_some()
+            {
+                return Err(
+                    "give one volume: file=PATH, null, pool=DIR,volume=NAME or rbd=POOL/IMAGE"
+                        .into(),
+                );
+            }
+            if provision {
+                return Err("provision=on: RBD images cannot reserve space".into());
+            }
+            rbd = Some((rbd_pool, rbd_image));
+        }
         let guest_stats_bit = guest_stats.then(|| {
             guest_stats_bit
                 .unwrap_or(pollblk_engine::device::GuestStatsOptions::DEFAULT_FEATURE_BIT)
         });
+        if let Some((pool, image)) = rbd {
+            return Ok(Export {
+                socket,
+                volume: Volume::Rbd(RbdVolume {
+                    pool,
+                    image,
+                    conf: ceph_conf,
+                    client,
+                    timeout_secs: rbd_timeout.unwrap_or(DEFAULT_RBD_TIMEOUT_SECS),
+                }),
+                num_queues,
+                readonly,
+                block_size,
+                serial,
+                provision,
+                guest_stats_bit,
+            });
+        }
         if pool.is_some() != pool_volume.is_some() {
             return Err("pool=DIR and volume=NAME go together".into());
         }
@@ -311,6 +391,31 @@ mod tests {
         assert!(err("vhost-user-blk,socket=/s,file=/f,read-zeroes=off").contains("goes with null"));
         assert!(err("vhost-user-blk,socket=/s,pool=/p").contains("go together"));
         assert!(err("vhost-user-blk,socket=/s,pool=/p,volume=v,file=/f").contains("one volume"));
+        assert!(err("vhost-user-blk,socket=/s,rbd=img").contains("POOL/IMAGE"));
+        assert!(err("vhost-user-blk,socket=/s,rbd=p/i,file=/f").contains("one volume"));
+        assert!(err("vhost-user-blk,socket=/s,file=/f,client=x").contains("go with rbd"));
+        assert!(err("vhost-user-blk,socket=/s,rbd=p/i,rbd-timeout=0").contains("rbd-timeout"));
+        assert!(err("vhost-user-blk,socket=/s,rbd=p/i,provision=on").contains("RBD"));
+        assert!(
+            err("vhost-user-blk,socket=/s,file=/f,guest-stats-bit=19").contains("guest-stats=on")
+        );
+        assert!(
+            err("vhost-user-blk,socket=/s,file=/f,guest-stats=on,guest-stats-bit=11")
+                .contains("19 to 23")
+        );
+        let e: Export = "vhost-user-blk,socket=/s,rbd=pool/vm1,ceph-conf=/c,client=cinder"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            e.volume,
+            Volume::Rbd(RbdVolume {
+                pool: "pool".into(),
+                image: "vm1".into(),
+                conf: Some("/c".into()),
+                client: Some("cinder".into()),
+                timeout_secs: DEFAULT_RBD_TIMEOUT_SECS,
+            })
+        );
         let e: Export = "vhost-user-blk,socket=/s,pool=/p,volume=v0"
             .parse()
             .unwrap();

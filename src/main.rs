@@ -255,6 +255,7 @@ fn open_device(
             size_bytes,
             read_zeroes,
         } => Arc::new(NullBackend::new(*size_bytes, *read_zeroes)),
+        Volume::Rbd(rbd) => open_rbd(rbd, export.readonly)?,
     };
     let size = backend.info().size_bytes;
     if size == 0 || !size.is_multiple_of(u64::from(export.block_size)) {
@@ -283,6 +284,30 @@ fn open_device(
         backend,
         stats,
     )))
+}
+
+#[cfg(feature = "rbd")]
+fn open_rbd(rbd: &export::RbdVolume, readonly: bool) -> Result<Arc<dyn Backend>, String> {
+    use pollblk_engine::backend::{RbdBackend, RbdOptions};
+    let image = RbdBackend::open(&RbdOptions {
+        pool: rbd.pool.clone(),
+        image: rbd.image.clone(),
+        conf: rbd.conf.clone(),
+        client: rbd.client.clone(),
+        timeout: Duration::from_secs(rbd.timeout_secs),
+        readonly,
+    })
+    .map_err(|e| format!("rbd {}/{}: {e}", rbd.pool, rbd.image))?;
+    tracing::info!(pool = %rbd.pool, image = %rbd.image, fsid = image.fsid(), "RBD image open");
+    Ok(Arc::new(image))
+}
+
+#[cfg(not(feature = "rbd"))]
+fn open_rbd(rbd: &export::RbdVolume, _readonly: bool) -> Result<Arc<dyn Backend>, String> {
+    Err(format!(
+        "rbd={}/{}: this pollblk was built without Ceph support (build with --features rbd)",
+        rbd.pool, rbd.image
+    ))
 }
 
 /// The cores this process may run on (its affinity mask), in order.
@@ -353,6 +378,16 @@ fn serve(
     for (i, a) in exports.iter().enumerate() {
         if exports[..i].iter().any(|b| b.socket == a.socket) {
             return Err(format!("socket {} is given twice", a.socket.display()));
+        }
+        if let Volume::Rbd(r) = &a.volume {
+            let same = |b: &Export| matches!(&b.volume, Volume::Rbd(o) if o.pool == r.pool && o.image == r.image && o.conf == r.conf);
+            if exports[..i].iter().any(same) {
+                return Err(format!(
+                    "rbd={}/{} is exported twice: one image, one handle (it holds the image's \
+                     exclusive lock)",
+                    r.pool, r.image
+                ));
+            }
         }
     }
     // Before any thread starts (thin volumes start workers): every thread inherits the mask,

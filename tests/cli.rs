@@ -235,3 +235,15 @@ fn a_pool_can_keep_its_data_on_a_device() {
     let (code, _, err) = pollblk(&["pool", "volume", "create", p, "v", "--size", "1G"]);
     assert_eq!(code, 0, "{err}");
 }
+
+#[cfg(not(feature = "rbd"))]
+#[test]
+fn an_rbd_export_without_ceph_support_says_how_to_get_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stderr) = serve(
+        dir.path(),
+        &["--export", "vhost-user-blk,socket=r.sock,rbd=pool/img"],
+    );
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--features rbd"), "{stderr}");
+}

@@ -237,3 +237,20 @@ fn linux_guest_on_a_thin_volume_gives_discarded_space_back() {
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+#[cfg(feature = "rbd")]
+#[test]
+fn linux_guest_runs_fio_verify_on_an_rbd_image() {
+    if !guest_available("linux_guest_runs_fio_verify_on_an_rbd_image") {
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cluster = common::ceph::Cluster::start(&dir.path().join("ceph"), 1024);
+    let socket = dir.path().join("rbd.sock");
+    let export = format!(
+        "vhost-user-blk,socket={},{},num-queues=2",
+        socket.display(),
+        cluster.export("img")
+    );
+    run_guest(dir.path(), &["--export".into(), export], &socket);
+}

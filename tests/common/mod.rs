@@ -1,6 +1,8 @@
 //! Running the pollblk binary from tests.
 #![allow(dead_code)]
 
+pub mod ceph;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

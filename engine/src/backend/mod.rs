@@ -6,10 +6,14 @@
 
 mod file;
 mod null;
+#[cfg(feature = "rbd")]
+mod rbd;
 mod thin;
 
 pub use file::FileBackend;
 pub use null::NullBackend;
+#[cfg(feature = "rbd")]
+pub use rbd::{RbdBackend, RbdOptions};
 pub use thin::ThinBackend;
 
 use io_uring::squeue;
