@@ -26,6 +26,13 @@ pub struct CompareArgs {
     /// runs it against this one (it gets no --stats-dir, so builds before it work).
     #[arg(long, value_name = "PATH")]
     baseline: Option<PathBuf>,
+    /// ceph.conf of a cluster for the `rbd` group (e.g. from tests/ceph/cluster.sh start);
+    /// pollblk must be built with --features rbd, qemu-storage-daemon needs qemu-block-extra.
+    #[arg(long, value_name = "PATH")]
+    ceph_conf: Option<PathBuf>,
+    /// The RBD image the `rbd` group serves (written in full once before the runs).
+    #[arg(long, value_name = "POOL/IMAGE", default_value = "rbd/img")]
+    rbd_image: String,
     /// qemu-storage-daemon binary.
     #[arg(long, value_name = "PATH", default_value = "qemu-storage-daemon")]
     qsd: PathBuf,
@@ -53,8 +60,8 @@ pub struct CompareArgs {
     /// Core the generator runs on.
     #[arg(long, default_value_t = 1)]
     bench_core: usize,
-    /// Workload groups to run: null, file, file-shm, thin, stats, idle, baseline (default:
-    /// all but baseline, which needs --baseline).
+    /// Workload groups to run: null, file, file-shm, thin, stats, idle, baseline, rbd
+    /// (default: all but baseline and rbd, which need --baseline and --ceph-conf).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     only: Vec<String>,
     /// Generator front end: lean (pollblk-bench's own minimal driver) or blkio (libblkio).
@@ -80,6 +87,8 @@ enum Target {
     PollblkStatsReader,
     /// The `--baseline` pollblk build.
     Baseline,
+    /// `rbd bench` on the same image: the cluster's own ceiling, no virtualization layer.
+    RbdBench,
     Qsd,
     /// fio with io_uring on the host file: the ceiling of the file backend.
     HostFio,
@@ -93,6 +102,7 @@ impl Target {
             Target::PollblkThin => "pollblk-thin",
             Target::PollblkStatsReader => "pollblk+reader",
             Target::Baseline => "baseline",
+            Target::RbdBench => "rbd-bench",
             Target::Qsd => "qsd",
             Target::HostFio => "host-fio",
         }
@@ -111,6 +121,8 @@ enum Backend {
     /// `first_write` both start empty every run (a fresh pool, a sparse file); without, the
     /// volume is mapped in full and the file written in full once.
     Thin { first_write: bool },
+    /// The `--rbd-image` of the `--ceph-conf` cluster, for every target.
+    Rbd,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -155,6 +167,7 @@ impl Workload {
             Backend::File { shm: true } => "file on tmpfs",
             Backend::Thin { first_write: false } => "thin vs raw, mapped,",
             Backend::Thin { first_write: true } => "thin vs raw, first writes,",
+            Backend::Rbd => "rbd",
         };
         if self.pattern == Pattern::Idle {
             format!("{backend} idle, front end connected")
@@ -301,6 +314,22 @@ const WORKLOADS: &[Workload] = &[
         metrics: &[Metric::IopsK, Metric::LatP99Us],
     },
     Workload {
+        group: "rbd",
+        backend: Backend::Rbd,
+        pattern: Pattern::RandRead,
+        iodepth: 32,
+        targets: &[Target::Pollblk, Target::Qsd, Target::RbdBench],
+        metrics: &[Metric::IopsK, Metric::LatP99Us, Metric::IopsPerCpuSK],
+    },
+    Workload {
+        group: "rbd",
+        backend: Backend::Rbd,
+        pattern: Pattern::RandWrite,
+        iodepth: 32,
+        targets: &[Target::Pollblk, Target::Qsd, Target::RbdBench],
+        metrics: &[Metric::IopsK, Metric::LatP99Us, Metric::IopsPerCpuSK],
+    },
+    Workload {
         group: "idle",
         backend: NULL,
         pattern: Pattern::Idle,
@@ -337,8 +366,8 @@ impl Sample {
     fn metric(&self, m: Metric) -> Option<f64> {
         match m {
             Metric::IopsK => Some(self.iops / 1e3),
-            Metric::LatP50Us => Some(self.p50_us),
-            Metric::LatP99Us => Some(self.p99_us),
+            Metric::LatP50Us => Some(self.p50_us).filter(|v| !v.is_nan()),
+            Metric::LatP99Us => Some(self.p99_us).filter(|v| !v.is_nan()),
             Metric::IopsPerCpuSK => {
                 let cpu = self.cpu_s?;
                 (cpu > 0.0).then(|| self.iops * self.elapsed_s / cpu / 1e3)
@@ -422,6 +451,38 @@ impl Setup {
         )
     }
 
+    fn ceph_conf(&self) -> &Path {
+        self.args
+            .ceph_conf
+            .as_deref()
+            .expect("rbd workloads run only with --ceph-conf")
+    }
+
+    fn rbd_pool_image(&self) -> (&str, &str) {
+        self.args
+            .rbd_image
+            .split_once('/')
+            .unwrap_or(("rbd", &self.args.rbd_image))
+    }
+
+    /// `rbd -c CONF ARGS`, its stdout.
+    fn rbd(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("rbd")
+            .arg("-c")
+            .arg(self.ceph_conf())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run rbd: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "rbd {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     fn file_for(&self, backend: Backend) -> &Path {
         match backend {
             Backend::File { shm: true } => &self.shm_file,
@@ -438,7 +499,7 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
         return Err("--size must be at least 1m and a multiple of 4k".into());
     }
     let known = [
-        "null", "file", "file-shm", "thin", "stats", "idle", "baseline",
+        "null", "file", "file-shm", "thin", "stats", "idle", "baseline", "rbd",
     ];
     if let Some(bad) = args.only.iter().find(|g| !known.contains(&g.as_str())) {
         return Err(format!(
@@ -447,6 +508,9 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
     }
     if args.only.iter().any(|g| g == "baseline") && args.baseline.is_none() {
         return Err("--only baseline needs --baseline PATH".into());
+    }
+    if args.only.iter().any(|g| g == "rbd") && args.ceph_conf.is_none() {
+        return Err("--only rbd needs --ceph-conf PATH".into());
     }
     let pollblk = match &args.pollblk {
         Some(p) => p.clone(),
@@ -491,7 +555,11 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
         .iter()
         .filter(|w| {
             if setup.args.only.is_empty() {
-                w.group != "baseline" || setup.args.baseline.is_some()
+                match w.group {
+                    "baseline" => setup.args.baseline.is_some(),
+                    "rbd" => setup.args.ceph_conf.is_some(),
+                    _ => true,
+                }
             } else {
                 setup.args.only.iter().any(|g| g == w.group)
             }
@@ -508,6 +576,9 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
         .any(|w| w.backend == Backend::File { shm: true })
     {
         write_test_file(&setup.shm_file, setup.args.size)?;
+    }
+    if selected.iter().any(|w| w.backend == Backend::Rbd) {
+        fill_rbd_image(&setup)?;
     }
     let outcome = run_all(&setup, &selected);
     let _ = std::fs::remove_file(&setup.shm_file);
@@ -581,6 +652,9 @@ fn run_one(setup: &Setup, w: &Workload, target: Target) -> Result<(Sample, u64),
     if target == Target::HostFio {
         return Ok((host_fio(setup, w)?, 0));
     }
+    if target == Target::RbdBench {
+        return Ok((rbd_bench(setup, w)?, 0));
+    }
     if let Backend::Thin { first_write } = w.backend {
         prepare_thin(setup, first_write, target)?;
     }
@@ -645,6 +719,11 @@ fn start_target(
                     format!("null,size={size},read-zeroes={}", on_off(read_zeroes))
                 }
                 Backend::File { .. } => format!("file={file}"),
+                Backend::Rbd => format!(
+                    "rbd={},ceph-conf={}",
+                    setup.args.rbd_image,
+                    setup.ceph_conf().display()
+                ),
                 Backend::Thin { first_write } => {
                     let (raw, pool) = setup.thin_paths(first_write);
                     if target == Target::PollblkThin {
@@ -687,6 +766,15 @@ fn start_target(
                     on_off(read_zeroes)
                 ),
                 Backend::Thin { .. } => unreachable!("thin rows compare pollblk with itself"),
+                Backend::Rbd => {
+                    let (pool, image) = setup.rbd_pool_image();
+                    // cache.direct=on turns librbd's cache off, as pollblk does.
+                    format!(
+                        "driver=rbd,node-name=disk,pool={pool},image={image},conf={},\
+                         cache.direct=on",
+                        setup.ceph_conf().display()
+                    )
+                }
                 Backend::File { .. } => {
                     format!(
                         "driver=file,node-name=disk,filename={file},cache.direct=on,aio=io_uring"
@@ -700,7 +788,7 @@ fn start_target(
             ));
             cmd
         }
-        Target::HostFio => unreachable!("fio is not a daemon"),
+        Target::HostFio | Target::RbdBench => unreachable!("not a daemon"),
     };
     let core = setup.args.target_core;
     // SAFETY: sched_setaffinity is async-signal-safe; the closure touches no shared state.
@@ -763,6 +851,86 @@ fn start_stats_reader(setup: &Setup) -> Result<Child, String> {
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("cannot start the statistics reader: {e}"))
+}
+
+/// Writes the RBD image in full once: reads of objects never written are answered without
+/// touching an OSD and would measure nothing.
+fn fill_rbd_image(setup: &Setup) -> Result<(), String> {
+    let info: Value =
+        serde_json::from_str(&setup.rbd(&["info", "--format", "json", &setup.args.rbd_image])?)
+            .map_err(|e| format!("rbd info: {e}"))?;
+    let size = info["size"].as_u64().ok_or("rbd info: no size")?;
+    eprintln!(
+        "compare: writing {} in full ({} MiB)",
+        setup.args.rbd_image,
+        size >> 20
+    );
+    setup.rbd(&[
+        "bench",
+        "--io-type",
+        "write",
+        "--io-size",
+        "4M",
+        "--io-threads",
+        "4",
+        "--io-pattern",
+        "seq",
+        "--io-total",
+        &size.to_string(),
+        &setup.args.rbd_image,
+    ])?;
+    Ok(())
+}
+
+/// `rbd bench` with the workload's pattern, size and depth, pinned to the generator's core.
+fn rbd_bench(setup: &Setup, w: &Workload) -> Result<Sample, String> {
+    let io_type = if w.pattern == Pattern::RandWrite {
+        "write"
+    } else {
+        "read"
+    };
+    // rbd bench stops after a byte count: aim at the runtime at ~15k IOPS.
+    let ops = (setup.args.runtime * 15_000.0).max(1000.0) as u64;
+    let started = Instant::now();
+    let core = setup.args.bench_core.to_string();
+    let out = Command::new("taskset")
+        .args(["-c", &core, "rbd", "-c"])
+        .arg(setup.ceph_conf())
+        .args(["bench", "--io-type", io_type, "--io-size", "4096"])
+        .args(["--io-pattern", "rand", "--io-threads"])
+        .arg(w.iodepth.to_string())
+        .arg("--io-total")
+        .arg((ops * 4096).to_string())
+        .arg(&setup.args.rbd_image)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run rbd bench: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "rbd bench failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The summary line: "elapsed: 6   ops: 90000   ops/sec: 14961.2   bytes/sec: ...".
+    let iops = text
+        .lines()
+        .find(|l| l.starts_with("elapsed:"))
+        .and_then(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "ops/sec:")?;
+            words.next()?.parse::<f64>().ok()
+        })
+        .ok_or_else(|| format!("rbd bench printed no summary: {text}"))?;
+    Ok(Sample {
+        iops,
+        p50_us: f64::NAN,
+        p99_us: f64::NAN,
+        cpu_s: None,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        generator_ceiling: None,
+        raw: json!({ "rbd_bench": text }),
+    })
 }
 
 fn on_off(b: bool) -> &'static str {
@@ -978,7 +1146,7 @@ fn print_table(rows: &[Value], to_stderr: bool) {
 }
 
 /// Column order of the tables.
-const COLUMNS: [&str; 7] = [
+const COLUMNS: [&str; 8] = [
     "pollblk",
     "qsd",
     "pollblk-poll",
@@ -986,6 +1154,7 @@ const COLUMNS: [&str; 7] = [
     "pollblk-thin",
     "pollblk+reader",
     "baseline",
+    "rbd-bench",
 ];
 
 fn format_value(v: Option<f64>) -> String {
