@@ -169,6 +169,16 @@ enum Msg {
     Shutdown,
 }
 
+/// Why a queue did not stop in time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopError {
+    /// Requests were still in the backend when the timeout ran out; the queue stops as soon
+    /// as they complete.
+    Timeout,
+    /// The reactor has exited.
+    ReactorGone,
+}
+
 /// Sends control messages to one reactor.
 #[derive(Clone)]
 pub struct ReactorHandle {
@@ -203,6 +213,19 @@ impl ReactorHandle {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.send(Msg::Stop(id, tx));
         rx.recv().unwrap_or(0)
+    }
+
+    /// Pauses a queue: it takes no new request, completes every one in flight, then detaches
+    /// and gives the avail index to resume at (`QueueSetup::base` of the next attach). A
+    /// request still in the backend after `timeout` is reported (StopError::Timeout), not
+    /// waited on forever; the queue then detaches by itself when its last request completes.
+    pub fn stop_within(&self, id: QueueId, timeout: Duration) -> Result<u16, StopError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Msg::Stop(id, tx));
+        rx.recv_timeout(timeout).map_err(|e| match e {
+            crossbeam_channel::RecvTimeoutError::Timeout => StopError::Timeout,
+            crossbeam_channel::RecvTimeoutError::Disconnected => StopError::ReactorGone,
+        })
     }
 
     /// Pauses or resumes taking new requests (SET_VRING_ENABLE).

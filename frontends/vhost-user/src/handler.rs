@@ -8,7 +8,7 @@
 use pollblk_engine::blk::{self, BlkConfig};
 use pollblk_engine::device::BlkDevice;
 use pollblk_engine::mem::{GuestMemory, MmapRegion, MAX_REGIONS};
-use pollblk_engine::reactor::{QueueId, QueueSetup, ReactorHandle};
+use pollblk_engine::reactor::{QueueId, QueueSetup, ReactorHandle, StopError};
 use pollblk_engine::virtqueue::{RingAddrs, MAX_QUEUE_SIZE};
 use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -17,6 +17,10 @@ use vhost::vhost_user::message::*;
 use vhost::vhost_user::{Backend, Error, GpuBackend, Result, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 use vmm_sys_util::eventfd::EventFd;
+
+/// Longest a vring stop waits for requests in the backend (a stalled RBD OSD, a hung disk)
+/// before it is reported as failed instead of hanging the connection.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// VHOST_USER_F_PROTOCOL_FEATURES: rings start disabled and need SET_VRING_ENABLE.
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
@@ -91,7 +95,9 @@ impl BlkHandler {
     /// ended or the front end reset the device.
     pub fn stop_all(&mut self) {
         for index in 0..self.vrings.len() {
-            self.stop_queue(index);
+            // A vring that cannot stop in time detaches by itself later; the memory it uses
+            // stays mapped until then (the reactor holds it).
+            let _ = self.stop_queue(index);
         }
         for vring in &mut self.vrings {
             *vring = Vring::default();
@@ -100,17 +106,31 @@ impl BlkHandler {
         self.mem = Arc::new(GuestMemory::default());
     }
 
-    fn stop_queue(&mut self, index: usize) -> Option<u16> {
-        let id = self.vrings[index].running.take()?;
-        let base = self.reactor(index).stop(id);
-        tracing::debug!(disk = %self.device.options().name, index, base, "vring stopped");
-        self.vrings[index].base = base;
-        Some(base)
+    /// Stops a running vring after its requests complete; Err if some are still in the
+    /// backend after STOP_TIMEOUT (the queue then stops by itself once they complete).
+    fn stop_queue(&mut self, index: usize) -> std::result::Result<Option<u16>, StopError> {
+        let Some(id) = self.vrings[index].running.take() else {
+            return Ok(None);
+        };
+        let name = &self.device.options().name;
+        match self.reactor(index).stop_within(id, STOP_TIMEOUT) {
+            Ok(base) => {
+                tracing::debug!(disk = %name, index, base, "vring stopped");
+                self.vrings[index].base = base;
+                Ok(Some(base))
+            }
+            Err(e) => {
+                tracing::error!(disk = %name, index, ?e, timeout = ?STOP_TIMEOUT,
+                    "vring did not stop: requests still in the backend");
+                Err(e)
+            }
+        }
     }
 
     fn start_queue(&mut self, index: usize, kick: EventFd) -> Result<()> {
         if self.vrings[index].running.is_some() {
-            self.stop_queue(index);
+            self.stop_queue(index)
+                .map_err(|_| invalid("the vring's previous requests are still in the backend"))?;
         }
         let features = self.acked_features;
         let vring = &self.vrings[index];
@@ -265,8 +285,9 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         self.vring(index)?;
         // Answers only after every request in flight on the queue has completed.
         let base = match self.stop_queue(index as usize) {
-            Some(base) => base,
-            None => self.vrings[index as usize].base,
+            Ok(Some(base)) => base,
+            Ok(None) => self.vrings[index as usize].base,
+            Err(_) => return Err(invalid("GET_VRING_BASE: requests still in the backend")),
         };
         let vring = &mut self.vrings[index as usize];
         vring.enabled = false;
