@@ -1,7 +1,7 @@
 //! The `--export` option: one virtual disk, its transport and its volume.
 //!
 //! `vhost-user-blk,socket=PATH,file=PATH[,num-queues=N][,readonly=on][,block-size=512|4096][,serial=ID]`
-//! `vhost-user-blk,socket=PATH,null,size=BYTES[,read-zeroes=on|off][,...same options]`
+//! `vhost-user-blk,socket=PATH,null,size=BYTES[,read-zeroes=on|off][,latency-ns=N][,...same options]`
 //! `vhost-user-blk,socket=PATH,pool=DIR,volume=NAME[,...same options]`
 //! `vhost-user-blk,socket=PATH,rbd=POOL/IMAGE[,ceph-conf=PATH][,client=NAME][,rbd-timeout=SECS][,...]`
 
@@ -20,7 +20,13 @@ pub enum Volume {
     File(PathBuf),
     /// Stores nothing: reads return zeroes, or with `read_zeroes` off leave the guest's
     /// buffer as it was (QEMU null-co's read-zeroes=off: for benchmarks of the request path).
-    Null { size_bytes: u64, read_zeroes: bool },
+    /// With `latency_ns` (QEMU null-co's latency-ns) every operation completes that long
+    /// after it was submitted: a slow device for tests.
+    Null {
+        size_bytes: u64,
+        read_zeroes: bool,
+        latency_ns: u64,
+    },
     /// A volume of the thin pool in a directory (`pollblk pool create`).
     Thin { pool: PathBuf, volume: String },
     /// An image of a Ceph cluster (needs a build with `--features rbd`).
@@ -105,6 +111,7 @@ impl std::str::FromStr for Export {
         let mut null = false;
         let mut size = None;
         let mut read_zeroes = None;
+        let mut latency_ns = None;
         let mut pool = None;
         let mut pool_volume = None;
         let mut num_queues = DEFAULT_NUM_QUEUES;
@@ -133,6 +140,15 @@ impl std::str::FromStr for Export {
                 "null" if value.is_empty() => null = true,
                 "size" => size = Some(parse_size(need_value()?)?),
                 "read-zeroes" => read_zeroes = Some(parse_on_off(key, need_value()?)?),
+                "latency-ns" => {
+                    latency_ns = Some(
+                        need_value()?
+                            .parse::<u64>()
+                            .ok()
+                            .filter(|n| *n <= 60_000_000_000)
+                            .ok_or_else(|| format!("latency-ns={value}: expected 0 to 60e9"))?,
+                    )
+                }
                 "pool" => pool = Some(PathBuf::from(need_value()?)),
                 "volume" => pool_volume = Some(need_value()?.to_string()),
                 "num-queues" => {
@@ -273,6 +289,7 @@ impl std::str::FromStr for Export {
             (None, true, Some(size_bytes)) => Volume::Null {
                 size_bytes,
                 read_zeroes: read_zeroes.unwrap_or(true),
+                latency_ns: latency_ns.unwrap_or(0),
             },
             (None, true, None) => return Err("null needs size=BYTES".into()),
             (Some(_), true, _) => return Err("give either file=PATH or null, not both".into()),
@@ -280,8 +297,9 @@ impl std::str::FromStr for Export {
                 return Err("a volume is required: file=PATH, null or pool=DIR,volume=NAME".into())
             }
         };
-        if read_zeroes.is_some() && !matches!(volume, Volume::Null { .. }) {
-            return Err("read-zeroes= goes with null".into());
+        if (read_zeroes.is_some() || latency_ns.is_some()) && !matches!(volume, Volume::Null { .. })
+        {
+            return Err("read-zeroes= and latency-ns= go with null".into());
         }
         if let Volume::Null { size_bytes, .. } = volume {
             if size_bytes == 0 || size_bytes % u64::from(block_size) != 0 {
@@ -350,7 +368,8 @@ mod tests {
             e.volume,
             Volume::Null {
                 size_bytes: 1 << 30,
-                read_zeroes: true
+                read_zeroes: true,
+                latency_ns: 0,
             }
         );
         assert_eq!(e.num_queues, DEFAULT_NUM_QUEUES);
@@ -361,7 +380,8 @@ mod tests {
             e.volume,
             Volume::Null {
                 size_bytes: 1 << 20,
-                read_zeroes: false
+                read_zeroes: false,
+                latency_ns: 0,
             }
         );
     }
@@ -388,7 +408,7 @@ mod tests {
         );
         assert!(err("vhost-user-blk,socket=/s,file=/f,null").contains("not both"));
         assert!(err("vhost-user-blk,socket=/s,null,size=lots").contains("not a number"));
-        assert!(err("vhost-user-blk,socket=/s,file=/f,read-zeroes=off").contains("goes with null"));
+        assert!(err("vhost-user-blk,socket=/s,file=/f,read-zeroes=off").contains("go with null"));
         assert!(err("vhost-user-blk,socket=/s,pool=/p").contains("go together"));
         assert!(err("vhost-user-blk,socket=/s,pool=/p,volume=v,file=/f").contains("one volume"));
         assert!(err("vhost-user-blk,socket=/s,rbd=img").contains("POOL/IMAGE"));

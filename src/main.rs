@@ -254,7 +254,20 @@ fn open_device(
         Volume::Null {
             size_bytes,
             read_zeroes,
+            latency_ns: 0,
         } => Arc::new(NullBackend::new(*size_bytes, *read_zeroes)),
+        Volume::Null {
+            size_bytes,
+            read_zeroes,
+            latency_ns,
+        } => Arc::new(
+            NullBackend::with_latency(
+                *size_bytes,
+                *read_zeroes,
+                Duration::from_nanos(*latency_ns),
+            )
+            .map_err(|e| format!("null latency thread: {e}"))?,
+        ),
         Volume::Rbd(rbd) => open_rbd(rbd, export.readonly)?,
     };
     let size = backend.info().size_bytes;
