@@ -261,12 +261,8 @@ fn open_device(
             read_zeroes,
             latency_ns,
         } => Arc::new(
-            NullBackend::with_latency(
-                *size_bytes,
-                *read_zeroes,
-                Duration::from_nanos(*latency_ns),
-            )
-            .map_err(|e| format!("null latency thread: {e}"))?,
+            NullBackend::with_latency(*size_bytes, *read_zeroes, Duration::from_nanos(*latency_ns))
+                .map_err(|e| format!("null latency thread: {e}"))?,
         ),
         Volume::Rbd(rbd) => open_rbd(rbd, export.readonly)?,
     };

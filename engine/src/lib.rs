@@ -14,6 +14,7 @@ pub mod blk;
 pub mod clock;
 pub mod device;
 pub mod guest_stats;
+pub mod inflight;
 pub mod mem;
 pub mod reactor;
 pub mod stats;

@@ -21,6 +21,7 @@ use crate::blk::{self, status, DwzSegment, RequestKind};
 use crate::clock::Clock;
 use crate::device::BlkDevice;
 use crate::guest_stats::GuestStatsVq;
+use crate::inflight::InflightQueue;
 use crate::mem::GuestMemory;
 use crate::stats::sets::{Class, QueueStat, ReactorStat, CLASSES, CLASS_STATS};
 use crate::stats::{Stats, StatsDir};
@@ -148,6 +149,9 @@ pub struct QueueSetup {
     /// Where the queue's counters go (the device's statistics of this queue index).
     pub stats: Stats<QueueStat>,
     pub role: QueueRole,
+    /// In-flight records shared with the front end (INFLIGHT_SHMFD): requests taken and not
+    /// completed by a previous daemon are resubmitted when the queue starts.
+    pub inflight: Option<InflightQueue>,
 }
 
 /// What a virtqueue carries.
@@ -424,6 +428,11 @@ struct QueueState {
     batch_finished: [u32; CLASSES],
     /// Set for the stats virtqueue.
     guest_stats: Option<Box<GuestStatsVq>>,
+    inflight: Option<InflightQueue>,
+    /// Next in-flight counter (orders resubmission after a restart).
+    inflight_counter: u64,
+    /// Heads completed since the last publish, for the in-flight records.
+    batch: Vec<u16>,
 }
 
 impl QueueState {
@@ -748,6 +757,20 @@ impl Reactor {
         };
         setup.stats.set(QueueStat::Broken, 0);
         setup.stats.set(QueueStat::InFlight, 0);
+        let inflight = setup.inflight.filter(|_| guest_stats.is_none());
+        let (resubmit, inflight_counter) = match &inflight {
+            Some(records) => {
+                let used = ring.used_idx_in_ring();
+                let (heads, next) = records.recover(used);
+                if !heads.is_empty() {
+                    tracing::info!(disk = %setup.device.options().name, requests = heads.len(),
+                        "resubmitting requests a previous daemon had in flight");
+                    ring.resume_after_restart(used, heads.len() as u16);
+                }
+                (heads, next)
+            }
+            None => (Vec::new(), 0),
+        };
         let queue = Box::new(QueueState {
             id,
             device: setup.device,
@@ -770,6 +793,9 @@ impl Reactor {
             stats: setup.stats,
             batch_finished: [0; CLASSES],
             guest_stats,
+            inflight,
+            inflight_counter,
+            batch: Vec::with_capacity(slot_count + AVAIL_BATCH + 1),
         });
         let qi = match self.queues.iter().position(Option::is_none) {
             Some(qi) => qi,
@@ -782,7 +808,29 @@ impl Reactor {
         self.queues[qi] = Some(queue);
         self.arm_kick(qi);
         self.count_queues();
+        self.resubmit(qi, &resubmit);
         Ok(())
+    }
+
+    /// Starts again the requests a previous daemon took and did not complete, oldest first,
+    /// before anything new is taken from the ring.
+    fn resubmit(&mut self, qi: usize, heads: &[u16]) {
+        let queue = self.queues[qi].as_deref_mut().expect("just attached");
+        let mut sq = self.ring.submission();
+        let now = self.clock.now();
+        for &head in heads {
+            let Some(slot) = queue.free_slots.pop() else {
+                queue.mark_broken(Broken::InflightOverflow);
+                return;
+            };
+            queue.in_flight += 1;
+            queue.slots[slot as usize].start = now;
+            if let Some(records) = &queue.inflight {
+                records.mark_taken(head, queue.inflight_counter);
+                queue.inflight_counter += 1;
+            }
+            self.ops_in_flight += start_request(queue, qi, slot, head, &mut sq, &self.completer);
+        }
     }
 
     fn count_queues(&mut self) {
@@ -860,6 +908,10 @@ impl Reactor {
             let slot = queue.free_slots.pop().expect("checked non-empty");
             queue.in_flight += 1;
             queue.slots[slot as usize].start = batch_start;
+            if let Some(records) = &queue.inflight {
+                records.mark_taken(head, queue.inflight_counter);
+                queue.inflight_counter += 1;
+            }
             self.ops_in_flight += start_request(queue, qi, slot, head, &mut sq, &self.completer);
         }
         if taken == 0 {
@@ -958,6 +1010,10 @@ impl Reactor {
             }
             queue.unpublished = false;
             queue.ring.publish_used();
+            if let Some(records) = &queue.inflight {
+                records.batch_published(&queue.batch, queue.ring.next_used_idx());
+                queue.batch.clear();
+            }
             queue.stats.set(QueueStat::InFlight, queue.in_flight as u64);
             if queue.ring.needs_notification() {
                 if let Some(call) = &queue.call {
@@ -1446,6 +1502,10 @@ fn finish(queue: &mut QueueState, slot_index: u32, end: u64) {
         }
     };
     queue.ring.push_used(slot.head, used_len);
+    if let Some(records) = &queue.inflight {
+        records.add_to_batch(slot.head);
+        queue.batch.push(slot.head);
+    }
     queue.unpublished = true;
     queue.in_flight -= 1;
     queue.free_slots.push(slot_index);

@@ -44,6 +44,8 @@ pub struct RingAddrs {
 pub enum Broken {
     /// A ring address does not lie in guest memory.
     RingUnmapped,
+    /// The in-flight records (INFLIGHT_SHMFD) name more requests than the queue holds.
+    InflightOverflow,
     /// The avail index ran more than a queue size ahead of the device.
     AvailIdxJump { avail_idx: u16, last_avail_idx: u16 },
     /// An avail ring entry names a descriptor past the table.
@@ -241,6 +243,21 @@ impl SplitQueue {
     /// Index the next used entry will get.
     pub fn next_used_idx(&self) -> u16 {
         self.next_used_idx
+    }
+
+    /// The used index as the ring holds it (what the driver has seen published).
+    pub fn used_idx_in_ring(&self) -> u16 {
+        u16::from_le(self.used_u16(2).load(Ordering::Acquire))
+    }
+
+    /// Resumes after a restart with `in_flight` requests taken but not completed: the next
+    /// used entry is `used`, the next avail entry to take is `used + in_flight`.
+    pub fn resume_after_restart(&mut self, used: u16, in_flight: u16) {
+        self.next_used_idx = used;
+        self.signalled_used = used;
+        self.signalled_used_valid = false;
+        self.last_avail_idx = used.wrapping_add(in_flight);
+        self.cached_avail_idx = self.last_avail_idx;
     }
 
     fn avail_u16(&self, offset: usize) -> &AtomicU16 {

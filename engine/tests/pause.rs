@@ -137,6 +137,7 @@ impl Rig {
             enabled: true,
             stats: self.device.queue_stats(0).clone(),
             role: QueueRole::Requests,
+            inflight: None,
         }
     }
 

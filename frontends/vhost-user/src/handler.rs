@@ -7,6 +7,7 @@
 
 use pollblk_engine::blk::{self, BlkConfig};
 use pollblk_engine::device::BlkDevice;
+use pollblk_engine::inflight::InflightRegion;
 use pollblk_engine::mem::{GuestMemory, MmapRegion, MAX_REGIONS};
 use pollblk_engine::reactor::{QueueId, QueueSetup, ReactorHandle, StopError};
 use pollblk_engine::virtqueue::{RingAddrs, MAX_QUEUE_SIZE};
@@ -47,6 +48,8 @@ pub struct BlkHandler {
     regions: Vec<Arc<MmapRegion>>,
     mem: Arc<GuestMemory>,
     vrings: Vec<Vring>,
+    /// In-flight records shared with the front end (INFLIGHT_SHMFD).
+    inflight: Option<Arc<InflightRegion>>,
 }
 
 fn invalid(what: &'static str) -> Error {
@@ -66,6 +69,7 @@ impl BlkHandler {
             regions: Vec::new(),
             mem: Arc::new(GuestMemory::default()),
             vrings: (0..queues).map(|_| Vring::default()).collect(),
+            inflight: None,
         }
     }
 
@@ -79,6 +83,7 @@ impl BlkHandler {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn reactor(&self, index: usize) -> &ReactorHandle {
@@ -158,6 +163,10 @@ impl BlkHandler {
             enabled: vring.enabled || features & PROTOCOL_FEATURES_BIT == 0,
             stats: self.device.queue_stats(index).clone(),
             role,
+            inflight: self
+                .inflight
+                .as_ref()
+                .and_then(|records| records.queue(index, vring.size)),
         };
         let id = QueueId::fresh();
         self.reactor(index).attach(id, setup).map_err(|why| {
@@ -373,12 +382,43 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         Err(invalid("shared objects are not supported"))
     }
 
-    fn get_inflight_fd(&mut self, _: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
-        Err(invalid("INFLIGHT_SHMFD is not offered"))
+    fn get_inflight_fd(
+        &mut self,
+        request: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File)> {
+        if usize::from(request.num_queues) > self.vrings.len()
+            || request.queue_size > MAX_QUEUE_SIZE
+        {
+            return Err(Error::InvalidParam);
+        }
+        let (region, file) = InflightRegion::create(request.num_queues, request.queue_size)
+            .map_err(|e| {
+                tracing::warn!(error = %e, "in-flight region refused");
+                Error::InvalidParam
+            })?;
+        let size = pollblk_engine::inflight::queue_region_size(request.queue_size) as u64
+            * u64::from(request.num_queues);
+        self.inflight = Some(Arc::new(region));
+        Ok((
+            VhostUserInflight::new(size, 0, request.num_queues, request.queue_size),
+            file,
+        ))
     }
 
-    fn set_inflight_fd(&mut self, _: &VhostUserInflight, _file: File) -> Result<()> {
-        Err(invalid("INFLIGHT_SHMFD is not offered"))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        let region = InflightRegion::map(
+            &file,
+            inflight.mmap_offset,
+            inflight.mmap_size,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(|e| {
+            tracing::warn!(error = %e, "in-flight region refused");
+            Error::InvalidParam
+        })?;
+        self.inflight = Some(Arc::new(region));
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> Result<u64> {

@@ -2,10 +2,11 @@
 
 use crate::memory::{GuestRam, USER_BASE};
 use crate::ring::{Buf, DriverQueue};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Duration;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -46,6 +47,9 @@ pub struct DriverOptions {
     /// Set up the stats virtqueue (seed 000) after the request queues; the feature bit must
     /// be offered and accepted.
     pub stats_vq: bool,
+    /// Share in-flight records with the back end (INFLIGHT_SHMFD), as QEMU does, so that
+    /// `reconnect` to a restarted back end gets the requests it had in flight completed.
+    pub inflight: bool,
 }
 
 impl Default for DriverOptions {
@@ -57,6 +61,7 @@ impl Default for DriverOptions {
             ram_bytes: 256 << 20,
             config_len: 60,
             stats_vq: false,
+            inflight: false,
         }
     }
 }
@@ -104,6 +109,9 @@ pub struct BlkDriver {
     pub config: Vec<u8>,
     /// Vring index of the stats virtqueue (the last of `queues`), if set up.
     pub stats_vring: Option<usize>,
+    /// The in-flight region the back end made (GET_INFLIGHT_FD), kept for reconnects.
+    inflight: Option<(VhostUserInflight, std::fs::File)>,
+    accept: u64,
 }
 
 /// Most vrings a driver with a stats virtqueue may address (257: 256 request queues + 1).
@@ -164,7 +172,21 @@ impl BlkDriver {
             offered,
             config: config.to_vec(),
             stats_vring: None,
+            inflight: None,
+            accept: options.accept,
         };
+        if options.inflight {
+            let request = VhostUserInflight::new(0, 0, options.queues as u16, options.queue_size);
+            let (info, file) = driver
+                .frontend
+                .get_inflight_fd(&request)
+                .expect("GET_INFLIGHT_FD");
+            driver
+                .frontend
+                .set_inflight_fd(&info, file.as_raw_fd())
+                .expect("SET_INFLIGHT_FD");
+            driver.inflight = Some((info, file));
+        }
         driver.set_mem_table();
         for index in 0..options.queues {
             let queue = DriverQueue::new(&mut driver.ram, options.queue_size);
@@ -186,6 +208,39 @@ impl BlkDriver {
             driver.start_vring(index, driver.queues.len() - 1, 0);
         }
         driver
+    }
+
+    /// Connects again to a restarted back end on `socket`, as QEMU's reconnecting chardev
+    /// does: same features, the saved in-flight region, the same memory, and every request
+    /// queue restarted at the used index its ring shows (requests taken and not completed are
+    /// the back end's to resubmit from the in-flight records).
+    pub fn reconnect(&mut self, socket: &Path) {
+        let queues = self.queues.len() - usize::from(self.stats_vring.is_some());
+        let mut frontend = Frontend::connect(socket, queues as u64).expect("reconnect");
+        frontend.set_owner().unwrap();
+        let offered = frontend.get_features().unwrap();
+        assert_eq!(
+            offered & self.accept,
+            self.features,
+            "the same features after restart"
+        );
+        frontend.set_features(self.features).unwrap();
+        let protocol = frontend.get_protocol_features().unwrap();
+        frontend.set_protocol_features(protocol).unwrap();
+        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        if let Some((info, file)) = &self.inflight {
+            frontend
+                .set_inflight_fd(info, file.as_raw_fd())
+                .expect("SET_INFLIGHT_FD");
+        }
+        self.frontend = frontend;
+        self.set_mem_table();
+        for index in 0..queues {
+            let used = self.queues[index].used_idx(&self.ram);
+            self.start_queue(index, used);
+        }
     }
 
     /// Posts a buffer on the stats virtqueue (the last queue) holding `bytes` (driver-written,
