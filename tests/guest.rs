@@ -65,6 +65,20 @@ fn guest_available(test: &str) -> bool {
 /// Boots the guest on a daemon started with `export` (serving `socket`), checks every step
 /// the guest reports, stops the daemon; returns the console log.
 fn run_guest(dir: &Path, export: &[String], socket: &Path) -> String {
+    run_guest_with(dir, export, socket, None)
+}
+
+/// Done to the daemon while the guest runs (it may replace it); gets the console log path.
+type Chaos<'a> = &'a dyn Fn(&mut Daemon, &Path);
+
+/// As run_guest; with `chaos`, QEMU reconnects to a back end that goes away, and `chaos`
+/// runs while the guest does.
+fn run_guest_with(
+    dir: &Path,
+    export: &[String],
+    socket: &Path,
+    chaos: Option<Chaos<'_>>,
+) -> String {
     let mut built = GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let guest_dir = repo().join("target/guest");
     if !*built {
@@ -79,7 +93,8 @@ fn run_guest(dir: &Path, export: &[String], socket: &Path) -> String {
 
     let log_path = dir.join("console.log");
     let started = std::time::Instant::now();
-    let run = Command::new(repo().join("tests/guest/run-guest.sh"))
+    let mut guest = Command::new(repo().join("tests/guest/run-guest.sh"));
+    guest
         .args([
             "--socket",
             path_str(socket),
@@ -93,9 +108,15 @@ fn run_guest(dir: &Path, export: &[String], socket: &Path) -> String {
             path_str(&log_path),
             "--timeout",
             "900",
-        ])
-        .status()
-        .expect("run run-guest.sh");
+        ]);
+    if chaos.is_some() {
+        guest.arg("--reconnect");
+    }
+    let mut guest = guest.spawn().expect("run run-guest.sh");
+    if let Some(chaos) = chaos {
+        chaos(&mut daemon, &log_path);
+    }
+    let run = guest.wait().expect("wait for run-guest.sh");
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(
         run.success(),
@@ -253,4 +274,82 @@ fn linux_guest_runs_fio_verify_on_an_rbd_image() {
         cluster.export("img")
     );
     run_guest(dir.path(), &["--export".into(), export], &socket);
+}
+
+/// Waits until the console log shows `marker` (the guest reached that step).
+fn wait_for_marker(log: &Path, marker: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(marker) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never reached {marker:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Requests the daemon serving from `dir` has completed, from its statistics files.
+fn completed_requests(dir: &Path) -> u64 {
+    let stats = dir.join("pollblk-data/stats");
+    let mut total = 0;
+    for q in 0..2 {
+        let path = stats.join(format!("disk0.queue-{q}.stats"));
+        let Ok(reader) = pollblk_engine::stats::StatsReader::open(&path) else {
+            continue;
+        };
+        let sample = reader.sample().unwrap();
+        for d in reader.descs() {
+            if d.name == "read_ops" || d.name == "write_ops" {
+                total += sample.of(d)[0];
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn linux_guest_keeps_its_data_across_daemon_kills_and_restarts() {
+    if !guest_available("linux_guest_keeps_its_data_across_daemon_kills_and_restarts") {
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let file = image(dir.path(), "guest.img", 1 << 30);
+    let socket = dir.path().join("guest.sock");
+    let export = file_export(&socket, &file, ",num-queues=2");
+    let chaos = |daemon: &mut Daemon, log: &Path| {
+        // Once fio is writing and verifying: two SIGKILLs and a SIGTERM, a few seconds apart.
+        wait_for_marker(log, "POLLBLK-GUEST: vda rc=0");
+        for signal in [libc::SIGKILL, libc::SIGKILL, libc::SIGTERM] {
+            std::thread::sleep(std::time::Duration::from_secs(4));
+            let mut child = daemon.child.take().unwrap();
+            let pid = child.id() as i32;
+            let killed = std::time::Instant::now();
+            // SAFETY: signals our own child.
+            unsafe { libc::kill(pid, signal) };
+            let status = child.wait().unwrap();
+            if signal == libc::SIGTERM {
+                assert_eq!(status.code(), Some(0), "a graceful stop exits 0");
+            }
+            *daemon = Daemon::start(dir.path(), &export);
+            // The guest's I/O stalls from the kill until QEMU has reconnected and the new
+            // daemon completes its first request.
+            let deadline = killed + std::time::Duration::from_secs(60);
+            while completed_requests(dir.path()) == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no I/O after the restart"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            eprintln!(
+                "restart after signal {signal}: guest I/O stalled {:?}",
+                killed.elapsed()
+            );
+        }
+    };
+    run_guest_with(dir.path(), &export, &socket, Some(&chaos));
 }

@@ -5,11 +5,17 @@
 # results in the console log is left to the caller.
 set -euo pipefail
 
-usage="usage: $0 --socket PATH --guest-dir DIR [--queues N] [--log FILE] [--timeout SECS] [--append 'pollblk.size=16M ...']"
+usage="usage: $0 --socket PATH --guest-dir DIR [--queues N] [--log FILE] [--timeout SECS] [--append 'pollblk.size=16M ...'] [--reconnect]"
 die() { echo "run-guest: $*" >&2; exit 2; }
 
-socket='' guest_dir='' queues=2 log='' timeout=300 append=''
+socket='' guest_dir='' queues=2 log='' timeout=300 append='' reconnect=''
 while [[ $# -gt 0 ]]; do
+	if [[ $1 == --reconnect ]]; then
+		# QEMU reconnects to a back end that went away, retrying every second.
+		reconnect=',reconnect=1'
+		shift
+		continue
+	fi
 	[[ $# -ge 2 ]] || die "$usage"
 	case $1 in
 	--socket) socket=$2 ;;
@@ -39,7 +45,7 @@ done
 qemu=(
 	qemu-system-x86_64 -machine q35,accel=tcg -cpu max -smp 2 -m 1G
 	-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem
-	-chardev "socket,id=vu0,path=$socket"
+	-chardev "socket,id=vu0,path=$socket$reconnect"
 	-device "vhost-user-blk-pci,chardev=vu0,num-queues=$queues"
 	-nographic -no-reboot
 	-kernel "$guest_dir/vmlinuz" -initrd "$guest_dir/initramfs.cpio.gz"
