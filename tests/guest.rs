@@ -292,8 +292,8 @@ fn wait_for_marker(log: &Path, marker: &str) {
     }
 }
 
-/// Requests the daemon serving from `dir` has completed, from its statistics files.
-fn completed_requests(dir: &Path) -> u64 {
+/// The sum over both queues of the named statistics of the daemon serving from `dir`.
+fn queue_stat(dir: &Path, names: &[&str]) -> u64 {
     let stats = dir.join("pollblk-data/stats");
     let mut total = 0;
     for q in 0..2 {
@@ -303,7 +303,7 @@ fn completed_requests(dir: &Path) -> u64 {
         };
         let sample = reader.sample().unwrap();
         for d in reader.descs() {
-            if d.name == "read_ops" || d.name == "write_ops" {
+            if names.contains(&d.name.as_str()) {
                 total += sample.of(d)[0];
             }
         }
@@ -323,8 +323,15 @@ fn linux_guest_keeps_its_data_across_daemon_kills_and_restarts() {
     let chaos = |daemon: &mut Daemon, log: &Path| {
         // Once fio is writing and verifying: two SIGKILLs and a SIGTERM, a few seconds apart.
         wait_for_marker(log, "POLLBLK-GUEST: vda rc=0");
+        let mut resubmitted = 0;
         for signal in [libc::SIGKILL, libc::SIGKILL, libc::SIGTERM] {
             std::thread::sleep(std::time::Duration::from_secs(4));
+            // Kill while requests are in flight in the daemon when it can be caught (its
+            // in_flight gauge), so the new one has something to resubmit.
+            let catch = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while queue_stat(dir.path(), &["in_flight"]) == 0 && std::time::Instant::now() < catch {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
             let mut child = daemon.child.take().unwrap();
             let pid = child.id() as i32;
             let killed = std::time::Instant::now();
@@ -338,18 +345,25 @@ fn linux_guest_keeps_its_data_across_daemon_kills_and_restarts() {
             // The guest's I/O stalls from the kill until QEMU has reconnected and the new
             // daemon completes its first request.
             let deadline = killed + std::time::Duration::from_secs(60);
-            while completed_requests(dir.path()) == 0 {
+            while queue_stat(dir.path(), &["read_ops", "write_ops"]) == 0 {
                 assert!(
                     std::time::Instant::now() < deadline,
                     "no I/O after the restart"
                 );
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
+            let again = queue_stat(dir.path(), &["resubmitted"]);
+            resubmitted += again;
             eprintln!(
-                "restart after signal {signal}: guest I/O stalled {:?}",
+                "restart after signal {signal}: guest I/O stalled {:?}, {again} request(s) \
+                 resubmitted",
                 killed.elapsed()
             );
         }
+        assert!(
+            resubmitted > 0,
+            "no kill caught a request in flight: the in-flight path went untested"
+        );
     };
     run_guest_with(dir.path(), &export, &socket, Some(&chaos));
 }

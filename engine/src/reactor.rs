@@ -765,6 +765,7 @@ impl Reactor {
                 if !heads.is_empty() {
                     tracing::info!(disk = %setup.device.options().name, requests = heads.len(),
                         "resubmitting requests a previous daemon had in flight");
+                    setup.stats.add(QueueStat::Resubmitted, heads.len() as u64);
                     ring.resume_after_restart(used, heads.len() as u16);
                 }
                 (heads, next)

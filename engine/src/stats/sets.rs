@@ -50,6 +50,9 @@ stats_schema! {
         PollsIdle => Def::counter("polls_idle"),
         /// Requests whose buffers O_DIRECT could not use (copied through a bounce buffer).
         BounceBuffers => Def::counter("bounce_buffers"),
+        /// Requests a previous daemon had taken and not completed, started again by this one
+        /// from the in-flight records (INFLIGHT_SHMFD).
+        Resubmitted => Def::counter("resubmitted"),
         /// The ring was found corrupt and the queue stopped until the front end resets it.
         Broken => Def::flag("broken"),
         ReadLatency => Def::latency_hist("read_latency_hist"),
