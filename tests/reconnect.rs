@@ -79,3 +79,78 @@ fn requests_in_flight_at_a_kill_complete_once_after_restart() {
     );
     assert_eq!(d.read(0, 64, 512).0, S_OK);
 }
+
+#[test]
+fn while_logging_every_guest_memory_write_is_marked_dirty() {
+    use std::os::fd::AsRawFd;
+    use vhost::{VhostBackend, VhostUserDirtyLogRegion};
+    const LOG_ALL: u64 = 1 << 26;
+
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let socket = dir.path().join("log.sock");
+    let args = vec![
+        "--export".to_string(),
+        format!(
+            "vhost-user-blk,socket={},null,size=16M,num-queues=1",
+            socket.display()
+        ),
+    ];
+    let _daemon = Daemon::start(dir.path(), &args);
+    let mut d = BlkDriver::connect(
+        &socket,
+        DriverOptions {
+            accept: !LOG_ALL,
+            ..Default::default()
+        },
+    );
+    assert_ne!(
+        d.offered & LOG_ALL,
+        0,
+        "VHOST_F_LOG_ALL offered (QEMU migrates only then)"
+    );
+    let pages = d.ram.size() / 4096;
+    let log = tempfile::tempfile().unwrap();
+    log.set_len(pages.div_ceil(8)).unwrap();
+    d.frontend
+        .set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: pages.div_ceil(8),
+                mmap_offset: 0,
+                mmap_handle: log.as_raw_fd(),
+            }),
+        )
+        .unwrap();
+    let dirty = |gpa: u64| {
+        let page = gpa / 4096;
+        let mut byte = [0u8];
+        std::os::unix::fs::FileExt::read_exact_at(&log, &mut byte, page / 8).unwrap();
+        byte[0] & (1 << (page % 8)) != 0
+    };
+    let read = Request {
+        kind: T_IN,
+        in_len: 4096,
+        ..Default::default()
+    };
+
+    // Not logging yet: nothing marked.
+    let before = d.submit(0, &read);
+    let before_buf = before.in_buffers()[0].0;
+    assert_eq!(d.wait(before).status, S_OK);
+    assert!(!dirty(before_buf), "no logging before LOG_ALL");
+
+    // Logging: the read's data page and the used ring are marked.
+    d.frontend.set_features(d.features | LOG_ALL).unwrap();
+    let during = d.submit(0, &read);
+    let during_buf = during.in_buffers()[0].0;
+    assert_eq!(d.wait(during).status, S_OK);
+    assert!(dirty(during_buf), "the read's data page is dirty");
+    assert!(dirty(d.queues[0].used), "the used ring is dirty");
+
+    // Logging off again: a new read's page stays clean.
+    d.frontend.set_features(d.features).unwrap();
+    let after = d.submit(0, &read);
+    let after_buf = after.in_buffers()[0].0;
+    assert_eq!(d.wait(after).status, S_OK);
+    assert!(!dirty(after_buf), "no logging after LOG_ALL is cleared");
+}

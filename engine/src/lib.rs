@@ -13,6 +13,7 @@ pub mod backend;
 pub mod blk;
 pub mod clock;
 pub mod device;
+pub mod dirty_log;
 pub mod guest_stats;
 pub mod inflight;
 pub mod mem;

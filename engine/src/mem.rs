@@ -151,6 +151,18 @@ impl GuestMemory {
         None
     }
 
+    /// Guest physical address of host pointer `ptr` (a translated address), for dirty
+    /// logging.
+    pub fn gpa_of(&self, ptr: *const u8) -> Option<u64> {
+        let addr = ptr as usize;
+        self.regions.iter().find_map(|region| {
+            let base = region.host_base() as usize;
+            let offset = addr.wrapping_sub(base);
+            (addr >= base && (offset as u64) < region.size)
+                .then(|| region.guest_phys_addr + offset as u64)
+        })
+    }
+
     /// Host pointer for front-end virtual range `[uva, uva + len)` (vring addresses).
     pub fn translate_user(&self, uva: u64, len: u64) -> Option<*mut u8> {
         for region in &self.regions {

@@ -20,6 +20,7 @@ use crate::backend::{Completer, IoOp, Submitted};
 use crate::blk::{self, status, DwzSegment, RequestKind};
 use crate::clock::Clock;
 use crate::device::BlkDevice;
+use crate::dirty_log::DirtyLog;
 use crate::guest_stats::GuestStatsVq;
 use crate::inflight::InflightQueue;
 use crate::mem::GuestMemory;
@@ -152,6 +153,8 @@ pub struct QueueSetup {
     /// In-flight records shared with the front end (INFLIGHT_SHMFD): requests taken and not
     /// completed by a previous daemon are resubmitted when the queue starts.
     pub inflight: Option<InflightQueue>,
+    /// Dirty-page log to mark while the front end migrates the guest (VHOST_F_LOG_ALL).
+    pub dirty_log: Option<Arc<DirtyLog>>,
 }
 
 /// What a virtqueue carries.
@@ -170,6 +173,7 @@ enum Msg {
     SetEnabled(QueueId, bool),
     SetCall(QueueId, Option<EventFd>),
     SetMemory(QueueId, Arc<GuestMemory>, Sender<Result<(), Broken>>),
+    SetDirtyLog(QueueId, Option<Arc<DirtyLog>>),
     Shutdown,
 }
 
@@ -240,6 +244,11 @@ impl ReactorHandle {
     /// Replaces the call eventfd (the front end may change it while the queue runs).
     pub fn set_call(&self, id: QueueId, call: Option<EventFd>) {
         self.send(Msg::SetCall(id, call));
+    }
+
+    /// Starts (Some) or stops (None) marking the queue's guest-memory writes in a dirty log.
+    pub fn set_dirty_log(&self, id: QueueId, log: Option<Arc<DirtyLog>>) {
+        self.send(Msg::SetDirtyLog(id, log));
     }
 
     /// Switches a queue to a new memory table and waits until the reactor uses it.
@@ -433,9 +442,31 @@ struct QueueState {
     inflight_counter: u64,
     /// Heads completed since the last publish, for the in-flight records.
     batch: Vec<u16>,
+    dirty_log: Option<Arc<DirtyLog>>,
 }
 
 impl QueueState {
+    /// Marks the used ring (elements, index, avail_event) dirty while logging.
+    fn log_used_ring(&self) {
+        if let Some(log) = &self.dirty_log {
+            let (ptr, len) = self.ring.used_ring();
+            if let Some(gpa) = self.mem.gpa_of(ptr) {
+                log.mark(gpa, len);
+            }
+        }
+    }
+
+    /// Marks every device-writable buffer of a finished request dirty while logging.
+    fn log_writes(&self, segs: &Segments) {
+        if let Some(log) = &self.dirty_log {
+            for iov in &segs.iovecs()[segs.readable_count()..] {
+                if let Some(gpa) = self.mem.gpa_of(iov.iov_base as *const u8) {
+                    log.mark(gpa, iov.iov_len as u64);
+                }
+            }
+        }
+    }
+
     fn takes_requests(&self) -> bool {
         self.enabled && !self.broken && self.stopping.is_none()
     }
@@ -631,6 +662,7 @@ impl Reactor {
         for queue in self.queues.iter_mut().flatten() {
             if queue.takes_requests() {
                 pending |= queue.ring.enable_notification();
+                queue.log_used_ring();
             }
         }
         if !pending && self.rx.is_empty() && self.external_rx.is_empty() {
@@ -644,6 +676,7 @@ impl Reactor {
         for queue in self.queues.iter_mut().flatten() {
             if queue.takes_requests() {
                 queue.ring.disable_notification();
+                queue.log_used_ring();
             }
         }
     }
@@ -708,6 +741,14 @@ impl Reactor {
                         None => Ok(()),
                     };
                     let _ = reply.send(result);
+                }
+                Msg::SetDirtyLog(id, log) => {
+                    if let Some(qi) = self.find(id) {
+                        let queue = self.queues[qi].as_mut().unwrap();
+                        queue.dirty_log = log;
+                        // Everything the ring holds now may be newer than what was copied.
+                        queue.log_used_ring();
+                    }
                 }
                 Msg::Shutdown => {
                     self.shutting_down = true;
@@ -797,6 +838,7 @@ impl Reactor {
             inflight,
             inflight_counter,
             batch: Vec::with_capacity(slot_count + AVAIL_BATCH + 1),
+            dirty_log: setup.dirty_log,
         });
         let qi = match self.queues.iter().position(Option::is_none) {
             Some(qi) => qi,
@@ -1011,6 +1053,7 @@ impl Reactor {
             }
             queue.unpublished = false;
             queue.ring.publish_used();
+            queue.log_used_ring();
             if let Some(records) = &queue.inflight {
                 records.batch_published(&queue.batch, queue.ring.next_used_idx());
                 queue.batch.clear();
@@ -1502,10 +1545,14 @@ fn finish(queue: &mut QueueState, slot_index: u32, end: u64) {
             1
         }
     };
-    queue.ring.push_used(slot.head, used_len);
+    let head = slot.head;
+    if queue.dirty_log.is_some() {
+        queue.log_writes(&queue.slots[slot_index as usize].segs);
+    }
+    queue.ring.push_used(head, used_len);
     if let Some(records) = &queue.inflight {
-        records.add_to_batch(slot.head);
-        queue.batch.push(slot.head);
+        records.add_to_batch(head);
+        queue.batch.push(head);
     }
     queue.unpublished = true;
     queue.in_flight -= 1;

@@ -245,6 +245,11 @@ impl SplitQueue {
         self.next_used_idx
     }
 
+    /// The used ring's memory (flags, idx, elements, avail_event), for dirty logging.
+    pub fn used_ring(&self) -> (*const u8, u64) {
+        (self.used.cast_const(), 6 + 8 * u64::from(self.size))
+    }
+
     /// The used index as the ring holds it (what the driver has seen published).
     pub fn used_idx_in_ring(&self) -> u16 {
         u16::from_le(self.used_u16(2).load(Ordering::Acquire))

@@ -138,6 +138,7 @@ impl Rig {
             stats: self.device.queue_stats(0).clone(),
             role: QueueRole::Requests,
             inflight: None,
+            dirty_log: None,
         }
     }
 

@@ -7,6 +7,7 @@
 
 use pollblk_engine::blk::{self, BlkConfig};
 use pollblk_engine::device::BlkDevice;
+use pollblk_engine::dirty_log::DirtyLog;
 use pollblk_engine::inflight::InflightRegion;
 use pollblk_engine::mem::{GuestMemory, MmapRegion, MAX_REGIONS};
 use pollblk_engine::reactor::{QueueId, QueueSetup, ReactorHandle, StopError};
@@ -25,6 +26,9 @@ const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// VHOST_USER_F_PROTOCOL_FEATURES: rings start disabled and need SET_VRING_ENABLE.
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+/// VHOST_F_LOG_ALL: while set (with a log from SET_LOG_BASE), every guest-memory write is
+/// marked in the dirty log (live migration). QEMU refuses to migrate without it.
+const LOG_ALL_BIT: u64 = 1 << 26;
 
 /// Setup of one vring as the front end has described it so far.
 #[derive(Default)]
@@ -50,6 +54,8 @@ pub struct BlkHandler {
     vrings: Vec<Vring>,
     /// In-flight records shared with the front end (INFLIGHT_SHMFD).
     inflight: Option<Arc<InflightRegion>>,
+    /// The dirty log from SET_LOG_BASE; written to only while LOG_ALL is negotiated.
+    dirty_log: Option<Arc<DirtyLog>>,
 }
 
 fn invalid(what: &'static str) -> Error {
@@ -70,12 +76,30 @@ impl BlkHandler {
             mem: Arc::new(GuestMemory::default()),
             vrings: (0..queues).map(|_| Vring::default()).collect(),
             inflight: None,
+            dirty_log: None,
         }
     }
 
     /// Features this back end offers: the disk's, plus the vhost-user transport bit.
     pub fn offered_features(&self) -> u64 {
-        self.device.features() | PROTOCOL_FEATURES_BIT
+        self.device.features() | PROTOCOL_FEATURES_BIT | LOG_ALL_BIT
+    }
+
+    /// The log queues mark now: the mapped one while LOG_ALL is on.
+    fn active_log(&self) -> Option<Arc<DirtyLog>> {
+        self.dirty_log
+            .clone()
+            .filter(|_| self.acked_features & LOG_ALL_BIT != 0)
+    }
+
+    /// Tells every running queue whether (and where) to log its writes.
+    fn push_log_state(&self) {
+        let log = self.active_log();
+        for (index, vring) in self.vrings.iter().enumerate() {
+            if let Some(id) = vring.running {
+                self.reactor(index).set_dirty_log(id, log.clone());
+            }
+        }
     }
 
     /// Protocol features offered (REPLY_ACK is added by the vhost crate).
@@ -84,6 +108,7 @@ impl BlkHandler {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn reactor(&self, index: usize) -> &ReactorHandle {
@@ -167,6 +192,7 @@ impl BlkHandler {
                 .inflight
                 .as_ref()
                 .and_then(|records| records.queue(index, vring.size)),
+            dirty_log: self.active_log(),
         };
         let id = QueueId::fresh();
         self.reactor(index).attach(id, setup).map_err(|why| {
@@ -241,7 +267,13 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         if features & !self.offered_features() != 0 {
             return Err(Error::FeatureMismatch);
         }
+        let logging_changed = (self.acked_features ^ features) & LOG_ALL_BIT != 0;
         self.acked_features = features;
+        if logging_changed {
+            tracing::info!(disk = %self.device.options().name,
+                on = features & LOG_ALL_BIT != 0, "dirty logging (migration)");
+            self.push_log_state();
+        }
         Ok(())
     }
 
@@ -467,7 +499,13 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         Err(invalid("SHMEM is not offered"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
-        Err(invalid("LOG_SHMFD is not offered"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
+        let mapped = DirtyLog::map(&file, log.mmap_offset, log.mmap_size).map_err(|e| {
+            tracing::warn!(error = %e, "dirty log refused");
+            Error::InvalidParam
+        })?;
+        self.dirty_log = Some(Arc::new(mapped));
+        self.push_log_state();
+        Ok(())
     }
 }

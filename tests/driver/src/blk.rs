@@ -99,6 +99,13 @@ pub struct Pending {
     in_bufs: Vec<(u64, usize)>,
 }
 
+impl Pending {
+    /// Guest physical address and length of each device-writable data buffer.
+    pub fn in_buffers(&self) -> &[(u64, usize)] {
+        &self.in_bufs
+    }
+}
+
 /// A connected virtio-blk driver.
 pub struct BlkDriver {
     pub frontend: Frontend,
