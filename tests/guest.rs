@@ -62,6 +62,21 @@ fn guest_available(test: &str) -> bool {
     true
 }
 
+/// Builds the guest once; the guard keeps other guest tests waiting while this one runs.
+fn built_guest() -> (std::sync::MutexGuard<'static, bool>, PathBuf) {
+    let mut built = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let guest_dir = repo().join("target/guest");
+    if !*built {
+        let build = Command::new(repo().join("tests/guest/build-guest.sh"))
+            .arg(&guest_dir)
+            .status()
+            .expect("run build-guest.sh");
+        assert!(build.success(), "building the guest failed");
+        *built = true;
+    }
+    (built, guest_dir)
+}
+
 /// Boots the guest on a daemon started with `export` (serving `socket`), checks every step
 /// the guest reports, stops the daemon; returns the console log.
 fn run_guest(dir: &Path, export: &[String], socket: &Path) -> String {
@@ -79,16 +94,7 @@ fn run_guest_with(
     socket: &Path,
     chaos: Option<Chaos<'_>>,
 ) -> String {
-    let mut built = GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    let guest_dir = repo().join("target/guest");
-    if !*built {
-        let build = Command::new(repo().join("tests/guest/build-guest.sh"))
-            .arg(&guest_dir)
-            .status()
-            .expect("run build-guest.sh");
-        assert!(build.success(), "building the guest failed");
-        *built = true;
-    }
+    let (_one_guest, guest_dir) = built_guest();
     let mut daemon = Daemon::start(dir, export);
 
     let log_path = dir.join("console.log");
@@ -124,66 +130,7 @@ fn run_guest_with(
     );
     let seconds = started.elapsed().as_secs();
 
-    let marks = markers(&log);
-    for m in &marks {
-        if let Some((_, rc)) = m.split_once(" rc=") {
-            let rc = rc.split_whitespace().next().unwrap();
-            assert_eq!(rc, "0", "guest step failed: {m}");
-        }
-    }
-    let has = |prefix: &str| marks.iter().any(|m| m.starts_with(prefix));
-    for step in [
-        "vda rc=0",
-        "fio-write-verify rc=0 verify_errors=0",
-        "fio-read-verify rc=0 verify_errors=0",
-        "discard rc=0",
-        "write-zeroes-readback rc=0",
-        "flush rc=0",
-        "flush-readback rc=0",
-        "summary failed=0",
-    ] {
-        assert!(
-            has(step),
-            "missing guest step {step:?}; markers: {marks:#?}"
-        );
-    }
-    let flushes: u64 = marks
-        .iter()
-        .find_map(|m| m.strip_prefix("flush rc=0 flush_requests="))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("flush count");
-    assert!(flushes > 0, "the guest sent no FLUSH");
-    assert!(
-        has("sysfs mq_queues=2"),
-        "guest did not use 2 queues: {marks:#?}"
-    );
-    assert!(has(&format!("sysfs size={}", (1u64 << 30) / 512)));
-    let irq_queues = marks
-        .iter()
-        .filter(|m| m.starts_with("irq req.") && !m.ends_with("=0"))
-        .count();
-    assert_eq!(irq_queues, 2, "both virtqueues completed I/O: {marks:#?}");
-
-    let write = fio_json(&log, "fio-write-verify");
-    let read = fio_json(&log, "fio-read-verify");
-    for (name, json) in [("write", &write), ("read", &read)] {
-        let job = &json["jobs"][0];
-        assert_eq!(job["error"], 0, "fio {name} job error: {job}");
-    }
-    let write_iops = write["jobs"][0]["write"]["iops"].as_f64().unwrap();
-    let verify_iops = write["jobs"][0]["read"]["iops"].as_f64().unwrap();
-    let reverify_iops = read["jobs"][0]["read"]["iops"].as_f64().unwrap();
-    let written = write["jobs"][0]["write"]["io_bytes"].as_u64().unwrap();
-    let verified = read["jobs"][0]["read"]["io_bytes"].as_u64().unwrap();
-    assert!(
-        written > 0 && verified >= written,
-        "re-verify read everything written"
-    );
-    eprintln!(
-        "guest fio (TCG): randwrite {write_iops:.0} IOPS, verify read {verify_iops:.0} IOPS, \
-         re-verify {reverify_iops:.0} IOPS, {} MiB written and verified, guest run {seconds} s",
-        written >> 20
-    );
+    check_guest_log(&log, seconds);
     assert_eq!(
         daemon.stop(),
         Some(0),
@@ -366,4 +313,257 @@ fn linux_guest_keeps_its_data_across_daemon_kills_and_restarts() {
         );
     };
     run_guest_with(dir.path(), &export, &socket, Some(&chaos));
+}
+
+/// Checks every step the guest reported in its console log; `seconds` is the run time.
+fn check_guest_log(log: &str, seconds: u64) {
+    let marks = markers(log);
+    for m in &marks {
+        if let Some((_, rc)) = m.split_once(" rc=") {
+            let rc = rc.split_whitespace().next().unwrap();
+            assert_eq!(rc, "0", "guest step failed: {m}");
+        }
+    }
+    let has = |prefix: &str| marks.iter().any(|m| m.starts_with(prefix));
+    for step in [
+        "vda rc=0",
+        "fio-write-verify rc=0 verify_errors=0",
+        "fio-read-verify rc=0 verify_errors=0",
+        "discard rc=0",
+        "write-zeroes-readback rc=0",
+        "flush rc=0",
+        "flush-readback rc=0",
+        "summary failed=0",
+    ] {
+        assert!(
+            has(step),
+            "missing guest step {step:?}; markers: {marks:#?}"
+        );
+    }
+    let flushes: u64 = marks
+        .iter()
+        .find_map(|m| m.strip_prefix("flush rc=0 flush_requests="))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("flush count");
+    assert!(flushes > 0, "the guest sent no FLUSH");
+    assert!(
+        has("sysfs mq_queues=2"),
+        "guest did not use 2 queues: {marks:#?}"
+    );
+    assert!(has(&format!("sysfs size={}", (1u64 << 30) / 512)));
+    let irq_queues = marks
+        .iter()
+        .filter(|m| m.starts_with("irq req.") && !m.ends_with("=0"))
+        .count();
+    assert_eq!(irq_queues, 2, "both virtqueues completed I/O: {marks:#?}");
+
+    let write = fio_json(log, "fio-write-verify");
+    let read = fio_json(log, "fio-read-verify");
+    for (name, json) in [("write", &write), ("read", &read)] {
+        let job = &json["jobs"][0];
+        assert_eq!(job["error"], 0, "fio {name} job error: {job}");
+    }
+    let write_iops = write["jobs"][0]["write"]["iops"].as_f64().unwrap();
+    let verify_iops = write["jobs"][0]["read"]["iops"].as_f64().unwrap();
+    let reverify_iops = read["jobs"][0]["read"]["iops"].as_f64().unwrap();
+    let written = write["jobs"][0]["write"]["io_bytes"].as_u64().unwrap();
+    let verified = read["jobs"][0]["read"]["io_bytes"].as_u64().unwrap();
+    assert!(
+        written > 0 && verified >= written,
+        "re-verify read everything written"
+    );
+    eprintln!(
+        "guest fio (TCG): randwrite {write_iops:.0} IOPS, verify read {verify_iops:.0} IOPS, \
+         re-verify {reverify_iops:.0} IOPS, {} MiB written and verified, guest run {seconds} s",
+        written >> 20
+    );
+}
+
+/// A QMP connection (one JSON object per line).
+struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Qmp {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "QMP {}: {e}",
+                        path.display()
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+        };
+        let mut qmp = Qmp {
+            reader: std::io::BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
+        qmp.read_until(|v| v.get("QMP").is_some());
+        qmp.execute("qmp_capabilities", serde_json::json!({}));
+        qmp
+    }
+
+    fn read_until(&mut self, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        use std::io::BufRead;
+        loop {
+            let mut line = String::new();
+            assert!(self.reader.read_line(&mut line).unwrap() > 0, "QMP closed");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if done(&v) {
+                return v;
+            }
+        }
+    }
+
+    /// Runs a command; returns its "return" value (panics on an error reply).
+    fn execute(&mut self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
+        use std::io::Write;
+        let msg = serde_json::json!({ "execute": command, "arguments": arguments });
+        writeln!(self.writer, "{msg}").unwrap();
+        let v = self.read_until(|v| v.get("return").is_some() || v.get("error").is_some());
+        assert!(v.get("error").is_none(), "QMP {command}: {v}");
+        v["return"].clone()
+    }
+}
+
+/// QEMU for the test guest on vhost-user socket `socket`, console to `log`, QMP on `qmp`.
+fn guest_qemu(guest_dir: &Path, socket: &Path, log: &Path, qmp: &Path) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-machine",
+        "q35,accel=tcg",
+        "-cpu",
+        "max",
+        "-smp",
+        "2",
+        "-m",
+        "1G",
+    ])
+    .args(["-object", "memory-backend-memfd,id=mem,size=1G,share=on"])
+    .args(["-numa", "node,memdev=mem"])
+    .arg("-chardev")
+    .arg(format!("socket,id=vu0,path={}", socket.display()))
+    .args(["-device", "vhost-user-blk-pci,chardev=vu0,num-queues=2"])
+    .args(["-nographic", "-no-reboot"])
+    .arg("-qmp")
+    .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+    .arg("-kernel")
+    .arg(guest_dir.join("vmlinuz"))
+    .arg("-initrd")
+    .arg(guest_dir.join("initramfs.cpio.gz"))
+    .args(["-append", "console=ttyS0 panic=-1 quiet"])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::fs::File::create(log).unwrap())
+    .stderr(std::process::Stdio::inherit());
+    cmd
+}
+
+/// Kills a QEMU left behind by a failing test.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn linux_guest_migrates_to_another_daemon_during_fio_verify() {
+    if !guest_available("linux_guest_migrates_to_another_daemon_during_fio_verify") {
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let file = image(d, "guest.img", 1 << 30);
+    let (sock_a, sock_b) = (d.join("a.sock"), d.join("b.sock"));
+    // Two daemons on the same image file, as two hosts on shared storage would be.
+    let mut daemon_a = Daemon::start(d, &file_export(&sock_a, &file, ",num-queues=2"));
+    let mut args_b = file_export(&sock_b, &file, ",num-queues=2");
+    args_b.extend(["--stats-dir".to_string(), "stats-b".to_string()]);
+    let mut daemon_b = Daemon::start(d, &args_b);
+    let (_one_guest, guest_dir) = built_guest();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (log_a, log_b) = (d.join("console-a.log"), d.join("console-b.log"));
+    let (qmp_a, qmp_b) = (d.join("qmp-a.sock"), d.join("qmp-b.sock"));
+    let started = std::time::Instant::now();
+    let source = Reap(
+        guest_qemu(&guest_dir, &sock_a, &log_a, &qmp_a)
+            .spawn()
+            .unwrap(),
+    );
+    let mut dest = Reap(
+        guest_qemu(&guest_dir, &sock_b, &log_b, &qmp_b)
+            .arg("-incoming")
+            .arg(format!("tcp:127.0.0.1:{port}"))
+            .spawn()
+            .unwrap(),
+    );
+    let mut qmp_src = Qmp::connect(&qmp_a);
+    let _qmp_dst = Qmp::connect(&qmp_b);
+
+    // Migrate while fio writes and verifies.
+    wait_for_marker(&log_a, "POLLBLK-GUEST: vda rc=0");
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    qmp_src.execute(
+        "migrate",
+        serde_json::json!({ "uri": format!("tcp:127.0.0.1:{port}") }),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let info = loop {
+        let info = qmp_src.execute("query-migrate", serde_json::json!({}));
+        match info["status"].as_str() {
+            Some("completed") => break info,
+            Some("failed") | Some("cancelled") => panic!("migration failed: {info}"),
+            _ => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "migration did not finish: {info}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    eprintln!(
+        "migration: downtime {} ms, total {} ms, {} bytes transferred",
+        info["downtime"], info["total-time"], info["ram"]["transferred"]
+    );
+    let _ = qmp_src.execute("quit", serde_json::json!({}));
+    drop(source);
+    // The source daemon's front end is gone; the guest goes on on the destination.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+    let status = loop {
+        if let Some(status) = dest.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the migrated guest did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let (a, b) = (
+        std::fs::read_to_string(&log_a).unwrap(),
+        std::fs::read_to_string(&log_b).unwrap(),
+    );
+    let log = a.clone() + &b;
+    assert!(
+        markers(&log).iter().any(|m| m == "done"),
+        "the guest did not finish on the destination (QEMU {status}); source console:\n{a}\n\
+         destination console:\n{b}"
+    );
+    check_guest_log(&log, started.elapsed().as_secs());
+    assert_eq!(daemon_a.stop(), Some(0));
+    assert_eq!(daemon_b.stop(), Some(0));
 }
