@@ -481,12 +481,40 @@ fn linux_guest_migrates_to_another_daemon_during_fio_verify() {
         return;
     }
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let d = dir.path();
-    let file = image(d, "guest.img", 1 << 30);
-    let (sock_a, sock_b) = (d.join("a.sock"), d.join("b.sock"));
+    let file = image(dir.path(), "guest.img", 1 << 30);
     // Two daemons on the same image file, as two hosts on shared storage would be.
-    let mut daemon_a = Daemon::start(d, &file_export(&sock_a, &file, ",num-queues=2"));
-    let mut args_b = file_export(&sock_b, &file, ",num-queues=2");
+    migrate_guest(dir.path(), &|socket: &Path| {
+        file_export(socket, &file, ",num-queues=2")
+    });
+}
+
+#[cfg(feature = "rbd")]
+#[test]
+fn linux_guest_migrates_between_daemons_on_one_rbd_image() {
+    if !guest_available("linux_guest_migrates_between_daemons_on_one_rbd_image") {
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cluster = common::ceph::Cluster::start(&dir.path().join("ceph"), 1024);
+    // The image's exclusive lock moves to the destination daemon with its first write.
+    migrate_guest(dir.path(), &|socket: &Path| {
+        vec![
+            "--export".to_string(),
+            format!(
+                "vhost-user-blk,socket={},{},num-queues=2",
+                socket.display(),
+                cluster.export("img")
+            ),
+        ]
+    });
+}
+
+/// Boots the guest on a daemon serving `export(a.sock)`, migrates it during fio write+verify
+/// to a QEMU on a second daemon serving `export(b.sock)`, and checks the guest's run.
+fn migrate_guest(d: &Path, export: &dyn Fn(&Path) -> Vec<String>) {
+    let (sock_a, sock_b) = (d.join("a.sock"), d.join("b.sock"));
+    let mut daemon_a = Daemon::start(d, &export(&sock_a));
+    let mut args_b = export(&sock_b);
     args_b.extend(["--stats-dir".to_string(), "stats-b".to_string()]);
     let mut daemon_b = Daemon::start(d, &args_b);
     let (_one_guest, guest_dir) = built_guest();

@@ -76,6 +76,15 @@ ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" >/dev/null
 ceph-mon -c "$conf" -i a -f >"$dir/log/mon.out" 2>&1 &
 echo $! >>"$dir/pids"
 
+# The monitor answers commands only once it has formed its quorum of one.
+for _ in $(seq 100); do
+	if ceph_cli mon stat >/dev/null 2>&1; then
+		break
+	fi
+	sleep 0.2
+done
+ceph_cli mon stat >/dev/null || { echo "cluster.sh: the monitor did not come up; logs in $dir/log" >&2; exit 1; }
+
 osd_uuid=$(uuidgen)
 osd_id=$(ceph_cli osd create "$osd_uuid")
 [[ $osd_id == 0 ]] || { echo "cluster.sh: expected osd 0, got $osd_id" >&2; exit 1; }
