@@ -79,14 +79,20 @@ fn open_sources(args: &StatsArgs) -> Result<Vec<Source>, String> {
         let reader = StatsReader::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         sources.push(reader);
     }
-    for &fd in &args.fds {
-        // SAFETY: F_GETFD only asks whether the descriptor is open.
-        if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+    for (i, &fd) in args.fds.iter().enumerate() {
+        if fd < 3 || args.fds[..i].contains(&fd) {
+            return Err(format!(
+                "--fd {fd}: give each inherited descriptor once, 3 or above"
+            ));
+        }
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor number: fails if it is not open; the copy
+        // is ours to own (the inherited one is left alone).
+        let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+        if copy < 0 {
             return Err(format!("--fd {fd}: not an open file descriptor"));
         }
-        // SAFETY: the descriptor is open (checked) and was handed to this process to read;
-        // it is owned from here on.
-        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        // SAFETY: `copy` is a new descriptor owned by nothing else.
+        let file = unsafe { std::fs::File::from_raw_fd(copy) };
         sources.push(StatsReader::from_file(file).map_err(|e| format!("--fd {fd}: {e}"))?);
     }
     sources
@@ -192,14 +198,14 @@ fn show(desc: &Desc, now: &[u64], before: Option<(&[u64], f64)>) -> Shown {
             }
             _ => now.to_vec(),
         };
-        let count: u64 = counts.iter().sum();
+        let count = counts.iter().fold(0u64, |a, &c| a.saturating_add(c));
         let mut percentiles = Vec::new();
         if count > 0 {
             for p in PERCENTILES {
                 let target = ((p * count as f64).ceil() as u64).max(1);
                 let mut seen = 0;
                 for (i, c) in counts.iter().enumerate() {
-                    seen += c;
+                    seen = u64::saturating_add(seen, *c);
                     if seen >= target {
                         percentiles.push((p, bucket_upper(desc, i) * scale));
                         break;
@@ -591,7 +597,7 @@ fn prometheus(rows: &[Row<'_>]) -> String {
                     let mut cumulative = 0;
                     let last = buckets.len().saturating_sub(1);
                     for (i, (le, c)) in buckets.iter().enumerate() {
-                        cumulative += c;
+                        cumulative = u64::saturating_add(cumulative, *c);
                         // The last bucket is open-ended: it is +Inf's.
                         if i < last {
                             entry.1.push(format!(

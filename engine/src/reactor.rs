@@ -695,8 +695,9 @@ impl Reactor {
                         let queue = self.queues[qi].as_mut().unwrap();
                         queue.stopping = Some(reply);
                         if let Some(vq) = queue.guest_stats.as_deref_mut() {
-                            // The held buffer is in flight: the driver gets it back.
-                            if let Some(head) = vq.release() {
+                            // The held buffer is in flight: the driver gets it back, unless
+                            // the ring is broken (its memory may be gone).
+                            if let Some(head) = vq.release().filter(|_| !queue.broken) {
                                 queue.ring.push_used(head, 0);
                                 queue.unpublished = true;
                             }
@@ -874,6 +875,13 @@ impl Reactor {
             }
             self.ops_in_flight += start_request(queue, qi, slot, head, &mut sq, &self.completer);
         }
+        queue.stats.set(QueueStat::InFlight, queue.in_flight as u64);
+        queue
+            .stats
+            .peak(QueueStat::InFlightPeak, queue.in_flight as u64);
+        if queue.batch_finished.iter().any(|&n| n > 0) {
+            record_batch_latency(queue, self.clock.now().saturating_sub(now));
+        }
     }
 
     fn count_queues(&mut self) {
@@ -893,13 +901,15 @@ impl Reactor {
             let Some(vq) = queue.guest_stats.as_deref_mut() else {
                 continue;
             };
+            // Only queues that run have a request due: a disabled or broken one would
+            // otherwise keep the reactor from ever sleeping.
             if queue.stopping.is_none() && !queue.broken && queue.enabled {
                 if let Some(head) = vq.request_if_due(now) {
                     queue.ring.push_used(head, 0);
                     queue.unpublished = true;
                 }
+                due = due.min(vq.due());
             }
-            due = due.min(vq.due());
         }
         self.guest_stats_due = due;
     }
@@ -1209,9 +1219,11 @@ fn start_request(
         return 0;
     }
     let Some(status_ptr) = blk::locate_status(&mut slot.segs) else {
-        // Nowhere to report an error: return the chain with nothing written.
+        // Nowhere to report an error: return the chain with nothing written (counted as an
+        // I/O error).
         slot.status_ptr = std::ptr::null_mut();
         slot.used_len = 0;
+        slot.status = status::IOERR;
         finish(queue, slot_index, IN_BATCH);
         return 0;
     };

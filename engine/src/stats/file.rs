@@ -38,6 +38,9 @@ impl StatsDir {
     /// Creates (if needed) and locks `path`, removes statistics files a previous daemon left,
     /// and hands out files owned by group `gid` (default: the daemon's group).
     pub fn open(path: &Path, gid: Option<u32>) -> io::Result<StatsDir> {
+        // A directory pollblk made (or used before: it has our lock file) is pollblk's to
+        // tidy; any other existing directory is left as it is (mode, other files).
+        let ours = !path.exists() || path.join("lock").exists();
         std::fs::create_dir_all(path)?;
         let lock = OpenOptions::new()
             .read(true)
@@ -55,12 +58,16 @@ impl StatsDir {
                 e
             });
         }
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(DIR_MODE))?;
+        if ours {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(DIR_MODE))?;
+            if let Some(gid) = gid {
+                chown_group(path, gid)?;
+            }
+        }
         if let Some(gid) = gid {
-            chown_group(path, gid)?;
             chown_group(&path.join("lock"), gid)?;
         }
-        for entry in std::fs::read_dir(path)? {
+        for entry in std::fs::read_dir(path)?.filter(|_| ours) {
             let entry = entry?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
@@ -245,11 +252,20 @@ impl StatsFile {
         self.path.as_deref()
     }
 
-    /// The file's bytes as a reader would see them now.
+    /// The file's bytes as a reader would see them now (each u64 loaded atomically: writers
+    /// may be storing).
     pub fn bytes(&self) -> Vec<u8> {
-        let mut out = vec![0u8; self.map.len];
-        // SAFETY: the mapping is `len` bytes; values may be changing (plain copy, as pread).
-        unsafe { std::ptr::copy_nonoverlapping(self.map.ptr, out.as_mut_ptr(), self.map.len) };
+        assert_eq!(
+            self.map.len % 8,
+            0,
+            "header, descriptors and data are whole u64s"
+        );
+        let mut out = Vec::with_capacity(self.map.len);
+        for i in 0..self.map.len / 8 {
+            // SAFETY: 8-aligned offsets inside the page-aligned mapping.
+            let word = unsafe { &*(self.map.ptr.add(8 * i) as *const AtomicU64) };
+            out.extend_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
+        }
         out
     }
 }

@@ -20,6 +20,8 @@ pub const MAX_NAME_SIZE: u32 = 4096;
 pub const MAX_DESCRIPTORS: u32 = 1 << 16;
 /// Largest data block accepted.
 pub const MAX_DATA_BYTES: u64 = 16 << 20;
+/// Largest descriptor block accepted.
+pub const MAX_DESC_BYTES: u64 = 16 << 20;
 
 /// An opened statistics file.
 pub struct StatsReader {
@@ -75,6 +77,13 @@ impl StatsReader {
                 header.num_desc
             )));
         }
+        if header.desc_size() as u64 * u64::from(header.num_desc) > MAX_DESC_BYTES {
+            return Err(bad(format!(
+                "{} descriptors of {} bytes: more than {MAX_DESC_BYTES} bytes",
+                header.num_desc,
+                header.desc_size()
+            )));
+        }
         let mut id_raw = vec![0u8; header.name_size as usize];
         file.read_exact_at(&mut id_raw, u64::from(header.id_offset))
             .map_err(|e| bad(format!("cannot read the id at {}: {e}", header.id_offset)))?;
@@ -122,6 +131,14 @@ impl StatsReader {
         let meta = self.file.metadata().ok()?;
         if !meta.file_type().is_file() || meta.len() < len as u64 || !data_offset.is_multiple_of(8)
         {
+            return None;
+        }
+        // A mapping dies with SIGBUS if the file shrinks under it: map only files whose owner
+        // is trusted (this user or root), pread the others.
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me && meta.uid() != 0 {
             return None;
         }
         if len == 0 {

@@ -85,6 +85,29 @@ fn the_reader_refuses_what_is_not_a_stats_file() {
 }
 
 #[test]
+fn odd_but_readable_files_are_checked_without_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("odd");
+    // No descriptors, offsets all zero, the id right after the header.
+    let mut bytes = vec![0u8; 72];
+    bytes[4..8].copy_from_slice(&48u32.to_ne_bytes());
+    bytes[12..16].copy_from_slice(&24u32.to_ne_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let reader = StatsReader::open(&path).unwrap();
+    assert!(
+        !validate(&reader).is_empty(),
+        "zero offsets overlap the header"
+    );
+    check_sequential_read(&reader).unwrap();
+    // Descriptors that would need a huge allocation are refused before it.
+    bytes[4..8].copy_from_slice(&4096u32.to_ne_bytes());
+    bytes[8..12].copy_from_slice(&65536u32.to_ne_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = StatsReader::open(&path).err().unwrap();
+    assert!(err.to_string().contains("descriptors"), "{err}");
+}
+
+#[test]
 fn the_validator_finds_broken_layouts() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = StatsDir::open(tmp.path(), None).unwrap();
