@@ -141,10 +141,14 @@ fn while_logging_every_guest_memory_write_is_marked_dirty() {
 
     // Logging: the read's data page and the used ring are marked.
     d.frontend.set_features(d.features | LOG_ALL).unwrap();
+    // The status byte lands on the page after the page-aligned 4 KiB data buffer.
     let during = d.submit(0, &read);
     let during_buf = during.in_buffers()[0].0;
+    let status = during.status_gpa();
     assert_eq!(d.wait(during).status, S_OK);
     assert!(dirty(during_buf), "the read's data page is dirty");
+    assert_ne!(status / 4096, during_buf / 4096);
+    assert!(dirty(status), "the status byte's page is dirty");
     assert!(dirty(d.queues[0].used), "the used ring is dirty");
 
     // Logging off again: a new read's page stays clean.

@@ -456,13 +456,17 @@ impl QueueState {
         }
     }
 
-    /// Marks every device-writable buffer of a finished request dirty while logging.
-    fn log_writes(&self, segs: &Segments) {
+    /// Marks every device-writable buffer of a finished request dirty while logging
+    /// (the data buffers, and the status byte, which `locate_status` took off the last one).
+    fn log_writes(&self, segs: &Segments, status: *const u8) {
         if let Some(log) = &self.dirty_log {
             for iov in &segs.iovecs()[segs.readable_count()..] {
                 if let Some(gpa) = self.mem.gpa_of(iov.iov_base as *const u8) {
                     log.mark(gpa, iov.iov_len as u64);
                 }
+            }
+            if let Some(gpa) = self.mem.gpa_of(status) {
+                log.mark(gpa, 1);
             }
         }
     }
@@ -1559,7 +1563,8 @@ fn finish(queue: &mut QueueState, slot_index: u32, end: u64) {
     };
     let head = slot.head;
     if queue.dirty_log.is_some() {
-        queue.log_writes(&queue.slots[slot_index as usize].segs);
+        let slot = &queue.slots[slot_index as usize];
+        queue.log_writes(&slot.segs, slot.status_ptr);
     }
     queue.ring.push_used(head, used_len);
     if let Some(records) = &queue.inflight {

@@ -104,6 +104,11 @@ impl Pending {
     pub fn in_buffers(&self) -> &[(u64, usize)] {
         &self.in_bufs
     }
+
+    /// Guest physical address of the status byte.
+    pub fn status_gpa(&self) -> u64 {
+        self.status_gpa
+    }
 }
 
 /// A connected virtio-blk driver.
