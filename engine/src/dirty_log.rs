@@ -6,9 +6,9 @@
 //! physical address space, page p at byte p / 8, bit p % 8; set with an atomic OR (the front
 //! end takes the words with atomic exchanges while the device writes).
 
+use crate::shm::SharedMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Bytes of guest memory per log bit.
@@ -16,13 +16,8 @@ pub const LOG_PAGE: u64 = 4096;
 
 /// A mapped log (SET_LOG_BASE).
 pub struct DirtyLog {
-    ptr: *mut u8,
-    len: usize,
+    map: SharedMap,
 }
-
-// SAFETY: the bitmap is only touched through atomic byte operations.
-unsafe impl Send for DirtyLog {}
-unsafe impl Sync for DirtyLog {}
 
 impl DirtyLog {
     /// Maps `size` bytes of `file` at `offset`.
@@ -33,23 +28,8 @@ impl DirtyLog {
                 format!("dirty log of {size} bytes"),
             ));
         }
-        // SAFETY: a shared mapping of `size` bytes of the front end's file.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
         Ok(DirtyLog {
-            ptr: ptr.cast(),
-            len: size as usize,
+            map: SharedMap::map(file, offset, size as usize, true)?,
         })
     }
 
@@ -63,20 +43,14 @@ impl DirtyLog {
         let last = gpa.saturating_add(len - 1) / LOG_PAGE;
         for page in first..=last {
             let byte = (page / 8) as usize;
-            if byte >= self.len {
+            if byte >= self.map.len() {
                 return;
             }
-            // SAFETY: byte < len: inside the mapping; AtomicU8 has alignment 1.
-            let cell = unsafe { &*(self.ptr.add(byte) as *const AtomicU8) };
+            // SAFETY: byte < len: inside the mapping; AtomicU8 has alignment 1; the bitmap
+            // is only touched with atomic byte operations.
+            let cell = unsafe { &*(self.map.ptr().add(byte) as *const AtomicU8) };
             cell.fetch_or(1 << (page % 8), Ordering::Relaxed);
         }
-    }
-}
-
-impl Drop for DirtyLog {
-    fn drop(&mut self) {
-        // SAFETY: unmaps what map mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 

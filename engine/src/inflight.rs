@@ -18,9 +18,10 @@
 //! every head still flagged is resubmitted, oldest counter first, and the ring resumes at
 //! used index + that count.
 
+use crate::shm::SharedMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
@@ -37,16 +38,10 @@ pub fn queue_region_size(queue_size: u16) -> usize {
 
 /// The shared region of every queue of one device.
 pub struct InflightRegion {
-    ptr: *mut u8,
-    len: usize,
+    map: SharedMap,
     queue_size: u16,
     num_queues: u16,
 }
-
-// SAFETY: the mapping is shared memory accessed with volatile reads and writes by the one
-// reactor owning each queue's part; the control thread only creates and drops it.
-unsafe impl Send for InflightRegion {}
-unsafe impl Sync for InflightRegion {}
 
 impl InflightRegion {
     /// A zeroed region for `num_queues` queues of `queue_size` (GET_INFLIGHT_FD) and the memfd
@@ -86,24 +81,8 @@ impl InflightRegion {
                 format!("inflight region of {len} bytes for {num_queues} queues of {queue_size}"),
             ));
         }
-        // SAFETY: a shared mapping of `len` bytes of the given file; checked above that it
-        // holds every queue's region.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
         Ok(InflightRegion {
-            ptr: ptr.cast(),
-            len: len as usize,
+            map: SharedMap::map(file, offset, len as usize, true)?,
             queue_size,
             num_queues,
         })
@@ -123,19 +102,16 @@ impl InflightRegion {
             return None;
         }
         // SAFETY: index < num_queues, so the queue's region lies inside the mapping.
-        let base = unsafe { self.ptr.add(index * queue_region_size(self.queue_size)) };
+        let base = unsafe {
+            self.map
+                .ptr()
+                .add(index * queue_region_size(self.queue_size))
+        };
         Some(InflightQueue {
             _region: self.clone(),
             base,
             size,
         })
-    }
-}
-
-impl Drop for InflightRegion {
-    fn drop(&mut self) {
-        // SAFETY: unmaps what map mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 

@@ -18,6 +18,7 @@ pub mod guest_stats;
 pub mod inflight;
 pub mod mem;
 pub mod reactor;
+pub mod shm;
 pub mod stats;
 pub mod thin;
 pub mod virtqueue;

@@ -7,9 +7,9 @@
 //! fit the layout is refused with a message, never a panic.
 
 use super::format::{Desc, Header, DESC_FIXED_SIZE, HEADER_SIZE};
+use crate::shm::SharedMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,17 +37,10 @@ pub struct StatsReader {
     map: Option<DataMap>,
 }
 
+/// The file mapped read-only from offset 0, and where its data block starts.
 struct DataMap {
-    base: *mut libc::c_void,
-    len: usize,
+    map: SharedMap,
     data_offset: usize,
-}
-
-impl Drop for DataMap {
-    fn drop(&mut self) {
-        // SAFETY: unmaps what open mapped.
-        unsafe { libc::munmap(self.base, self.len) };
-    }
 }
 
 fn bad(msg: String) -> io::Error {
@@ -144,23 +137,9 @@ impl StatsReader {
         if len == 0 {
             return None;
         }
-        // SAFETY: a read-only shared mapping of `len` bytes the file has; values are read
-        // with atomic loads only.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                self.file.as_raw_fd(),
-                0,
-            )
-        };
-        (base != libc::MAP_FAILED).then_some(DataMap {
-            base,
-            len,
-            data_offset,
-        })
+        // Values are read with atomic loads only.
+        let map = SharedMap::map(&self.file, 0, len, false).ok()?;
+        Some(DataMap { map, data_offset })
     }
 
     pub fn header(&self) -> &Header {
@@ -213,8 +192,7 @@ impl StatsReader {
             Some(map) => {
                 // SAFETY: data_offset + 8 * words <= len (try_map), data_offset 8-aligned on
                 // a page-aligned mapping: aligned atomic loads inside the mapping.
-                let base =
-                    unsafe { map.base.cast::<u8>().add(map.data_offset) }.cast::<AtomicU64>();
+                let base = unsafe { map.map.ptr().add(map.data_offset) }.cast::<AtomicU64>();
                 for (i, v) in values.iter_mut().enumerate() {
                     *v = unsafe { &*base.add(i) }.load(Ordering::Relaxed);
                 }
