@@ -69,7 +69,18 @@ osd data = $dir/osd.\$id
 keyring = $dir/keyring
 CONF
 
-ceph_cli() { timeout 30 ceph -c "$conf" --connect-timeout 10 "$@"; }
+# Right after it starts, the monitor may refuse a command now and then ("problem getting
+# command descriptions"): every command used here is idempotent, so each is retried.
+ceph_cli() {
+	local try
+	for try in 1 2 3 4 5 6 7 8 9 10; do
+		if timeout 30 ceph -c "$conf" --connect-timeout 10 "$@"; then
+			return 0
+		fi
+		sleep 0.5
+	done
+	return 1
+}
 
 monmaptool --create --fsid "$fsid" --addv a "[v1:127.0.0.1:$port]" "$dir/monmap" >/dev/null
 ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" >/dev/null
@@ -77,13 +88,7 @@ ceph-mon -c "$conf" -i a -f >"$dir/log/mon.out" 2>&1 &
 echo $! >>"$dir/pids"
 
 # The monitor answers commands only once it has formed its quorum of one.
-for _ in $(seq 100); do
-	if ceph_cli mon stat >/dev/null 2>&1; then
-		break
-	fi
-	sleep 0.2
-done
-ceph_cli mon stat >/dev/null || { echo "cluster.sh: the monitor did not come up; logs in $dir/log" >&2; exit 1; }
+ceph_cli mon stat >/dev/null 2>&1 || { echo "cluster.sh: the monitor did not come up; logs in $dir/log" >&2; exit 1; }
 
 osd_uuid=$(uuidgen)
 osd_id=$(ceph_cli osd create "$osd_uuid")
@@ -93,7 +98,7 @@ ceph-osd -c "$conf" -i 0 -f >"$dir/log/osd.out" 2>&1 &
 echo $! >>"$dir/pids"
 
 for _ in $(seq 100); do
-	if ceph_cli osd stat 2>/dev/null | grep -q '1 up'; then
+	if timeout 30 ceph -c "$conf" --connect-timeout 10 osd stat 2>/dev/null | grep -q '1 up'; then
 		break
 	fi
 	sleep 0.2
