@@ -97,13 +97,20 @@ ceph-osd -c "$conf" -i 0 --mkfs --osd-uuid "$osd_uuid" >"$dir/log/osd.mkfs" 2>&1
 ceph-osd -c "$conf" -i 0 -f >"$dir/log/osd.out" 2>&1 &
 echo $! >>"$dir/pids"
 
-for _ in $(seq 100); do
-	if timeout 30 ceph -c "$conf" --connect-timeout 10 osd stat 2>/dev/null | grep -q '1 up'; then
-		break
-	fi
+# A fresh machine's first OSD can take a while (cold caches, two clusters starting at once on
+# two cores): wait up to 120 s, but give up at once if the OSD died, and show why.
+osd_pid=$!
+osd_failed() {
+	echo "cluster.sh: the OSD did not come up ($1); logs in $dir/log" >&2
+	tail -n 20 "$dir/log/osd.out" "$dir/log/osd.0.log" >&2 2>/dev/null || true
+	exit 1
+}
+deadline=$((SECONDS + 120))
+until timeout 30 ceph -c "$conf" --connect-timeout 10 osd stat 2>/dev/null | grep -q '1 up'; do
+	kill -0 "$osd_pid" 2>/dev/null || osd_failed "ceph-osd exited"
+	((SECONDS < deadline)) || osd_failed "not up after 120 s"
 	sleep 0.2
 done
-ceph_cli osd stat | grep -q '1 up' || { echo "cluster.sh: the OSD did not come up; logs in $dir/log" >&2; exit 1; }
 
 # The monitor answering is ours (its fsid), not another cluster's on the same port.
 [[ $(ceph_cli fsid) == "$fsid" ]] || { echo "cluster.sh: fsid mismatch: another cluster on port $port?" >&2; exit 1; }
