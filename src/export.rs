@@ -4,6 +4,8 @@
 //! `vhost-user-blk,socket=PATH,null,size=BYTES[,read-zeroes=on|off][,latency-ns=N][,...same options]`
 //! `vhost-user-blk,socket=PATH,pool=DIR,volume=NAME[,...same options]`
 //! `vhost-user-blk,socket=PATH,rbd=POOL/IMAGE[,ceph-conf=PATH][,client=NAME][,rbd-timeout=SECS][,...]`
+//! `xen-blkif-loopback,dir=PATH,domid=N,devid=N,<a volume as above>[,num-queues=N][,...]`
+//! `xen-blkif,domid=N,devid=N,<a volume>` (real Xen: needs a build with the `xen` feature)
 
 use std::path::PathBuf;
 
@@ -47,10 +49,39 @@ pub struct RbdVolume {
 /// Default of `rbd-timeout=`.
 pub const DEFAULT_RBD_TIMEOUT_SECS: u64 = 30;
 
+/// Queues a Xen disk offers unless told otherwise (multi-queue-max-queues).
+pub const DEFAULT_XEN_QUEUES: u16 = 4;
+
+/// How guests reach a disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// vhost-user-blk on a Unix socket.
+    VhostUser { socket: PathBuf },
+    /// Xen blkif through the loopback platform (a store socket in `dir`; no hypervisor).
+    XenLoopback {
+        dir: PathBuf,
+        domid: u32,
+        devid: u32,
+    },
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::VhostUser { socket } => write!(f, "socket {}", socket.display()),
+            Transport::XenLoopback { dir, domid, devid } => write!(
+                f,
+                "xen-blkif-loopback {} domain {domid} device {devid}",
+                dir.display()
+            ),
+        }
+    }
+}
+
 /// One parsed `--export`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Export {
-    pub socket: PathBuf,
+    pub transport: Transport,
     pub volume: Volume,
     pub num_queues: u16,
     pub readonly: bool,
@@ -97,16 +128,28 @@ impl std::str::FromStr for Export {
 
     fn from_str(spec: &str) -> Result<Export, String> {
         let mut parts = spec.split(',');
-        match parts.next() {
-            Some("vhost-user-blk") => {}
-            Some(other) => {
+        let kind = parts.next().expect("split yields at least one part");
+        match kind {
+            "vhost-user-blk" | "xen-blkif-loopback" => {}
+            "xen-blkif" => {
+                return Err(
+                    "xen-blkif (real Xen) is not available in this build: pollblk \
+                     serves Xen PV disks through the loopback platform only \
+                     (xen-blkif-loopback,dir=PATH,...)"
+                        .into(),
+                )
+            }
+            other => {
                 return Err(format!(
-                    "unknown export type {other:?}: the supported type is vhost-user-blk"
+                    "unknown export type {other:?}: the supported types are vhost-user-blk \
+                     and xen-blkif-loopback"
                 ))
             }
-            None => unreachable!("split yields at least one part"),
         }
         let mut socket = None;
+        let mut dir = None;
+        let mut domid = None;
+        let mut devid = None;
         let mut file = None;
         let mut null = false;
         let mut size = None;
@@ -114,7 +157,7 @@ impl std::str::FromStr for Export {
         let mut latency_ns = None;
         let mut pool = None;
         let mut pool_volume = None;
-        let mut num_queues = DEFAULT_NUM_QUEUES;
+        let mut num_queues = None;
         let mut readonly = false;
         let mut block_size = 512;
         let mut serial = None;
@@ -136,6 +179,23 @@ impl std::str::FromStr for Export {
             };
             match key {
                 "socket" => socket = Some(PathBuf::from(need_value()?)),
+                "dir" => dir = Some(PathBuf::from(need_value()?)),
+                "domid" => {
+                    domid = Some(
+                        need_value()?
+                            .parse::<u32>()
+                            .ok()
+                            .filter(|d| (1..0x7ff0).contains(d))
+                            .ok_or_else(|| format!("domid={value}: expected 1 to 32751"))?,
+                    )
+                }
+                "devid" => {
+                    devid = Some(
+                        need_value()?
+                            .parse::<u32>()
+                            .map_err(|_| format!("devid={value}: expected a device number"))?,
+                    )
+                }
                 "file" => file = Some(PathBuf::from(need_value()?)),
                 "null" if value.is_empty() => null = true,
                 "size" => size = Some(parse_size(need_value()?)?),
@@ -156,6 +216,7 @@ impl std::str::FromStr for Export {
                         .parse()
                         .ok()
                         .filter(|n| (1..=MAX_NUM_QUEUES).contains(n))
+                        .map(Some)
                         .ok_or_else(|| {
                             format!("num-queues={value}: expected 1 to {MAX_NUM_QUEUES}")
                         })?
@@ -216,7 +277,34 @@ impl std::str::FromStr for Export {
                 _ => return Err(format!("unknown export option {part:?}")),
             }
         }
-        let socket = socket.ok_or("socket=PATH is required")?;
+        let transport = if kind == "vhost-user-blk" {
+            if dir.is_some() || domid.is_some() || devid.is_some() {
+                return Err("dir=, domid= and devid= go with xen-blkif-loopback".into());
+            }
+            Transport::VhostUser {
+                socket: socket.ok_or("socket=PATH is required")?,
+            }
+        } else {
+            if socket.is_some() {
+                return Err(
+                    "socket= goes with vhost-user-blk; xen-blkif-loopback takes dir=PATH".into(),
+                );
+            }
+            if guest_stats || provision {
+                return Err(
+                    "guest-stats= and provision= are virtio-blk features: not for Xen".into(),
+                );
+            }
+            Transport::XenLoopback {
+                dir: dir.ok_or("dir=PATH (where the loopback store's socket goes) is required")?,
+                domid: domid.ok_or("domid=N (the front end's domain) is required")?,
+                devid: devid.ok_or("devid=N (the virtual device number) is required")?,
+            }
+        };
+        let num_queues = num_queues.unwrap_or(match transport {
+            Transport::VhostUser { .. } => DEFAULT_NUM_QUEUES,
+            Transport::XenLoopback { .. } => DEFAULT_XEN_QUEUES,
+        });
         if guest_stats_bit.is_some() && !guest_stats {
             return Err("guest-stats-bit= goes with guest-stats=on".into());
         }
@@ -247,7 +335,7 @@ impl std::str::FromStr for Export {
         });
         if let Some((pool, image)) = rbd {
             return Ok(Export {
-                socket,
+                transport,
                 volume: Volume::Rbd(RbdVolume {
                     pool,
                     image,
@@ -271,7 +359,7 @@ impl std::str::FromStr for Export {
                 return Err("give one volume: file=PATH, null or pool=DIR,volume=NAME".into());
             }
             return Ok(Export {
-                socket,
+                transport,
                 volume: Volume::Thin { pool, volume },
                 num_queues,
                 readonly,
@@ -309,7 +397,7 @@ impl std::str::FromStr for Export {
             }
         }
         Ok(Export {
-            socket,
+            transport,
             volume,
             num_queues,
             readonly,
@@ -355,7 +443,12 @@ mod tests {
             "vhost-user-blk,socket=/s,file=/f,num-queues=4,readonly=on,block-size=4096,serial=abc"
                 .parse()
                 .unwrap();
-        assert_eq!(e.socket, PathBuf::from("/s"));
+        assert_eq!(
+            e.transport,
+            Transport::VhostUser {
+                socket: PathBuf::from("/s")
+            }
+        );
         assert_eq!(e.volume, Volume::File("/f".into()));
         assert_eq!((e.num_queues, e.readonly, e.block_size), (4, true, 4096));
         assert_eq!(e.serial.as_deref(), Some("abc"));

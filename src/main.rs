@@ -5,7 +5,7 @@ mod pool_cmd;
 mod stats_cmd;
 
 use clap::{Parser, Subcommand};
-use export::{Export, Volume};
+use export::{Export, Transport, Volume};
 use pollblk_engine::backend::{Backend, FileBackend, NullBackend, ThinBackend};
 use pollblk_engine::device::{BlkDevice, DeviceStats, DiskOptions, GuestStatsOptions};
 use pollblk_engine::reactor::{PollConfig, PollMode, Reactors};
@@ -13,6 +13,9 @@ use pollblk_engine::stats::sets::PoolStat;
 use pollblk_engine::stats::StatsDir;
 use pollblk_engine::thin::{self, Pool};
 use pollblk_vhost_user::Server;
+use pollblk_xen::backend::{Vbd, VbdAddress};
+use pollblk_xen::loopback::Loopback;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -173,7 +176,9 @@ fn default_export() -> Result<Export, String> {
         );
     }
     Ok(Export {
-        socket: dir.join("disk0.sock"),
+        transport: Transport::VhostUser {
+            socket: dir.join("disk0.sock"),
+        },
         volume: Volume::Thin {
             pool: pool_dir,
             volume: "disk0".into(),
@@ -270,8 +275,7 @@ fn open_device(
     if size == 0 || !size.is_multiple_of(u64::from(export.block_size)) {
         return Err(format!(
             "{}: size {size} is not a non-zero multiple of the block size {}",
-            export.socket.display(),
-            export.block_size
+            export.transport, export.block_size
         ));
     }
     let name = format!("disk{index}");
@@ -367,6 +371,54 @@ fn qemu_command_line(socket: &Path, queues: u16) -> String {
     )
 }
 
+/// A disk's front-end side while the daemon runs.
+enum Frontend {
+    VhostUser(Server),
+    Xen(Vbd),
+}
+
+impl Frontend {
+    /// Disconnects the front end, draining its queues.
+    fn stop(self) {
+        match self {
+            Frontend::VhostUser(server) => server.stop(),
+            Frontend::Xen(vbd) => drop(vbd),
+        }
+    }
+}
+
+/// Starts serving one disk on its transport.
+fn start_frontend(
+    export: &Export,
+    device: &Arc<BlkDevice>,
+    reactors: &[pollblk_engine::reactor::ReactorHandle],
+    loopbacks: &mut HashMap<PathBuf, Arc<Loopback>>,
+) -> Result<Frontend, String> {
+    match &export.transport {
+        Transport::VhostUser { socket } => Server::start(socket, device.clone(), reactors.to_vec())
+            .map(Frontend::VhostUser)
+            .map_err(|e| e.to_string()),
+        Transport::XenLoopback { dir, domid, devid } => {
+            let platform = match loopbacks.get(dir) {
+                Some(platform) => platform.clone(),
+                None => {
+                    let platform = Loopback::start(dir)
+                        .map_err(|e| format!("xen loopback store in {}: {e}", dir.display()))?;
+                    loopbacks.insert(dir.clone(), platform.clone());
+                    platform
+                }
+            };
+            let address = VbdAddress {
+                domid: *domid,
+                devid: *devid,
+            };
+            Vbd::start(platform, address, device.clone(), reactors.to_vec(), true)
+                .map(Frontend::Xen)
+                .map_err(|e| format!("{}: {e}", export.transport))
+        }
+    }
+}
+
 fn serve(
     mut exports: Vec<Export>,
     cores: Option<Vec<usize>>,
@@ -385,8 +437,8 @@ fn serve(
         ));
     }
     for (i, a) in exports.iter().enumerate() {
-        if exports[..i].iter().any(|b| b.socket == a.socket) {
-            return Err(format!("socket {} is given twice", a.socket.display()));
+        if exports[..i].iter().any(|b| b.transport == a.transport) {
+            return Err(format!("{} is given twice", a.transport));
         }
         if let Volume::Rbd(r) = &a.volume {
             let same = |b: &Export| matches!(&b.volume, Volume::Rbd(o) if o.pool == r.pool && o.image == r.image && o.conf == r.conf);
@@ -417,31 +469,32 @@ fn serve(
         .map(|i| reactors.for_queue(i).clone())
         .collect();
     let mut servers = Vec::with_capacity(exports.len());
+    let mut loopbacks = HashMap::new();
     for (export, device) in exports.iter().zip(&devices) {
-        match Server::start(&export.socket, device.clone(), handles.clone()) {
+        match start_frontend(export, device, &handles, &mut loopbacks) {
             Ok(server) => servers.push(server),
             Err(e) => {
                 drop(servers);
                 reactors.shutdown();
-                return Err(e.to_string());
+                return Err(e);
             }
         }
     }
     for (export, device) in exports.iter().zip(&devices) {
         tracing::info!(
             disk = %device.options().name,
-            socket = %export.socket.display(),
+            transport = %export.transport,
             sectors = device.capacity_sectors(),
             queues = export.num_queues,
             "serving"
         );
     }
-    if is_default {
+    if let (true, Transport::VhostUser { socket }) = (is_default, &exports[0].transport) {
         println!(
             "pollblk: serving {} on {}\nAttach a guest with:\n{}",
             DEFAULT_DIR.to_string() + "/pool, volume disk0",
-            exports[0].socket.display(),
-            qemu_command_line(&exports[0].socket, exports[0].num_queues)
+            socket.display(),
+            qemu_command_line(socket, exports[0].num_queues)
         );
     }
     println!(
@@ -459,6 +512,7 @@ fn serve(
     for server in servers {
         server.stop();
     }
+    drop(loopbacks);
     let mut result = Ok(());
     for device in &devices {
         if let Err(e) = device.backend().sync_all() {

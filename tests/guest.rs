@@ -569,7 +569,8 @@ fn migrate_guest(d: &Path, export: &dyn Fn(&Path) -> Vec<String>) {
         "migration: downtime {} ms, total {} ms, {} bytes transferred",
         info["downtime"], info["total-time"], info["ram"]["transferred"]
     );
-    let _ = qmp_src.execute("quit", serde_json::json!({}));
+    // The source may be gone already; the guest goes on on the destination either way.
+    let _ = std::io::Write::write_all(&mut qmp_src.writer, b"{\"execute\": \"quit\"}\n");
     drop(source);
     // The source daemon's front end is gone; the guest goes on on the destination.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);

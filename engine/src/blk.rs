@@ -165,6 +165,9 @@ pub struct Request {
     pub data: std::ops::Range<usize>,
     /// Total bytes of the data buffers.
     pub data_len: u64,
+    /// A write that must be durable when it completes, with every write completed before it
+    /// (blkif's FLUSH_DISKCACHE with data; virtio-blk has no such request).
+    pub fua: bool,
 }
 
 /// Location of the status byte, found before anything else so every error can be reported.
@@ -224,6 +227,7 @@ pub fn parse(segs: &mut Segments) -> Result<Request, ParseError> {
         sector,
         data,
         data_len,
+        fua: false,
     })
 }
 
@@ -360,7 +364,7 @@ mod tests {
     fn segs_of(bufs: &mut [Vec<u8>], readable: usize) -> Segments {
         let mut segs = Segments::with_capacity(SLOT_SEGMENTS);
         for (i, b) in bufs.iter_mut().enumerate() {
-            segs.push_for_test(b.as_mut_ptr(), b.len() as u32, i >= readable);
+            segs.push(b.as_mut_ptr(), b.len() as u32, i >= readable);
         }
         segs
     }

@@ -2,6 +2,7 @@
 //!
 //! - [`reactor`]: per-core polled threads owning virtqueues and an io_uring each.
 //! - [`virtqueue`]: the device side of split virtqueues.
+//! - [`ring`]: request rings of other transports (Xen blkif), polled like virtqueues.
 //! - [`blk`]: virtio-blk requests, status, features and config space.
 //! - [`backend`]: volumes (null, file).
 //! - [`device`]: a disk as guests see it.
@@ -18,6 +19,7 @@ pub mod guest_stats;
 pub mod inflight;
 pub mod mem;
 pub mod reactor;
+pub mod ring;
 pub mod shm;
 pub mod stats;
 pub mod thin;

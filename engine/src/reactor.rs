@@ -24,13 +24,14 @@ use crate::dirty_log::DirtyLog;
 use crate::guest_stats::GuestStatsVq;
 use crate::inflight::InflightQueue;
 use crate::mem::GuestMemory;
+use crate::ring::{RequestRing, RingSetup};
 use crate::stats::sets::{Class, QueueStat, ReactorStat, CLASSES, CLASS_STATS};
 use crate::stats::{Stats, StatsDir};
 use crate::virtqueue::{Broken, RingAddrs, Segments, SplitQueue};
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -169,6 +170,7 @@ pub enum QueueRole {
 
 enum Msg {
     Attach(QueueId, Box<QueueSetup>, Sender<Result<(), Broken>>),
+    AttachRing(QueueId, Box<RingSetup>),
     Stop(QueueId, Sender<u16>),
     SetEnabled(QueueId, bool),
     SetCall(QueueId, Option<EventFd>),
@@ -213,6 +215,11 @@ impl ReactorHandle {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.send(Msg::Attach(id, Box::new(setup), tx));
         rx.recv().unwrap_or(Err(Broken::RingUnmapped))
+    }
+
+    /// Starts serving a request ring of another transport (Xen blkif).
+    pub fn attach_ring(&self, id: QueueId, setup: RingSetup) {
+        self.send(Msg::AttachRing(id, Box::new(setup)));
     }
 
     /// Stops a queue after completing every request in flight; returns the avail index to
@@ -386,10 +393,10 @@ struct Slot {
 }
 
 impl Slot {
-    fn new() -> Slot {
+    fn new(segments: usize) -> Slot {
         Slot {
             head: 0,
-            segs: Segments::with_capacity(blk::SLOT_SEGMENTS),
+            segs: Segments::with_capacity(segments),
             status_ptr: std::ptr::null_mut(),
             used_len: 0,
             ops_pending: 0,
@@ -409,6 +416,46 @@ impl Slot {
     }
 }
 
+/// Where a queue's requests come from.
+enum QueueRing {
+    Virtio(SplitQueue),
+    /// Another transport's ring (Xen blkif).
+    Other(Box<dyn RequestRing>),
+}
+
+impl QueueRing {
+    /// The virtqueue; only virtio paths (stats virtqueue, memory tables, chains) call this.
+    fn split(&mut self) -> &mut SplitQueue {
+        match self {
+            QueueRing::Virtio(ring) => ring,
+            QueueRing::Other(_) => unreachable!("a virtqueue operation on another ring"),
+        }
+    }
+
+    fn enable_notification(&mut self) -> bool {
+        match self {
+            QueueRing::Virtio(ring) => ring.enable_notification(),
+            QueueRing::Other(ring) => ring.enable_notification(),
+        }
+    }
+
+    fn disable_notification(&mut self) {
+        match self {
+            QueueRing::Virtio(ring) => ring.disable_notification(),
+            QueueRing::Other(ring) => ring.disable_notification(),
+        }
+    }
+
+    /// Where a stopped queue resumes (a virtqueue's last_avail_idx; 0 for other rings,
+    /// which keep their position in shared memory).
+    fn resume_index(&self) -> u16 {
+        match self {
+            QueueRing::Virtio(ring) => ring.last_avail_idx(),
+            QueueRing::Other(_) => 0,
+        }
+    }
+}
+
 /// A queue as its reactor holds it.
 struct QueueState {
     id: QueueId,
@@ -417,8 +464,9 @@ struct QueueState {
     /// Memory tables replaced while requests were in flight; dropped when none are.
     retired_mem: Vec<Arc<GuestMemory>>,
     addrs: RingAddrs,
-    ring: SplitQueue,
-    kick: EventFd,
+    ring: QueueRing,
+    /// The virtqueue's kick eventfd (other rings bring their own, `RequestRing::kick_fd`).
+    kick: Option<EventFd>,
     kick_armed: bool,
     kick_cancel_sent: bool,
     call: Option<EventFd>,
@@ -448,8 +496,8 @@ struct QueueState {
 impl QueueState {
     /// Marks the used ring (elements, index, avail_event) dirty while logging.
     fn log_used_ring(&self) {
-        if let Some(log) = &self.dirty_log {
-            let (ptr, len) = self.ring.used_ring();
+        if let (Some(log), QueueRing::Virtio(ring)) = (&self.dirty_log, &self.ring) {
+            let (ptr, len) = ring.used_ring();
             if let Some(gpa) = self.mem.gpa_of(ptr) {
                 log.mark(gpa, len);
             }
@@ -468,6 +516,23 @@ impl QueueState {
             if let Some(gpa) = self.mem.gpa_of(status) {
                 log.mark(gpa, 1);
             }
+        }
+    }
+
+    fn kick_fd(&self) -> RawFd {
+        match (&self.kick, &self.ring) {
+            (Some(kick), _) => kick.as_raw_fd(),
+            (None, QueueRing::Other(ring)) => ring.kick_fd(),
+            (None, QueueRing::Virtio(_)) => unreachable!("a virtqueue has a kick eventfd"),
+        }
+    }
+
+    /// Consumes the notifications behind a readable kick fd; returns how many.
+    fn ack_kick(&mut self) -> u64 {
+        match (&self.kick, &mut self.ring) {
+            (Some(kick), _) => kick.read().unwrap_or(0),
+            (None, QueueRing::Other(ring)) => ring.ack_kick(),
+            (None, QueueRing::Virtio(_)) => unreachable!("a virtqueue has a kick eventfd"),
         }
     }
 
@@ -694,6 +759,7 @@ impl Reactor {
                 Msg::Attach(id, setup, reply) => {
                     let _ = reply.send(self.attach(id, *setup));
                 }
+                Msg::AttachRing(id, setup) => self.attach_ring(id, *setup),
                 Msg::Stop(id, reply) => match self.find(id) {
                     Some(qi) => {
                         let queue = self.queues[qi].as_mut().unwrap();
@@ -702,7 +768,7 @@ impl Reactor {
                             // The held buffer is in flight: the driver gets it back, unless
                             // the ring is broken (its memory may be gone).
                             if let Some(head) = vq.release().filter(|_| !queue.broken) {
-                                queue.ring.push_used(head, 0);
+                                queue.ring.split().push_used(head, 0);
                                 queue.unpublished = true;
                             }
                         }
@@ -735,7 +801,7 @@ impl Reactor {
                             if queue.in_flight > 0 {
                                 queue.retired_mem.push(old);
                             }
-                            let result = queue.ring.remap(&queue.mem, queue.addrs);
+                            let result = queue.ring.split().remap(&queue.mem, queue.addrs);
                             if let Err(why) = result {
                                 // The old ring pointers must not be used once their memory
                                 // is retired: the queue stops here.
@@ -818,14 +884,22 @@ impl Reactor {
             }
             None => (Vec::new(), 0),
         };
+        // A ring that starts where its last user stopped has every taken request completed:
+        // its used index is its avail base. Anything else (a stale copy of the used ring after
+        // a migration) would make the driver complete old entries again.
+        let used_in_ring = ring.used_idx_in_ring();
+        if resubmit.is_empty() && used_in_ring != ring.next_used_idx() {
+            tracing::warn!(disk = %setup.device.options().name, base = setup.base, used_in_ring,
+                "vring starts with a used index other than its base");
+        }
         let queue = Box::new(QueueState {
             id,
             device: setup.device,
             mem: setup.mem,
             retired_mem: Vec::new(),
             addrs: setup.addrs,
-            ring,
-            kick: setup.kick,
+            ring: QueueRing::Virtio(ring),
+            kick: Some(setup.kick),
             kick_armed: false,
             kick_cancel_sent: false,
             call: setup.call,
@@ -833,7 +907,9 @@ impl Reactor {
             enabled: setup.enabled,
             broken: false,
             stopping: None,
-            slots: (0..slot_count).map(|_| Slot::new()).collect(),
+            slots: (0..slot_count)
+                .map(|_| Slot::new(blk::SLOT_SEGMENTS))
+                .collect(),
             free_slots: (0..slot_count as u32).rev().collect(),
             in_flight: 0,
             unpublished: false,
@@ -845,6 +921,53 @@ impl Reactor {
             batch: Vec::with_capacity(slot_count + AVAIL_BATCH + 1),
             dirty_log: setup.dirty_log,
         });
+        let qi = self.install(queue);
+        self.resubmit(qi, &resubmit);
+        Ok(())
+    }
+
+    /// Serves another transport's request ring like a virtqueue.
+    fn attach_ring(&mut self, id: QueueId, setup: RingSetup) {
+        let mut ring = setup.ring;
+        if self.poll.mode != PollMode::Interrupt {
+            ring.disable_notification();
+        }
+        let slot_count = ring.slots().min(MAX_SLOTS_PER_QUEUE);
+        let segments = ring.max_segments();
+        setup.stats.set(QueueStat::Broken, 0);
+        setup.stats.set(QueueStat::InFlight, 0);
+        let queue = Box::new(QueueState {
+            id,
+            device: setup.device,
+            mem: Arc::new(GuestMemory::new(Vec::new()).expect("an empty memory table")),
+            retired_mem: Vec::new(),
+            addrs: RingAddrs::default(),
+            ring: QueueRing::Other(ring),
+            kick: None,
+            kick_armed: false,
+            kick_cancel_sent: false,
+            call: None,
+            err: None,
+            enabled: true,
+            broken: false,
+            stopping: None,
+            slots: (0..slot_count).map(|_| Slot::new(segments)).collect(),
+            free_slots: (0..slot_count as u32).rev().collect(),
+            in_flight: 0,
+            unpublished: false,
+            stats: setup.stats,
+            batch_finished: [0; CLASSES],
+            guest_stats: None,
+            inflight: None,
+            inflight_counter: 0,
+            batch: Vec::new(),
+            dirty_log: None,
+        });
+        self.install(queue);
+    }
+
+    /// Puts a new queue in a free place and starts watching its kicks; returns its index.
+    fn install(&mut self, queue: Box<QueueState>) -> usize {
         let qi = match self.queues.iter().position(Option::is_none) {
             Some(qi) => qi,
             None => {
@@ -856,8 +979,7 @@ impl Reactor {
         self.queues[qi] = Some(queue);
         self.arm_kick(qi);
         self.count_queues();
-        self.resubmit(qi, &resubmit);
-        Ok(())
+        qi
     }
 
     /// Starts again the requests a previous daemon took and did not complete, oldest first,
@@ -909,7 +1031,7 @@ impl Reactor {
             // otherwise keep the reactor from ever sleeping.
             if queue.stopping.is_none() && !queue.broken && queue.enabled {
                 if let Some(head) = vq.request_if_due(now) {
-                    queue.ring.push_used(head, 0);
+                    queue.ring.split().push_used(head, 0);
                     queue.unpublished = true;
                 }
                 due = due.min(vq.due());
@@ -921,7 +1043,7 @@ impl Reactor {
     fn arm_kick(&mut self, qi: usize) {
         let queue = self.queues[qi].as_mut().unwrap();
         queue.kick_armed = true;
-        let fd = queue.kick.as_raw_fd();
+        let fd = queue.kick_fd();
         self.arm_poll(fd, TAG_KICK | qi as u64);
     }
 
@@ -950,8 +1072,15 @@ impl Reactor {
             if sq.capacity() - sq.len() < MAX_OPS_PER_REQUEST {
                 break;
             }
-            let head = match queue.ring.pop_avail() {
-                Ok(Some(head)) => head,
+            let slot = *queue.free_slots.last().expect("checked non-empty");
+            let popped = match &mut queue.ring {
+                QueueRing::Virtio(ring) => ring.pop_avail().map(|head| head.map(Taken::Chain)),
+                QueueRing::Other(ring) => ring
+                    .pop(slot, &mut queue.slots[slot as usize].segs)
+                    .map(|req| req.map(Taken::Request)),
+            };
+            let taken_now = match popped {
+                Ok(Some(taken_now)) => taken_now,
                 Ok(None) => break,
                 Err(why) => {
                     queue.mark_broken(why);
@@ -962,14 +1091,22 @@ impl Reactor {
                 batch_start = self.clock.now();
             }
             taken += 1;
-            let slot = queue.free_slots.pop().expect("checked non-empty");
+            queue.free_slots.pop();
             queue.in_flight += 1;
             queue.slots[slot as usize].start = batch_start;
-            if let Some(records) = &queue.inflight {
-                records.mark_taken(head, queue.inflight_counter);
-                queue.inflight_counter += 1;
-            }
-            self.ops_in_flight += start_request(queue, qi, slot, head, &mut sq, &self.completer);
+            self.ops_in_flight += match taken_now {
+                Taken::Chain(head) => {
+                    if let Some(records) = &queue.inflight {
+                        records.mark_taken(head, queue.inflight_counter);
+                        queue.inflight_counter += 1;
+                    }
+                    start_request(queue, qi, slot, head, &mut sq, &self.completer)
+                }
+                Taken::Request(req) => {
+                    reset_slot(&mut queue.slots[slot as usize], 0);
+                    run_request(queue, qi, slot, req, &mut sq, &self.completer)
+                }
+            };
         }
         if taken == 0 {
             queue.stats.add(QueueStat::PollsIdle, 1);
@@ -1027,9 +1164,8 @@ impl Reactor {
                 // Clear the count so the next poll waits for a new kick. Only after POLLIN:
                 // the fd may be blocking, and a read of a zero count would block the reactor.
                 if result > 0 {
-                    if let Ok(kicks) = queue.kick.read() {
-                        queue.stats.add(QueueStat::Kicks, kicks);
-                    }
+                    let kicks = queue.ack_kick();
+                    queue.stats.add(QueueStat::Kicks, kicks);
                 }
                 if result >= 0 && queue.stopping.is_none() {
                     self.arm_kick(qi);
@@ -1066,21 +1202,39 @@ impl Reactor {
                 continue;
             }
             queue.unpublished = false;
-            queue.ring.publish_used();
-            queue.log_used_ring();
-            if let Some(records) = &queue.inflight {
-                records.batch_published(&queue.batch, queue.ring.next_used_idx());
-                queue.batch.clear();
-            }
             queue.stats.set(QueueStat::InFlight, queue.in_flight as u64);
-            if queue.ring.needs_notification() {
-                if let Some(call) = &queue.call {
-                    let _ = call.write(1);
-                    queue.stats.add(QueueStat::NotificationsSent, 1);
+            let notify = match &mut queue.ring {
+                QueueRing::Virtio(ring) => {
+                    ring.publish_used();
+                    if let Some(records) = &queue.inflight {
+                        records.batch_published(&queue.batch, ring.next_used_idx());
+                        queue.batch.clear();
+                    }
+                    let notify = ring.needs_notification();
+                    if notify {
+                        if let Some(call) = &queue.call {
+                            let _ = call.write(1);
+                        }
+                    }
+                    notify
                 }
-            } else {
-                queue.stats.add(QueueStat::NotificationsSuppressed, 1);
-            }
+                QueueRing::Other(ring) => {
+                    let notify = ring.publish();
+                    if notify {
+                        ring.notify();
+                    }
+                    notify
+                }
+            };
+            queue.log_used_ring();
+            queue.stats.add(
+                if notify {
+                    QueueStat::NotificationsSent
+                } else {
+                    QueueStat::NotificationsSuppressed
+                },
+                1,
+            );
             if queue.in_flight == 0 {
                 queue.retired_mem.clear();
             }
@@ -1111,13 +1265,18 @@ impl Reactor {
                 }
                 continue;
             }
-            let queue = self.queues[qi].take().unwrap();
+            let mut queue = self.queues[qi].take().unwrap();
             queue.stats.set(QueueStat::InFlight, 0);
+            if let QueueRing::Virtio(ring) = &mut queue.ring {
+                tracing::debug!(disk = %queue.device.options().name,
+                    last_avail = ring.last_avail_idx(), next_used = ring.next_used_idx(),
+                    used_in_ring = ring.used_idx_in_ring(), "vring drained");
+            }
             let _ = queue
                 .stopping
                 .as_ref()
                 .unwrap()
-                .send(queue.ring.last_avail_idx());
+                .send(queue.ring.resume_index());
             self.count_queues();
         }
     }
@@ -1152,6 +1311,7 @@ fn poll_guest_stats(queue: &mut QueueState, now: u64) -> bool {
         ..
     } = queue;
     let vq = guest_stats.as_deref_mut().expect("a stats virtqueue");
+    let ring = ring.split();
     let mut took = false;
     let mut broken = None;
     for _ in 0..AVAIL_BATCH {
@@ -1195,6 +1355,29 @@ fn decode_io(user_data: u64) -> (usize, u32) {
     )
 }
 
+/// What a poll took from a ring.
+enum Taken {
+    /// The head of a virtqueue's descriptor chain.
+    Chain(u16),
+    /// A request another ring decoded into the slot (or the status it fails with).
+    Request(Result<blk::Request, u8>),
+}
+
+/// Readies a slot for a new request.
+fn reset_slot(slot: &mut Slot, head: u16) {
+    slot.head = head;
+    slot.status = status::OK;
+    slot.status_ptr = std::ptr::null_mut();
+    slot.used_len = 0;
+    slot.ops_pending = 0;
+    slot.bounce = None;
+    slot.is_read = false;
+    slot.expected = 0;
+    slot.data = 0..0;
+    slot.class = Class::Other;
+    slot.sectors = 0;
+}
+
 /// Starts the request at `head` in `slot`; returns how many io_uring operations it queued.
 fn start_request(
     queue: &mut QueueState,
@@ -1204,18 +1387,13 @@ fn start_request(
     sq: &mut squeue::SubmissionQueue<'_>,
     completer: &Completer,
 ) -> usize {
-    let device = &*queue.device;
     let slot = &mut queue.slots[slot_index as usize];
-    slot.head = head;
-    slot.status = status::OK;
-    slot.ops_pending = 0;
-    slot.bounce = None;
-    slot.is_read = false;
-    slot.expected = 0;
-    slot.data = 0..0;
-    slot.class = Class::Other;
-    slot.sectors = 0;
-    if let Err(why) = queue.ring.walk_chain(&queue.mem, head, &mut slot.segs) {
+    reset_slot(slot, head);
+    if let Err(why) = queue
+        .ring
+        .split()
+        .walk_chain(&queue.mem, head, &mut slot.segs)
+    {
         // The head is taken but the ring is not trustworthy: stop the queue here.
         queue.mark_broken(why);
         queue.in_flight -= 1;
@@ -1233,14 +1411,27 @@ fn start_request(
     };
     slot.status_ptr = status_ptr;
     slot.used_len = 1;
+    let parsed = blk::parse(&mut slot.segs).map_err(|why| {
+        tracing::debug!(disk = %queue.device.options().name, ?why, "malformed request");
+        status::IOERR
+    });
+    run_request(queue, qi, slot_index, parsed, sq, completer)
+}
+
+/// Runs a decoded request (or fails it with the status it was refused with); returns how
+/// many io_uring operations it queued.
+fn run_request(
+    queue: &mut QueueState,
+    qi: usize,
+    slot_index: u32,
+    parsed: Result<blk::Request, u8>,
+    sq: &mut squeue::SubmissionQueue<'_>,
+    completer: &Completer,
+) -> usize {
+    let device = &*queue.device;
+    let slot = &mut queue.slots[slot_index as usize];
     let user_data = TAG_IO | (qi as u64) << 32 | u64::from(slot_index);
-    let result = match blk::parse(&mut slot.segs) {
-        Ok(req) => dispatch(device, slot, &req, user_data, sq, completer),
-        Err(why) => {
-            tracing::debug!(disk = %device.options().name, ?why, "malformed request");
-            Err(status::IOERR)
-        }
-    };
+    let result = parsed.and_then(|req| dispatch(device, slot, &req, user_data, sq, completer));
     match result {
         Ok(ops) if ops.total() > 0 => {
             slot.ops_pending = ops.total() as u32;
@@ -1328,7 +1519,7 @@ fn dispatch(
                     offset,
                     iov,
                     iov_count,
-                    fua: device.write_through(),
+                    fua: req.fua || device.write_through(),
                 }
             }
         }
@@ -1566,10 +1757,15 @@ fn finish(queue: &mut QueueState, slot_index: u32, end: u64) {
         let slot = &queue.slots[slot_index as usize];
         queue.log_writes(&slot.segs, slot.status_ptr);
     }
-    queue.ring.push_used(head, used_len);
-    if let Some(records) = &queue.inflight {
-        records.add_to_batch(head);
-        queue.batch.push(head);
+    match &mut queue.ring {
+        QueueRing::Virtio(ring) => {
+            ring.push_used(head, used_len);
+            if let Some(records) = &queue.inflight {
+                records.add_to_batch(head);
+                queue.batch.push(head);
+            }
+        }
+        QueueRing::Other(ring) => ring.respond(slot_index, queue.slots[slot_index as usize].status),
     }
     queue.unpublished = true;
     queue.in_flight -= 1;

@@ -50,6 +50,8 @@ pub enum Broken {
     AvailIdxJump { avail_idx: u16, last_avail_idx: u16 },
     /// An avail ring entry names a descriptor past the table.
     HeadOutOfRange(u16),
+    /// A request ring's producer index ran more than the ring's size ahead of the consumer.
+    ProducerOverrun { produced: u32, consumed: u32 },
     /// A descriptor's next field points past its table.
     NextOutOfRange(u16),
     /// The chain is longer than its table: a loop.
@@ -104,14 +106,16 @@ impl Segments {
         }
     }
 
-    fn clear(&mut self) {
+    /// Empties the list for the next request.
+    pub fn clear(&mut self) {
         self.len = 0;
         self.readable = 0;
         self.fault = None;
         self.total_bytes = 0;
     }
 
-    fn push(&mut self, ptr: *mut u8, len: u32, writable: bool) {
+    /// Appends a buffer (readable ones must come first); a problem is kept as the fault.
+    pub fn push(&mut self, ptr: *mut u8, len: u32, writable: bool) {
         if !writable && self.len > self.readable {
             self.fault.get_or_insert(Fault::ReadableAfterWritable);
             return;
@@ -132,12 +136,6 @@ impl Segments {
         if !writable {
             self.readable = self.len;
         }
-    }
-
-    /// Appends a buffer, as the chain walk does (for parse tests without a ring).
-    #[cfg(test)]
-    pub(crate) fn push_for_test(&mut self, ptr: *mut u8, len: u32, writable: bool) {
-        self.push(ptr, len, writable);
     }
 
     /// The first request-level fault met while walking, if any.

@@ -1,0 +1,341 @@
+//! One virtual block device's back end: the XenBus handshake (seed 003's keys), rings mapped
+//! and handed to the reactors when the front end connects, torn down when it closes, and
+//! offered again when it comes back.
+//!
+//! States (xen/io/xenbus.h): the back end goes Initialising -> InitWait (features written);
+//! when the front end is Initialised (or Connected) it maps the rings and goes Connected; a
+//! front end Closing or Closed makes it disconnect and follow; a front end Initialising again
+//! after Closed makes it offer the device again (InitWait). A front end asking for more than
+//! was offered gets the reason in the back end's `error` key and the back end goes Closing.
+
+use crate::abi::{self, state, Abi};
+use crate::platform::{Platform, XenStore};
+use crate::ring::BlkifRing;
+use pollblk_engine::device::BlkDevice;
+use pollblk_engine::reactor::{QueueId, ReactorHandle};
+use pollblk_engine::ring::RingSetup;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How long a ring may take to finish its requests when the front end closes.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the handshake thread looks at the store even without a change.
+const POLL: Duration = Duration::from_millis(500);
+
+/// Where a device's keys live.
+#[derive(Clone, Debug)]
+pub struct VbdAddress {
+    /// The front end's domain.
+    pub domid: u32,
+    /// The virtual device number (for example 51712 for xvda).
+    pub devid: u32,
+}
+
+impl VbdAddress {
+    pub fn backend_dir(&self) -> String {
+        format!("/local/domain/0/backend/vbd/{}/{}", self.domid, self.devid)
+    }
+
+    pub fn frontend_dir(&self) -> String {
+        format!("/local/domain/{}/device/vbd/{}", self.domid, self.devid)
+    }
+}
+
+/// A running back end; stopping it disconnects the front end's rings.
+pub struct Vbd {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Vbd {
+    /// Offers `device` to the front end at `address`; rings go to `reactors` round robin.
+    /// With `toolstack`, also writes the keys a toolstack would (the loopback platform has
+    /// none): the front end's `backend` and `backend-id`, the back end's `frontend`.
+    pub fn start(
+        platform: Arc<dyn Platform>,
+        address: VbdAddress,
+        device: Arc<BlkDevice>,
+        reactors: Vec<ReactorHandle>,
+        toolstack: bool,
+    ) -> io::Result<Vbd> {
+        let mut handshake = Handshake {
+            platform,
+            address,
+            device,
+            reactors,
+            rings: Vec::new(),
+            state: state::INITIALISING,
+        };
+        handshake.offer(toolstack)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("xen-vbd".into())
+            .spawn(move || handshake.run(&thread_stop))?;
+        Ok(Vbd {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Vbd {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A ring attached to a reactor.
+struct Attached {
+    id: QueueId,
+    reactor: ReactorHandle,
+}
+
+struct Handshake {
+    platform: Arc<dyn Platform>,
+    address: VbdAddress,
+    device: Arc<BlkDevice>,
+    reactors: Vec<ReactorHandle>,
+    rings: Vec<Attached>,
+    state: u32,
+}
+
+impl Handshake {
+    fn store(&self) -> &dyn XenStore {
+        self.platform.store()
+    }
+
+    fn be(&self, key: &str) -> String {
+        format!("{}/{key}", self.address.backend_dir())
+    }
+
+    fn fe(&self, key: &str) -> String {
+        format!("{}/{key}", self.address.frontend_dir())
+    }
+
+    fn set_state(&mut self, new: u32) -> io::Result<()> {
+        tracing::debug!(
+            domid = self.address.domid,
+            devid = self.address.devid,
+            from = self.state,
+            to = new,
+            "blkif back end state"
+        );
+        self.state = new;
+        self.store().write(&self.be("state"), &new.to_string())
+    }
+
+    /// Writes the features and goes InitWait.
+    fn offer(&mut self, toolstack: bool) -> io::Result<()> {
+        let store = self.platform.store();
+        if toolstack {
+            store.write(&self.fe("backend"), &self.address.backend_dir())?;
+            store.write(&self.fe("backend-id"), "0")?;
+            store.write(&self.be("frontend"), &self.address.frontend_dir())?;
+            store.write(&self.be("frontend-id"), &self.address.domid.to_string())?;
+        }
+        self.set_state(state::INITIALISING)?;
+        let store = self.platform.store();
+        let options = self.device.options();
+        let info = self.device.backend().info();
+        let keys = [
+            ("multi-queue-max-queues", options.num_queues.to_string()),
+            ("max-ring-page-order", abi::MAX_RING_PAGE_ORDER.to_string()),
+            ("feature-flush-cache", "1".into()),
+            ("feature-persistent", "1".into()),
+            (
+                "feature-max-indirect-segments",
+                abi::MAX_INDIRECT_SEGMENTS.to_string(),
+            ),
+            (
+                "feature-discard",
+                u8::from(info.discard && !options.readonly).to_string(),
+            ),
+            ("discard-granularity", options.block_size.to_string()),
+            ("discard-alignment", "0".into()),
+            ("discard-secure", "0".into()),
+        ];
+        for (key, value) in keys {
+            store.write(&self.be(key), &value)?;
+        }
+        self.write_disk_info()?;
+        self.set_state(state::INIT_WAIT)
+    }
+
+    /// sectors (in 512-byte units), sector-size, physical-sector-size, info.
+    fn write_disk_info(&self) -> io::Result<()> {
+        let store = self.store();
+        let options = self.device.options();
+        store.write(
+            &self.be("sectors"),
+            &self.device.capacity_sectors().to_string(),
+        )?;
+        store.write(&self.be("sector-size"), &options.block_size.to_string())?;
+        store.write(
+            &self.be("physical-sector-size"),
+            &options.block_size.to_string(),
+        )?;
+        let info = if options.readonly { 4 } else { 0 }; // VDISK_READONLY
+        store.write(&self.be("info"), &info.to_string())
+    }
+
+    fn run(mut self, stop: &AtomicBool) {
+        let mut seen = 0;
+        while !stop.load(Ordering::Relaxed) {
+            if let Err(e) = self.step() {
+                tracing::warn!(domid = self.address.domid, devid = self.address.devid,
+                    error = %e, "blkif handshake");
+            }
+            match self
+                .store()
+                .wait_change(&self.address.frontend_dir(), seen, POLL)
+            {
+                Ok(next) => seen = next,
+                Err(_) => std::thread::sleep(POLL),
+            }
+        }
+        self.disconnect();
+        let _ = self.set_state(state::CLOSED);
+    }
+
+    fn frontend_state(&self) -> u32 {
+        self.store()
+            .read(&self.fe("state"))
+            .ok()
+            .flatten()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Reacts to the front end's state.
+    fn step(&mut self) -> io::Result<()> {
+        match (self.frontend_state(), self.state) {
+            (state::INITIALISED | state::CONNECTED, state::INIT_WAIT) => match self.connect() {
+                Ok(()) => {
+                    self.write_disk_info()?;
+                    self.set_state(state::CONNECTED)
+                }
+                Err(why) => {
+                    self.disconnect();
+                    tracing::warn!(domid = self.address.domid, devid = self.address.devid,
+                            %why, "blkif front end refused");
+                    self.store().write(&self.be("error"), &why)?;
+                    self.set_state(state::CLOSING)
+                }
+            },
+            (state::CLOSING, s) if s != state::CLOSING && s != state::CLOSED => {
+                self.disconnect();
+                self.set_state(state::CLOSING)
+            }
+            (state::CLOSED, s) if s != state::CLOSED => {
+                self.disconnect();
+                self.set_state(state::CLOSED)
+            }
+            // The front end comes back after closing: offer the device again.
+            (state::INITIALISING, state::CLOSED | state::CLOSING) => {
+                self.store().remove(&self.be("error"))?;
+                self.set_state(state::INIT_WAIT)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A front-end key as a number.
+    fn fe_number(&self, key: &str) -> Result<Option<u32>, String> {
+        match self
+            .store()
+            .read(&self.fe(key))
+            .map_err(|e| e.to_string())?
+        {
+            None => Ok(None),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("{key}={v:?} is not a number")),
+        }
+    }
+
+    /// Maps every ring the front end set up and hands them to the reactors.
+    fn connect(&mut self) -> Result<(), String> {
+        let max_queues = u32::from(self.device.options().num_queues);
+        let queues = self.fe_number("multi-queue-num-queues")?.unwrap_or(1);
+        if queues == 0 || queues > max_queues {
+            return Err(format!(
+                "multi-queue-num-queues={queues}: this back end offers 1 to {max_queues}"
+            ));
+        }
+        let order = self.fe_number("ring-page-order")?.unwrap_or(0);
+        if order > abi::MAX_RING_PAGE_ORDER {
+            return Err(format!(
+                "ring-page-order={order}: this back end offers at most {}",
+                abi::MAX_RING_PAGE_ORDER
+            ));
+        }
+        let protocol = self
+            .store()
+            .read(&self.fe("protocol"))
+            .map_err(|e| e.to_string())?;
+        let abi = Abi::from_protocol(protocol.as_deref())?;
+        let domid = self.address.domid;
+        let grants = self.platform.grants(domid).map_err(|e| e.to_string())?;
+        let pages = 1usize << order;
+        for q in 0..queues {
+            // One queue: the keys at the top; more: under queue-N (blkif.h).
+            let prefix = if queues == 1 {
+                String::new()
+            } else {
+                format!("queue-{q}/")
+            };
+            let mut refs = Vec::with_capacity(pages);
+            for k in 0..pages {
+                let key = if order == 0 {
+                    format!("{prefix}ring-ref")
+                } else {
+                    format!("{prefix}ring-ref{k}")
+                };
+                refs.push(self.fe_number(&key)?.ok_or(format!("{key} is missing"))?);
+            }
+            let key = format!("{prefix}event-channel");
+            let port = self.fe_number(&key)?.ok_or(format!("{key} is missing"))?;
+            let mapped = grants
+                .map_ring(&refs)
+                .map_err(|e| format!("mapping ring {q}: {e}"))?;
+            let events = self
+                .platform
+                .bind(domid, port)
+                .map_err(|e| format!("binding event channel {port}: {e}"))?;
+            let ring = BlkifRing::new(mapped, abi, grants.clone(), events);
+            let reactor = self.reactors[q as usize % self.reactors.len()].clone();
+            let id = QueueId::fresh();
+            reactor.attach_ring(
+                id,
+                RingSetup {
+                    device: self.device.clone(),
+                    ring: Box::new(ring),
+                    stats: self.device.queue_stats(q as usize).clone(),
+                },
+            );
+            self.rings.push(Attached { id, reactor });
+        }
+        tracing::info!(domid, devid = self.address.devid, queues, ring_pages = pages,
+            abi = ?abi, disk = %self.device.options().name, "blkif front end connected");
+        Ok(())
+    }
+
+    /// Stops every ring after its requests complete.
+    fn disconnect(&mut self) {
+        for ring in self.rings.drain(..) {
+            if let Err(e) = ring.reactor.stop_within(ring.id, STOP_TIMEOUT) {
+                tracing::error!(disk = %self.device.options().name, ?e,
+                    "blkif ring did not stop: requests still in the backend");
+            }
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! The back end's side of one blkif ring, served by a reactor like a virtqueue.
+//!
+//! Each request is copied out of the shared ring before anything in it is looked at; its
+//! segments become iovecs into granted pages only after every one of them checked out (a
+//! range inside its page, a page the domain granted). What cannot be served is answered
+//! BLKIF_RSP_ERROR or EOPNOTSUPP; only a producer index that runs past the ring stops it.
+
+use crate::abi::{self, op, Abi, Body, Segment};
+use crate::platform::{EventChannel, GrantSpace, RingPages};
+use pollblk_engine::blk::{self, status, RequestKind};
+use pollblk_engine::ring::RequestRing;
+use pollblk_engine::virtqueue::{Broken, Segments};
+use std::os::fd::RawFd;
+use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::Arc;
+
+/// Discard segments one blkif discard may become (each covers at most MAX_DWZ_SECTORS).
+const DISCARD_SEGMENTS: usize = blk::MAX_DWZ_SEG as usize;
+
+/// What the ring keeps for a request in flight.
+#[derive(Clone, Copy, Default)]
+struct Pending {
+    id: u64,
+    operation: u8,
+}
+
+/// One blkif ring.
+pub struct BlkifRing {
+    pages: Box<dyn RingPages>,
+    sring: *mut u8,
+    abi: Abi,
+    /// Entries (a power of two).
+    size: u32,
+    req_cons: u32,
+    /// req_prod as last read: requests up to it can be taken without reading it again.
+    seen_prod: u32,
+    rsp_prod_pvt: u32,
+    grants: Arc<dyn GrantSpace>,
+    events: Box<dyn EventChannel>,
+    pending: Box<[Pending]>,
+    /// Per slot, the virtio-blk discard segments a blkif discard is handed on as.
+    discard: Box<[[u8; DISCARD_SEGMENTS * blk::DWZ_SEGMENT_SIZE]]>,
+    /// Segments of an indirect request, copied out of its pages.
+    indirect: Box<[Segment; abi::MAX_INDIRECT_SEGMENTS]>,
+}
+
+// SAFETY: `sring` points into `pages`, owned by the ring; the ring is used by one thread at a
+// time (the reactor that owns it).
+unsafe impl Send for BlkifRing {}
+
+impl BlkifRing {
+    /// A ring over mapped `pages` in layout `abi`, starting where the shared indices are.
+    pub fn new(
+        pages: Box<dyn RingPages>,
+        abi: Abi,
+        grants: Arc<dyn GrantSpace>,
+        events: Box<dyn EventChannel>,
+    ) -> BlkifRing {
+        assert!(pages.bytes() >= abi::PAGE_SIZE && pages.bytes().is_multiple_of(abi::PAGE_SIZE));
+        let size = abi.ring_entries(pages.bytes() / abi::PAGE_SIZE);
+        let sring = pages.as_ptr();
+        let mut ring = BlkifRing {
+            pages,
+            sring,
+            abi,
+            size,
+            req_cons: 0,
+            seen_prod: 0,
+            rsp_prod_pvt: 0,
+            grants,
+            events,
+            pending: vec![Pending::default(); size as usize].into_boxed_slice(),
+            discard: vec![[0; DISCARD_SEGMENTS * blk::DWZ_SEGMENT_SIZE]; size as usize]
+                .into_boxed_slice(),
+            indirect: Box::new([Segment::default(); abi::MAX_INDIRECT_SEGMENTS]),
+        };
+        // A new ring: the front end initialised it (SHARED_RING_INIT) before connecting, so
+        // responses continue from its rsp_prod and requests from there too.
+        let start = ring.index(8).load(Ordering::Acquire);
+        ring.req_cons = start;
+        ring.seen_prod = start;
+        ring.rsp_prod_pvt = start;
+        ring
+    }
+
+    /// Entries of the ring.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// The shared index at byte `offset` of the header (req_prod 0, req_event 4, rsp_prod 8,
+    /// rsp_event 12).
+    fn index(&self, offset: usize) -> &AtomicU32 {
+        debug_assert!(offset <= 12 && self.pages.bytes() >= abi::RING_HEADER);
+        // SAFETY: the header lies in the mapped pages; offsets are 4-aligned (pages are).
+        unsafe { &*(self.sring.add(offset) as *const AtomicU32) }
+    }
+
+    fn entry(&self, index: u32) -> *mut u8 {
+        let slot = (index & (self.size - 1)) as usize;
+        // SAFETY: RING_HEADER + size * entry_size <= pages.bytes() (ring_entries).
+        unsafe {
+            self.sring
+                .add(abi::RING_HEADER + slot * self.abi.entry_size())
+        }
+    }
+
+    /// Copies the request at `index` out of the shared ring.
+    fn copy_request(&self, index: u32) -> [u8; abi::MAX_ENTRY] {
+        let mut copy = [0u8; abi::MAX_ENTRY];
+        // SAFETY: the entry lies in the mapped ring; the front end may write it concurrently,
+        // so it is read once, with volatile reads, into our own copy.
+        let src = self.entry(index);
+        for (i, byte) in copy[..self.abi.entry_size()].iter_mut().enumerate() {
+            *byte = unsafe { std::ptr::read_volatile(src.add(i)) };
+        }
+        copy
+    }
+
+    /// Adds the buffer of `seg` to `segs`; Err if its range or page is bad.
+    fn push_segment(
+        &self,
+        seg: Segment,
+        write_to_guest: bool,
+        segs: &mut Segments,
+    ) -> Result<(), u8> {
+        let (start, len) = seg.byte_range().ok_or(status::IOERR)?;
+        let page = self
+            .grants
+            .page(seg.gref, write_to_guest)
+            .ok_or(status::IOERR)?;
+        // SAFETY: start + len <= PAGE_SIZE (byte_range): inside the granted page.
+        segs.push(unsafe { page.add(start) }, len as u32, write_to_guest);
+        Ok(())
+    }
+
+    /// Turns a copied request into the engine's request, its buffers into `segs`.
+    fn decode(
+        &mut self,
+        slot: u32,
+        req: &abi::Request,
+        segs: &mut Segments,
+    ) -> Result<blk::Request, u8> {
+        let data_request = |kind, segs: &Segments, fua| {
+            if segs.fault().is_some() {
+                return Err(status::IOERR);
+            }
+            let data_len = segs.iovecs().iter().map(|v| v.iov_len as u64).sum();
+            Ok(blk::Request {
+                kind,
+                sector: req.sector,
+                data: 0..segs.iovecs().len(),
+                data_len,
+                fua,
+            })
+        };
+        match (req.operation, req.body) {
+            (op::READ | op::WRITE | op::FLUSH_DISKCACHE, Body::Direct { count, segs: list }) => {
+                let count = usize::from(count);
+                if count > abi::MAX_DIRECT_SEGMENTS {
+                    return Err(status::IOERR);
+                }
+                if req.operation == op::FLUSH_DISKCACHE && count == 0 {
+                    return data_request(RequestKind::Flush, segs, false);
+                }
+                if count == 0 {
+                    return Err(status::IOERR);
+                }
+                let read = req.operation == op::READ;
+                for &seg in &list[..count] {
+                    self.push_segment(seg, read, segs)?;
+                }
+                // FLUSH_DISKCACHE with data is Linux blkfront's preflush + FUA write.
+                let kind = if read {
+                    RequestKind::In
+                } else {
+                    RequestKind::Out
+                };
+                data_request(kind, segs, req.operation == op::FLUSH_DISKCACHE)
+            }
+            (
+                op::INDIRECT,
+                Body::Indirect {
+                    op: inner,
+                    count,
+                    pages,
+                },
+            ) => {
+                let count = usize::from(count);
+                if !matches!(inner, op::READ | op::WRITE) {
+                    return Err(status::UNSUPP);
+                }
+                if count == 0 || count > abi::MAX_INDIRECT_SEGMENTS {
+                    return Err(status::IOERR);
+                }
+                let used_pages = count.div_ceil(abi::SEGMENTS_PER_INDIRECT_PAGE);
+                for (p, &gref) in pages[..used_pages].iter().enumerate() {
+                    let page = self.grants.page(gref, false).ok_or(status::IOERR)?;
+                    let first = p * abi::SEGMENTS_PER_INDIRECT_PAGE;
+                    let n = (count - first).min(abi::SEGMENTS_PER_INDIRECT_PAGE);
+                    for i in 0..n {
+                        let mut raw = [0u8; 8];
+                        for (k, byte) in raw.iter_mut().enumerate() {
+                            // SAFETY: i * 8 + k < PAGE_SIZE: inside the granted page, which
+                            // the front end may change: copied once, volatile.
+                            *byte = unsafe { std::ptr::read_volatile(page.add(i * 8 + k)) };
+                        }
+                        self.indirect[first + i] = Segment::decode(&raw);
+                    }
+                }
+                let read = inner == op::READ;
+                for i in 0..count {
+                    self.push_segment(self.indirect[i], read, segs)?;
+                }
+                let kind = if read {
+                    RequestKind::In
+                } else {
+                    RequestKind::Out
+                };
+                data_request(kind, segs, false)
+            }
+            (op::DISCARD, Body::Discard { nr_sectors, .. }) => {
+                // The secure flag is ignored: discard-secure is not offered (blkif.h).
+                let raw = &mut self.discard[slot as usize];
+                let max = u64::from(blk::MAX_DWZ_SECTORS);
+                let count = nr_sectors.div_ceil(max) as usize;
+                if count == 0 || count > DISCARD_SEGMENTS {
+                    return Err(status::IOERR);
+                }
+                let mut sector = req.sector;
+                let mut left = nr_sectors;
+                for chunk in raw.chunks_exact_mut(blk::DWZ_SEGMENT_SIZE).take(count) {
+                    let n = left.min(max);
+                    chunk[0..8].copy_from_slice(&sector.to_le_bytes());
+                    chunk[8..12].copy_from_slice(&(n as u32).to_le_bytes());
+                    chunk[12..16].copy_from_slice(&0u32.to_le_bytes());
+                    sector = sector.checked_add(n).ok_or(status::IOERR)?;
+                    left -= n;
+                }
+                let len = count * blk::DWZ_SEGMENT_SIZE;
+                segs.push(raw.as_mut_ptr(), len as u32, false);
+                Ok(blk::Request {
+                    kind: RequestKind::Discard,
+                    sector: 0,
+                    data: 0..1,
+                    data_len: len as u64,
+                    fua: false,
+                })
+            }
+            // Barriers are not offered (no feature-barrier): blkif.h's answer is EOPNOTSUPP.
+            (op::WRITE_BARRIER, _) => Err(status::UNSUPP),
+            _ => Err(status::UNSUPP),
+        }
+    }
+}
+
+impl RequestRing for BlkifRing {
+    fn slots(&self) -> usize {
+        self.size as usize
+    }
+
+    fn max_segments(&self) -> usize {
+        abi::MAX_INDIRECT_SEGMENTS
+    }
+
+    fn pop(
+        &mut self,
+        slot: u32,
+        segs: &mut Segments,
+    ) -> Result<Option<Result<blk::Request, u8>>, Broken> {
+        if self.req_cons == self.seen_prod {
+            let prod = self.index(0).load(Ordering::Acquire);
+            if prod.wrapping_sub(self.req_cons) > self.size {
+                return Err(Broken::ProducerOverrun {
+                    produced: prod,
+                    consumed: self.req_cons,
+                });
+            }
+            self.seen_prod = prod;
+            if prod == self.req_cons {
+                return Ok(None);
+            }
+        }
+        let copy = self.copy_request(self.req_cons);
+        self.req_cons = self.req_cons.wrapping_add(1);
+        let req = abi::decode(self.abi, &copy);
+        self.pending[slot as usize] = Pending {
+            id: req.id,
+            operation: req.operation,
+        };
+        segs.clear();
+        let decoded = self.decode(slot, &req, segs);
+        if let Err(code) = decoded {
+            tracing::debug!(
+                operation = req.operation,
+                id = req.id,
+                code,
+                "blkif request refused"
+            );
+        }
+        Ok(Some(decoded))
+    }
+
+    fn respond(&mut self, slot: u32, code: u8) {
+        let Pending { id, operation } = self.pending[slot as usize];
+        let status = match code {
+            status::OK => abi::RSP_OKAY,
+            status::UNSUPP => abi::RSP_EOPNOTSUPP,
+            _ => abi::RSP_ERROR,
+        };
+        let bytes = abi::encode_response(id, operation, status);
+        let dst = self.entry(self.rsp_prod_pvt);
+        for (i, &b) in bytes.iter().enumerate() {
+            // SAFETY: the entry lies in the mapped ring (12 bytes <= entry_size).
+            unsafe { std::ptr::write_volatile(dst.add(i), b) };
+        }
+        self.rsp_prod_pvt = self.rsp_prod_pvt.wrapping_add(1);
+    }
+
+    fn publish(&mut self) -> bool {
+        // RING_PUSH_RESPONSES_AND_CHECK_NOTIFY.
+        let old = self.index(8).load(Ordering::Relaxed);
+        let new = self.rsp_prod_pvt;
+        self.index(8).store(new, Ordering::Release);
+        fence(Ordering::SeqCst);
+        let event = self.index(12).load(Ordering::Relaxed);
+        new.wrapping_sub(event) < new.wrapping_sub(old)
+    }
+
+    fn notify(&mut self) {
+        self.events.notify();
+    }
+
+    fn enable_notification(&mut self) -> bool {
+        // RING_FINAL_CHECK_FOR_REQUESTS: ask for a notification at the next request, then
+        // look again (one may have come before the front end saw req_event).
+        self.index(4)
+            .store(self.req_cons.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        self.index(0).load(Ordering::Acquire) != self.req_cons
+    }
+
+    fn disable_notification(&mut self) {
+        // req_event stays where it is: once req_prod passed it the front end does not
+        // notify again (until the index wraps 2^32 requests later: one spurious kick).
+    }
+
+    fn kick_fd(&self) -> RawFd {
+        self.events.fd()
+    }
+
+    fn ack_kick(&mut self) -> u64 {
+        self.events.ack()
+    }
+}
