@@ -5,7 +5,7 @@
 //! `vhost-user-blk,socket=PATH,pool=DIR,volume=NAME[,...same options]`
 //! `vhost-user-blk,socket=PATH,rbd=POOL/IMAGE[,ceph-conf=PATH][,client=NAME][,rbd-timeout=SECS][,...]`
 //! `xen-blkif-loopback,dir=PATH,domid=N,devid=N,<a volume as above>[,num-queues=N][,...]`
-//! `xen-blkif,domid=N,devid=N,<a volume>` (real Xen: needs a build with the `xen` feature)
+//! `xen-blkif,domid=N,devid=N,<a volume>[,...]` (real Xen: a build with the `xen` feature)
 
 use std::path::PathBuf;
 
@@ -63,6 +63,8 @@ pub enum Transport {
         domid: u32,
         devid: u32,
     },
+    /// Xen blkif on a real Xen host (a build with the `xen` feature).
+    Xen { domid: u32, devid: u32 },
 }
 
 impl std::fmt::Display for Transport {
@@ -74,6 +76,9 @@ impl std::fmt::Display for Transport {
                 "xen-blkif-loopback {} domain {domid} device {devid}",
                 dir.display()
             ),
+            Transport::Xen { domid, devid } => {
+                write!(f, "xen-blkif domain {domid} device {devid}")
+            }
         }
     }
 }
@@ -131,11 +136,12 @@ impl std::str::FromStr for Export {
         let kind = parts.next().expect("split yields at least one part");
         match kind {
             "vhost-user-blk" | "xen-blkif-loopback" => {}
+            "xen-blkif" if cfg!(feature = "xen") => {}
             "xen-blkif" => {
                 return Err(
-                    "xen-blkif (real Xen) is not available in this build: pollblk \
-                     serves Xen PV disks through the loopback platform only \
-                     (xen-blkif-loopback,dir=PATH,...)"
+                    "xen-blkif (real Xen) needs a pollblk built with the xen feature \
+                     (cargo build --features xen, with libxen-dev); without a hypervisor \
+                     use xen-blkif-loopback,dir=PATH,..."
                         .into(),
                 )
             }
@@ -279,31 +285,36 @@ impl std::str::FromStr for Export {
         }
         let transport = if kind == "vhost-user-blk" {
             if dir.is_some() || domid.is_some() || devid.is_some() {
-                return Err("dir=, domid= and devid= go with xen-blkif-loopback".into());
+                return Err("dir=, domid= and devid= go with the Xen exports".into());
             }
             Transport::VhostUser {
                 socket: socket.ok_or("socket=PATH is required")?,
             }
         } else {
             if socket.is_some() {
-                return Err(
-                    "socket= goes with vhost-user-blk; xen-blkif-loopback takes dir=PATH".into(),
-                );
+                return Err("socket= goes with vhost-user-blk, not with the Xen exports".into());
             }
             if guest_stats || provision {
                 return Err(
                     "guest-stats= and provision= are virtio-blk features: not for Xen".into(),
                 );
             }
-            Transport::XenLoopback {
-                dir: dir.ok_or("dir=PATH (where the loopback store's socket goes) is required")?,
-                domid: domid.ok_or("domid=N (the front end's domain) is required")?,
-                devid: devid.ok_or("devid=N (the virtual device number) is required")?,
+            let domid = domid.ok_or("domid=N (the front end's domain) is required")?;
+            let devid = devid.ok_or("devid=N (the virtual device number) is required")?;
+            match (kind, dir) {
+                ("xen-blkif", None) => Transport::Xen { domid, devid },
+                ("xen-blkif", Some(_)) => return Err("dir= goes with xen-blkif-loopback".into()),
+                (_, dir) => Transport::XenLoopback {
+                    dir: dir
+                        .ok_or("dir=PATH (where the loopback store's socket goes) is required")?,
+                    domid,
+                    devid,
+                },
             }
         };
         let num_queues = num_queues.unwrap_or(match transport {
             Transport::VhostUser { .. } => DEFAULT_NUM_QUEUES,
-            Transport::XenLoopback { .. } => DEFAULT_XEN_QUEUES,
+            Transport::XenLoopback { .. } | Transport::Xen { .. } => DEFAULT_XEN_QUEUES,
         });
         if guest_stats_bit.is_some() && !guest_stats {
             return Err("guest-stats-bit= goes with guest-stats=on".into());
@@ -477,6 +488,39 @@ mod tests {
                 latency_ns: 0,
             }
         );
+    }
+
+    #[test]
+    fn xen_exports_name_the_domain_and_device() {
+        let e: Export = "xen-blkif-loopback,dir=/x,domid=3,devid=51712,null,size=1M"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            e.transport,
+            Transport::XenLoopback {
+                dir: PathBuf::from("/x"),
+                domid: 3,
+                devid: 51712
+            }
+        );
+        assert_eq!(e.num_queues, DEFAULT_XEN_QUEUES);
+        let err = |s: &str| s.parse::<Export>().unwrap_err();
+        assert!(err("xen-blkif-loopback,domid=1,devid=1,null,size=1M").contains("dir=PATH"));
+        assert!(err("xen-blkif-loopback,dir=/x,devid=1,null,size=1M").contains("domid=N"));
+        assert!(err("xen-blkif-loopback,dir=/x,domid=0,devid=1,null,size=1M").contains("domid"));
+        assert!(err("xen-blkif-loopback,dir=/x,domid=1,null,size=1M").contains("devid=N"));
+        assert!(
+            err("xen-blkif-loopback,dir=/x,domid=1,devid=1,socket=/s,null,size=1M")
+                .contains("socket=")
+        );
+        assert!(
+            err("xen-blkif-loopback,dir=/x,domid=1,devid=1,null,size=1M,guest-stats=on")
+                .contains("virtio-blk features")
+        );
+        assert!(err("vhost-user-blk,socket=/s,domid=1,null,size=1M").contains("Xen exports"));
+        if !cfg!(feature = "xen") {
+            assert!(err("xen-blkif,domid=1,devid=1,null,size=1M").contains("xen feature"));
+        }
     }
 
     #[test]

@@ -392,31 +392,61 @@ fn start_frontend(
     export: &Export,
     device: &Arc<BlkDevice>,
     reactors: &[pollblk_engine::reactor::ReactorHandle],
-    loopbacks: &mut HashMap<PathBuf, Arc<Loopback>>,
+    platforms: &mut XenPlatforms,
 ) -> Result<Frontend, String> {
+    let vbd = |platform: Arc<dyn pollblk_xen::platform::Platform>, domid, devid, toolstack| {
+        let address = VbdAddress { domid, devid };
+        Vbd::start(
+            platform,
+            address,
+            device.clone(),
+            reactors.to_vec(),
+            toolstack,
+        )
+        .map(Frontend::Xen)
+        .map_err(|e| format!("{}: {e}", export.transport))
+    };
     match &export.transport {
         Transport::VhostUser { socket } => Server::start(socket, device.clone(), reactors.to_vec())
             .map(Frontend::VhostUser)
             .map_err(|e| e.to_string()),
         Transport::XenLoopback { dir, domid, devid } => {
-            let platform = match loopbacks.get(dir) {
+            let platform = match platforms.loopbacks.get(dir) {
                 Some(platform) => platform.clone(),
                 None => {
                     let platform = Loopback::start(dir)
                         .map_err(|e| format!("xen loopback store in {}: {e}", dir.display()))?;
-                    loopbacks.insert(dir.clone(), platform.clone());
+                    platforms.loopbacks.insert(dir.clone(), platform.clone());
                     platform
                 }
             };
-            let address = VbdAddress {
-                domid: *domid,
-                devid: *devid,
-            };
-            Vbd::start(platform, address, device.clone(), reactors.to_vec(), true)
-                .map(Frontend::Xen)
-                .map_err(|e| format!("{}: {e}", export.transport))
+            // The loopback platform has no toolstack: the back end writes its keys too.
+            vbd(platform, *domid, *devid, true)
         }
+        #[cfg(feature = "xen")]
+        Transport::Xen { domid, devid } => {
+            let platform = match &platforms.xen {
+                Some(platform) => platform.clone(),
+                None => {
+                    let platform =
+                        Arc::new(pollblk_xen::xen::Xen::open().map_err(|e| e.to_string())?);
+                    platforms.xen = Some(platform.clone());
+                    platform
+                }
+            };
+            vbd(platform, *domid, *devid, false)
+        }
+        #[cfg(not(feature = "xen"))]
+        Transport::Xen { .. } => unreachable!("xen-blkif parses only with the xen feature"),
     }
+}
+
+/// The Xen platforms exports share: one loopback store per directory, one real Xen.
+#[derive(Default)]
+struct XenPlatforms {
+    loopbacks: HashMap<PathBuf, Arc<Loopback>>,
+    #[cfg(feature = "xen")]
+    xen: Option<Arc<pollblk_xen::xen::Xen>>,
 }
 
 fn serve(
@@ -469,9 +499,9 @@ fn serve(
         .map(|i| reactors.for_queue(i).clone())
         .collect();
     let mut servers = Vec::with_capacity(exports.len());
-    let mut loopbacks = HashMap::new();
+    let mut platforms = XenPlatforms::default();
     for (export, device) in exports.iter().zip(&devices) {
-        match start_frontend(export, device, &handles, &mut loopbacks) {
+        match start_frontend(export, device, &handles, &mut platforms) {
             Ok(server) => servers.push(server),
             Err(e) => {
                 drop(servers);
@@ -512,7 +542,7 @@ fn serve(
     for server in servers {
         server.stop();
     }
-    drop(loopbacks);
+    drop(platforms);
     let mut result = Ok(());
     for device in &devices {
         if let Err(e) = device.backend().sync_all() {

@@ -6,7 +6,7 @@
  * blkif.h's structures, so the layouts are Xen's, not ours. Built for x86_64 it speaks
  * x86_64-abi; built with -m32 it speaks x86_32-abi, as a 32-bit PV guest would.
  *
- *   blkfront SOCKET DOMID DEVID QUEUES ORDER [refuse|overrun]
+ *   blkfront SOCKET DOMID DEVID QUEUES ORDER [refuse|overrun|bench SECONDS IODEPTH]
  *
  * Connects (handshake through the store), then on every queue: direct and indirect writes
  * read back and compared, partial-page segments, a full ring of requests at once, flush,
@@ -14,7 +14,9 @@
  * unknown grant, unknown operation). Closes the device at the end. With "refuse", expects
  * the back end to refuse the QUEUES/ORDER asked for (the reason in its error key). With
  * "overrun", first breaks queue 0 (req_prod far past the ring: the back end must stop that
- * ring and answer nothing on it) and checks the other queues still work.
+ * ring and answer nothing on it) and checks the other queues still work. With "bench",
+ * instead of the checks: 4 KiB random reads at IODEPTH on queue 0 for SECONDS, polling for
+ * responses (as a polled front end would), printing IOPS (benches/xen-loopback.sh).
  * Exits 0 if every check passed; prints what failed otherwise.
  */
 #define _GNU_SOURCE
@@ -30,6 +32,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #define __XEN_TOOLS__ 1
@@ -350,6 +353,58 @@ static void exercise(int qi, long max_indirect, int discard)
 	      "queue %d: read after the errors", qi);
 }
 
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* 4 KiB random reads at `depth` on queue 0 for `seconds`; prints IOPS. */
+static void bench(double seconds, unsigned depth)
+{
+	struct queue *q = &queues[0];
+	if (depth < 1 || depth > RING_SIZE(&q->ring) || depth > DATA_PAGES)
+		die("iodepth must be 1 to %u", RING_SIZE(&q->ring));
+	uint64_t pages = sectors / 8, seed = 88172645463325252ull, done = 0, errors = 0;
+	unsigned in_flight = 0;
+	double start = now(), end = start + seconds;
+	for (;;) {
+		int more = 0;
+		while (in_flight < depth) {
+			blkif_request_t *r = RING_GET_REQUEST(&q->ring, q->ring.req_prod_pvt);
+			seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
+			direct(r, q, BLKIF_OP_READ, (seed % pages) * 8, in_flight, 1);
+			r->id = q->ring.req_prod_pvt;
+			q->ring.req_prod_pvt++;
+			in_flight++;
+			more = 1;
+		}
+		if (more)
+			kick(q);
+		while (RING_HAS_UNCONSUMED_RESPONSES(&q->ring)) {
+			blkif_response_t *rsp = RING_GET_RESPONSE(&q->ring, q->ring.rsp_cons);
+			errors += rsp->status != BLKIF_RSP_OKAY;
+			q->ring.rsp_cons++;
+			in_flight--;
+			done++;
+		}
+		if ((done & 1023) == 0 && now() >= end)
+			break;
+	}
+	double elapsed = now() - start;
+	/* Let the rest finish before closing. */
+	while (in_flight > 0) {
+		while (RING_HAS_UNCONSUMED_RESPONSES(&q->ring)) {
+			q->ring.rsp_cons++;
+			in_flight--;
+		}
+	}
+	printf("{\"iops\": %.0f, \"ios\": %" PRIu64 ", \"errors\": %" PRIu64 ", \"seconds\": %.3f}\n",
+	       done / elapsed, done, errors, elapsed);
+	check(errors == 0, "%" PRIu64 " reads failed", errors);
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 6)
@@ -358,11 +413,12 @@ int main(int argc, char **argv)
 	int nq = atoi(argv[4]), order = atoi(argv[5]);
 	int refuse = argc > 6 && strcmp(argv[6], "refuse") == 0;
 	int overrun = argc > 6 && strcmp(argv[6], "overrun") == 0;
+	int benchmark = argc > 8 && strcmp(argv[6], "bench") == 0;
 	if (overrun && nq < 2)
 		die("overrun needs two queues or more");
 	if (nq < 1 || nq > MAX_QUEUES || order < 0 || order > 4)
 		die("bad queues or order");
-	alarm(120);
+	alarm(benchmark ? 120 + atoi(argv[7]) : 120);
 
 	store_fd = socket(AF_UNIX, SOCK_STREAM, 0);
 	struct sockaddr_un addr = { .sun_family = AF_UNIX };
@@ -464,14 +520,18 @@ int main(int argc, char **argv)
 		check(!RING_HAS_UNCONSUMED_RESPONSES(&q->ring),
 		      "queue 0: the back end answered on an overrun ring");
 	}
-	for (int qi = overrun ? 1 : 0; qi < nq; qi++)
-		exercise(qi, max_indirect, discard);
+	if (benchmark)
+		bench(atof(argv[7]), atoi(argv[8]));
+	else
+		for (int qi = overrun ? 1 : 0; qi < nq; qi++)
+			exercise(qi, max_indirect, discard);
 
 	call(NULL, 0, "write %s/state %d", fe, XenbusStateClosing);
 	call(NULL, 0, "wait %s/state %d", be, XenbusStateClosing);
 	call(NULL, 0, "write %s/state %d", fe, XenbusStateClosed);
 	call(NULL, 0, "wait %s/state %d", be, XenbusStateClosed);
-	printf("blkfront: %d queue(s), ring order %d, %s: %s\n", nq, order,
+	if (!benchmark)
+		printf("blkfront: %d queue(s), ring order %d, %s: %s\n", nq, order,
 #ifdef __i386__
 	       "x86_32-abi",
 #else

@@ -278,13 +278,17 @@ impl Handshake {
                 abi::MAX_RING_PAGE_ORDER
             ));
         }
+        if self.platform.needs_persistent_grants()
+            && self.fe_number("feature-persistent")? != Some(1)
+        {
+            return Err("this back end needs feature-persistent=1 from the front end".into());
+        }
         let protocol = self
             .store()
             .read(&self.fe("protocol"))
             .map_err(|e| e.to_string())?;
         let abi = Abi::from_protocol(protocol.as_deref())?;
         let domid = self.address.domid;
-        let grants = self.platform.grants(domid).map_err(|e| e.to_string())?;
         let pages = 1usize << order;
         for q in 0..queues {
             // One queue: the keys at the top; more: under queue-N (blkif.h).
@@ -304,6 +308,7 @@ impl Handshake {
             }
             let key = format!("{prefix}event-channel");
             let port = self.fe_number(&key)?.ok_or(format!("{key} is missing"))?;
+            let mut grants = self.platform.grants(domid).map_err(|e| e.to_string())?;
             let mapped = grants
                 .map_ring(&refs)
                 .map_err(|e| format!("mapping ring {q}: {e}"))?;
@@ -311,7 +316,7 @@ impl Handshake {
                 .platform
                 .bind(domid, port)
                 .map_err(|e| format!("binding event channel {port}: {e}"))?;
-            let ring = BlkifRing::new(mapped, abi, grants.clone(), events);
+            let ring = BlkifRing::new(mapped, abi, grants, events);
             let reactor = self.reactors[q as usize % self.reactors.len()].clone();
             let id = QueueId::fresh();
             reactor.attach_ring(

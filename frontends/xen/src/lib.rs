@@ -6,9 +6,12 @@
 //! - [`backend`]: the XenBus handshake of one virtual block device.
 //! - [`platform`]: what the back end needs from Xen (store, grants, event channels).
 //! - [`loopback`]: that platform without a hypervisor, for tests.
+//! - `xen` (cargo feature `xen`): that platform on a real Xen host; built, not tested here.
 
 pub mod abi;
 pub mod backend;
 pub mod loopback;
 pub mod platform;
 pub mod ring;
+#[cfg(feature = "xen")]
+pub mod xen;

@@ -139,8 +139,21 @@ impl Drop for MemfdGrants {
     }
 }
 
-impl GrantSpace for MemfdGrants {
-    fn page(&self, gref: u32, _writable: bool) -> Option<*mut u8> {
+/// One ring's view of a domain's memfd.
+struct LoopbackGrants(Arc<MemfdGrants>);
+
+impl GrantSpace for LoopbackGrants {
+    fn page(&mut self, gref: u32) -> Option<*mut u8> {
+        self.0.page(gref)
+    }
+
+    fn map_ring(&mut self, grefs: &[u32]) -> io::Result<Box<dyn RingPages>> {
+        self.0.map_ring(grefs)
+    }
+}
+
+impl MemfdGrants {
+    fn page(&self, gref: u32) -> Option<*mut u8> {
         let gref = gref as usize;
         // SAFETY: gref < pages: the page lies inside the mapping.
         (gref < self.pages).then(|| unsafe { self.base.add(gref * PAGE_SIZE) })
@@ -424,13 +437,13 @@ impl Platform for Loopback {
         &*self.store
     }
 
-    fn grants(&self, domid: u32) -> io::Result<Arc<dyn GrantSpace>> {
+    fn grants(&self, domid: u32) -> io::Result<Box<dyn GrantSpace>> {
         let domains = self.domains();
         let grants = domains
             .get(&domid)
             .and_then(|d| d.grants.clone())
             .ok_or_else(|| io::Error::other(format!("domain {domid} granted no pages")))?;
-        Ok(grants)
+        Ok(Box::new(LoopbackGrants(grants)))
     }
 
     fn bind(&self, domid: u32, port: u32) -> io::Result<Box<dyn EventChannel>> {

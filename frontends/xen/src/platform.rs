@@ -23,15 +23,16 @@ pub trait XenStore: Send + Sync {
     fn wait_change(&self, path: &str, seen: u64, timeout: Duration) -> io::Result<u64>;
 }
 
-/// Pages a front end domain granted, mapped into this process.
-pub trait GrantSpace: Send + Sync {
-    /// The page granted as `gref`, mapped (writable for the back end if `writable`); None if
-    /// the domain granted no such page. The page stays mapped as long as the space lives
+/// Pages a front end domain granted, mapped into this process; one per ring, used by the
+/// thread that owns the ring.
+pub trait GrantSpace: Send {
+    /// The page granted as `gref`, mapped read-write; None if the domain granted no such
+    /// page (or it cannot be mapped). The page stays mapped as long as the space lives
     /// (persistent grants: mapped once, used for every request that names them).
-    fn page(&self, gref: u32, writable: bool) -> Option<*mut u8>;
+    fn page(&mut self, gref: u32) -> Option<*mut u8>;
 
     /// Maps the pages `grefs` contiguously, for a shared ring.
-    fn map_ring(&self, grefs: &[u32]) -> io::Result<Box<dyn RingPages>>;
+    fn map_ring(&mut self, grefs: &[u32]) -> io::Result<Box<dyn RingPages>>;
 }
 
 /// A shared ring's pages, mapped contiguously; unmapped when dropped.
@@ -54,8 +55,13 @@ pub trait EventChannel: Send {
 /// A platform: where a front end's store keys, grants and event channels come from.
 pub trait Platform: Send + Sync {
     fn store(&self) -> &dyn XenStore;
-    /// The grants of domain `domid`.
-    fn grants(&self, domid: u32) -> io::Result<std::sync::Arc<dyn GrantSpace>>;
+    /// A view of the grants of domain `domid`, for one ring.
+    fn grants(&self, domid: u32) -> io::Result<Box<dyn GrantSpace>>;
     /// Binds the front end's event channel `port` of domain `domid`.
     fn bind(&self, domid: u32, port: u32) -> io::Result<Box<dyn EventChannel>>;
+
+    /// Whether front ends must negotiate feature-persistent (grants mapped once and kept).
+    fn needs_persistent_grants(&self) -> bool {
+        false
+    }
 }

@@ -12,7 +12,6 @@ use pollblk_engine::ring::RequestRing;
 use pollblk_engine::virtqueue::{Broken, Segments};
 use std::os::fd::RawFd;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
-use std::sync::Arc;
 
 /// Discard segments one blkif discard may become (each covers at most MAX_DWZ_SECTORS).
 const DISCARD_SEGMENTS: usize = blk::MAX_DWZ_SEG as usize;
@@ -35,7 +34,7 @@ pub struct BlkifRing {
     /// req_prod as last read: requests up to it can be taken without reading it again.
     seen_prod: u32,
     rsp_prod_pvt: u32,
-    grants: Arc<dyn GrantSpace>,
+    grants: Box<dyn GrantSpace>,
     events: Box<dyn EventChannel>,
     pending: Box<[Pending]>,
     /// Per slot, the virtio-blk discard segments a blkif discard is handed on as.
@@ -53,7 +52,7 @@ impl BlkifRing {
     pub fn new(
         pages: Box<dyn RingPages>,
         abi: Abi,
-        grants: Arc<dyn GrantSpace>,
+        grants: Box<dyn GrantSpace>,
         events: Box<dyn EventChannel>,
     ) -> BlkifRing {
         assert!(pages.bytes() >= abi::PAGE_SIZE && pages.bytes().is_multiple_of(abi::PAGE_SIZE));
@@ -119,16 +118,13 @@ impl BlkifRing {
 
     /// Adds the buffer of `seg` to `segs`; Err if its range or page is bad.
     fn push_segment(
-        &self,
+        &mut self,
         seg: Segment,
         write_to_guest: bool,
         segs: &mut Segments,
     ) -> Result<(), u8> {
         let (start, len) = seg.byte_range().ok_or(status::IOERR)?;
-        let page = self
-            .grants
-            .page(seg.gref, write_to_guest)
-            .ok_or(status::IOERR)?;
+        let page = self.grants.page(seg.gref).ok_or(status::IOERR)?;
         // SAFETY: start + len <= PAGE_SIZE (byte_range): inside the granted page.
         segs.push(unsafe { page.add(start) }, len as u32, write_to_guest);
         Ok(())
@@ -195,7 +191,7 @@ impl BlkifRing {
                 }
                 let used_pages = count.div_ceil(abi::SEGMENTS_PER_INDIRECT_PAGE);
                 for (p, &gref) in pages[..used_pages].iter().enumerate() {
-                    let page = self.grants.page(gref, false).ok_or(status::IOERR)?;
+                    let page = self.grants.page(gref).ok_or(status::IOERR)?;
                     let first = p * abi::SEGMENTS_PER_INDIRECT_PAGE;
                     let n = (count - first).min(abi::SEGMENTS_PER_INDIRECT_PAGE);
                     for i in 0..n {
