@@ -437,9 +437,10 @@ impl Qmp {
 /// `qmp`.
 ///
 /// Single-threaded TCG: with one thread per vCPU (MTTCG), QEMU 7.2 sometimes corrupts the
-/// guest's memory across a migration when the host is busy. Seen with QEMU's own virtio-blk
-/// and no pollblk at all (1 destination kernel crash in 7 migrations, none in 10 with
-/// thread=single; the script is in the device-state issue's note).
+/// guest's memory across a migration when the host is busy, with QEMU's own virtio-blk and
+/// no pollblk at all (tests/guest/migration-control.py: 1 destination kernel crash in 7).
+/// Single-threaded it did not in 5, and pollblk's migration test failed 1 in 12 instead of
+/// 3 in 6 (same crash: the destination kernel's memory is wrong from its first instruction).
 fn guest_qemu(guest_dir: &Path, socket: &Path, log: &Path, qmp: &Path) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([

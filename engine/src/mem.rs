@@ -63,6 +63,13 @@ impl MmapRegion {
             .checked_add(size)
             .and_then(|len| usize::try_from(len).ok())
             .ok_or_else(|| invalid("mapping length overflows"))?;
+        // A mapping past the end of a file faults (SIGBUS) when touched: a front end that
+        // says its memory is larger than the file it sent must not crash the daemon. (A file
+        // shrunk later is kept out by the front end's seals: QEMU seals its memfds.)
+        let meta = file.metadata()?;
+        if meta.file_type().is_file() && meta.len() < map_len as u64 {
+            return Err(invalid("memory region past the end of its file"));
+        }
         // SAFETY: a fresh shared mapping of a file we were handed; the result is checked.
         let ptr = unsafe {
             libc::mmap(
@@ -88,7 +95,7 @@ impl MmapRegion {
     }
 
     /// Host address of the region's first byte.
-    fn host_base(&self) -> *mut u8 {
+    pub fn host_base(&self) -> *mut u8 {
         // SAFETY: mmap_offset + size == map_len was checked at map time, so this stays inside.
         unsafe { self.map_base.add(self.mmap_offset as usize) }
     }

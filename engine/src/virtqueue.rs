@@ -228,6 +228,11 @@ impl SplitQueue {
         }
     }
 
+    /// The descriptor table (host pointer, entries), for checks outside the ring (fuzzing).
+    pub fn desc_table(&self) -> (*const u8, u16) {
+        (self.desc, self.size)
+    }
+
     /// Queue size in entries.
     pub fn size(&self) -> u16 {
         self.size

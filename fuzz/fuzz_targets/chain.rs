@@ -1,0 +1,224 @@
+//! Descriptor chains and virtio-blk requests from a hostile driver: arbitrary guest memory
+//! regions (count, placement, size, contents), ring addresses, queue size, base index and
+//! features, through the engine's SplitQueue (avail ring, chain walk with indirect tables),
+//! blk::locate_status and blk::parse, then the used ring.
+//!
+//! Invariants checked, not only the absence of panics:
+//! - every buffer handed out lies wholly inside one guest memory region;
+//! - every buffer the device may write lies inside a descriptor the driver marked WRITE;
+//! - the status byte is inside such a buffer; parse's data range is inside the buffers;
+//! - a chain never yields more buffers than its slot holds, nor more bytes than a u32;
+//! - the avail ring yields at most one queue size of heads before it is empty or broken.
+#![no_main]
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use pollblk_engine::blk;
+use pollblk_engine::mem::{GuestMemory, MmapRegion};
+use pollblk_engine::virtqueue::{RingAddrs, Segments, SplitQueue};
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+
+const PAGE: u64 = 4096;
+const USER_BASE: u64 = 0x7000_0000_0000;
+
+#[derive(Arbitrary, Debug)]
+struct Region {
+    /// Guest page number of the region's start (kept small so regions meet and overlap).
+    first_page: u8,
+    /// Pages (1 to 8).
+    pages: u8,
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    regions: Vec<Region>,
+    size_log2: u8,
+    /// Ring parts as guest addresses (bytes, anywhere in the first 1 MiB).
+    desc: u32,
+    avail: u32,
+    used: u32,
+    base: u16,
+    event_idx: bool,
+    indirect: bool,
+    /// Guest memory contents, repeated over the regions.
+    memory: Vec<u8>,
+}
+
+/// One mapped region: its guest range and host pointer.
+struct Mapped {
+    gpa: u64,
+    len: u64,
+    host: *mut u8,
+}
+
+fn memfd(len: u64) -> File {
+    // SAFETY: plain syscall; the fd is owned by the File.
+    let fd = unsafe { libc::memfd_create(c"fuzz-guest".as_ptr(), 0) };
+    assert!(fd >= 0);
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len).unwrap();
+    file
+}
+
+fuzz_target!(|input: Input| {
+    if input.regions.is_empty() || input.regions.len() > 4 || input.memory.is_empty() {
+        return;
+    }
+    let size = 1u16 << (input.size_log2 % 9); // 1 to 256 entries
+    let mut regions = Vec::new();
+    let mut mapped = Vec::new();
+    for (i, r) in input.regions.iter().enumerate() {
+        let gpa = u64::from(r.first_page) * PAGE;
+        let len = u64::from(r.pages % 8 + 1) * PAGE;
+        let file = memfd(len);
+        // Regions may overlap in guest-physical space; GuestMemory must refuse or cope.
+        let user = USER_BASE + (i as u64) * (1 << 32) + gpa;
+        let Ok(region) = MmapRegion::map(&file, gpa, user, len, 0) else {
+            return;
+        };
+        let region = Arc::new(region);
+        let host = region.host_base();
+        // SAFETY: the region maps len bytes at host.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(host, len as usize) };
+        for (j, b) in bytes.iter_mut().enumerate() {
+            *b = input.memory[(j + i * 7) % input.memory.len()];
+        }
+        mapped.push(Mapped { gpa, len, host });
+        regions.push(region);
+    }
+    let Ok(mem) = GuestMemory::new(regions) else {
+        return;
+    };
+    // Ring addresses are given to the device as the front end's virtual addresses.
+    let to_user = |gpa: u32| {
+        let gpa = u64::from(gpa) % (1 << 20);
+        mapped
+            .iter()
+            .enumerate()
+            .find(|(_, m)| gpa >= m.gpa && gpa < m.gpa + m.len)
+            .map(|(i, _)| USER_BASE + (i as u64) * (1 << 32) + gpa)
+            .unwrap_or(gpa)
+    };
+    let addrs = RingAddrs {
+        desc: to_user(input.desc),
+        avail: to_user(input.avail),
+        used: to_user(input.used),
+    };
+    let Ok(mut queue) = SplitQueue::new(
+        &mem,
+        addrs,
+        size,
+        input.base,
+        input.event_idx,
+        input.indirect,
+    ) else {
+        return;
+    };
+
+    let inside_region = |ptr: *const u8, len: usize| {
+        mapped.iter().any(|m| {
+            let start = m.host as usize;
+            let p = ptr as usize;
+            p >= start && p + len <= start + m.len as usize
+        })
+    };
+    let mut segs = Segments::with_capacity(blk::SLOT_SEGMENTS);
+    let mut heads = 0u32;
+    loop {
+        let head = match queue.pop_avail() {
+            Ok(Some(head)) => head,
+            Ok(None) | Err(_) => break,
+        };
+        heads += 1;
+        assert!(
+            heads <= u32::from(size),
+            "more heads than the avail ring holds"
+        );
+        if queue.walk_chain(&mem, head, &mut segs).is_err() {
+            break;
+        }
+        assert!(segs.iovecs().len() <= blk::SLOT_SEGMENTS);
+        let total: u64 = segs.iovecs().iter().map(|v| v.iov_len as u64).sum();
+        assert!(total <= u64::from(u32::MAX));
+        let writable_ranges = write_descriptors(&mem, &queue, input.indirect);
+        for (i, v) in segs.iovecs().iter().enumerate() {
+            assert!(
+                inside_region(v.iov_base as *const u8, v.iov_len),
+                "buffer outside memory"
+            );
+            if i >= segs.readable_count() && v.iov_len > 0 {
+                assert!(
+                    writable_ranges.iter().any(|&(p, l)| {
+                        let b = v.iov_base as usize;
+                        b >= p && b + v.iov_len <= p + l
+                    }),
+                    "a device-writable buffer the driver did not mark WRITE"
+                );
+            }
+        }
+        let mut used_len = 0;
+        if let Some(status) = blk::locate_status(&mut segs) {
+            assert!(
+                writable_ranges
+                    .iter()
+                    .any(|&(p, l)| (status as usize) >= p && (status as usize) < p + l),
+                "status byte outside the writable buffers"
+            );
+            if let Ok(req) = blk::parse(&mut segs) {
+                assert!(req.data.end <= segs.iovecs().len() && req.data.start <= req.data.end);
+                let sum: u64 = segs.iovecs()[req.data.clone()]
+                    .iter()
+                    .map(|v| v.iov_len as u64)
+                    .sum();
+                assert_eq!(sum, req.data_len);
+            }
+            // SAFETY: checked above to lie in a writable guest buffer.
+            unsafe { std::ptr::write_volatile(status, blk::status::IOERR) };
+            used_len = 1;
+        }
+        queue.push_used(head, used_len);
+        queue.publish_used();
+        let _ = queue.needs_notification();
+    }
+    let _ = queue.enable_notification();
+    queue.disable_notification();
+});
+
+/// Host ranges of every descriptor marked WRITE in the queue's table and in any indirect
+/// table it names: where the device may write (a superset of one chain's buffers).
+fn write_descriptors(mem: &GuestMemory, queue: &SplitQueue, indirect: bool) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let (table, count) = queue.desc_table();
+    let read = |table: *const u8, i: usize| {
+        // SAFETY: i < the table's entries; the table lies in guest memory (translated).
+        let d = unsafe { std::slice::from_raw_parts(table.add(16 * i), 16) };
+        (
+            u64::from_le_bytes(d[0..8].try_into().unwrap()),
+            u32::from_le_bytes(d[8..12].try_into().unwrap()),
+            u16::from_le_bytes(d[12..14].try_into().unwrap()),
+        )
+    };
+    let mut add = |addr: u64, len: u32, flags: u16| {
+        if flags & 2 != 0 {
+            if let Some(p) = mem.translate(addr, u64::from(len)) {
+                out.push((p as usize, len as usize));
+            }
+        }
+    };
+    for i in 0..usize::from(count) {
+        let (addr, len, flags) = read(table, i);
+        if flags & 4 != 0 && indirect && len % 16 == 0 && len > 0 {
+            if let Some(t) = mem.translate(addr, u64::from(len)) {
+                for j in 0..(len / 16) as usize {
+                    let (a, l, f) = read(t, j);
+                    add(a, l, f);
+                }
+            }
+        } else {
+            add(addr, len, flags);
+        }
+    }
+    out
+}

@@ -1,0 +1,190 @@
+//! The thin pool against a model: arbitrary sequences of volume creation, deletion and
+//! resizing, writes, discards, write-zeroes (with and without unmap), provisioning, flushes,
+//! checkpoints and reopening, on a small pool that runs out of space. After every operation
+//! a volume reads exactly as the model says, a discarded or zeroed range reads zeroes (never
+//! another volume's old data), and the pool passes `thin::check` whenever it is reopened.
+#![no_main]
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use pollblk_engine::thin::{self, Pool, ThinError};
+use std::collections::BTreeMap;
+
+const BLOCK: u32 = 4096;
+const SECTOR: u64 = 512;
+const POOL_BLOCKS: u64 = 24;
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Create {
+        name: u8,
+        blocks: u8,
+    },
+    Delete {
+        name: u8,
+    },
+    Resize {
+        name: u8,
+        blocks: u8,
+    },
+    Write {
+        name: u8,
+        sector: u8,
+        sectors: u8,
+        byte: u8,
+    },
+    Discard {
+        name: u8,
+        sector: u8,
+        sectors: u8,
+    },
+    WriteZeroes {
+        name: u8,
+        sector: u8,
+        sectors: u8,
+        unmap: bool,
+    },
+    Provision {
+        name: u8,
+        sector: u8,
+        sectors: u8,
+    },
+    Flush,
+    Checkpoint,
+    Reopen,
+}
+
+fuzz_target!(|ops: Vec<Op>| {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pool = Pool::create(dir.path(), POOL_BLOCKS * u64::from(BLOCK), BLOCK).unwrap();
+    let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for op in ops.iter().take(48) {
+        let vol = |name: u8| format!("v{}", name % 3);
+        // A range in whole sectors inside the volume, or None.
+        let range = |m: &BTreeMap<String, Vec<u8>>, name: &str, sector: u8, sectors: u8| {
+            let len = m.get(name)?.len() as u64;
+            let start = u64::from(sector) * SECTOR;
+            let n = u64::from(sectors % 16 + 1) * SECTOR;
+            (start + n <= len).then_some((start, n))
+        };
+        match *op {
+            Op::Create { name, blocks } => {
+                let size = u64::from(blocks % 12 + 1) * u64::from(BLOCK);
+                match pool.volume_create(&vol(name), size) {
+                    Ok(_) => assert!(model.insert(vol(name), vec![0; size as usize]).is_none()),
+                    Err(ThinError::VolumeExists(_)) => assert!(model.contains_key(&vol(name))),
+                    Err(e) => panic!("create: {e}"),
+                }
+            }
+            Op::Delete { name } => match pool.volume_delete(&vol(name)) {
+                Ok(()) => assert!(model.remove(&vol(name)).is_some()),
+                Err(ThinError::NoVolume(_)) => assert!(!model.contains_key(&vol(name))),
+                Err(e) => panic!("delete: {e}"),
+            },
+            Op::Resize { name, blocks } => {
+                let size = u64::from(blocks % 12 + 1) * u64::from(BLOCK);
+                match pool.volume_resize(&vol(name), size) {
+                    Ok(()) => {
+                        let m = model
+                            .get_mut(&vol(name))
+                            .expect("resized a modelled volume");
+                        m.resize(size as usize, 0);
+                    }
+                    Err(ThinError::NoVolume(_)) => assert!(!model.contains_key(&vol(name))),
+                    Err(ThinError::Invalid(_)) => {} // shrinking may be refused
+                    Err(e) => panic!("resize: {e}"),
+                }
+            }
+            Op::Write {
+                name,
+                sector,
+                sectors,
+                byte,
+            } => {
+                let Some((start, n)) = range(&model, &vol(name), sector, sectors) else {
+                    continue;
+                };
+                let v = pool.volume(&vol(name)).unwrap();
+                let data = vec![byte; n as usize];
+                match pool.write(&v, start, &data) {
+                    Ok(()) => model.get_mut(&vol(name)).unwrap()
+                        [start as usize..(start + n) as usize]
+                        .copy_from_slice(&data),
+                    Err(ThinError::NoSpace) => {
+                        // A failed write may have landed in part: learn what the pool holds.
+                        let mut now = vec![0u8; n as usize];
+                        pool.read(&v, start, &mut now).unwrap();
+                        for (i, b) in now.iter().enumerate() {
+                            let m = &mut model.get_mut(&vol(name)).unwrap()[start as usize + i];
+                            assert!(*b == *m || *b == byte, "a failed write left foreign data");
+                            *m = *b;
+                        }
+                    }
+                    Err(e) => panic!("write: {e}"),
+                }
+            }
+            Op::Discard {
+                name,
+                sector,
+                sectors,
+            } => {
+                let Some((start, n)) = range(&model, &vol(name), sector, sectors) else {
+                    continue;
+                };
+                let v = pool.volume(&vol(name)).unwrap();
+                pool.discard(&v, start, n).unwrap();
+                model.get_mut(&vol(name)).unwrap()[start as usize..(start + n) as usize].fill(0);
+            }
+            Op::WriteZeroes {
+                name,
+                sector,
+                sectors,
+                unmap,
+            } => {
+                let Some((start, n)) = range(&model, &vol(name), sector, sectors) else {
+                    continue;
+                };
+                let v = pool.volume(&vol(name)).unwrap();
+                match pool.write_zeroes(&v, start, n, unmap) {
+                    Ok(()) => model.get_mut(&vol(name)).unwrap()
+                        [start as usize..(start + n) as usize]
+                        .fill(0),
+                    Err(ThinError::NoSpace) => {}
+                    Err(e) => panic!("write_zeroes: {e}"),
+                }
+            }
+            Op::Provision {
+                name,
+                sector,
+                sectors,
+            } => {
+                let Some((start, n)) = range(&model, &vol(name), sector, sectors) else {
+                    continue;
+                };
+                let v = pool.volume(&vol(name)).unwrap();
+                match pool.provision(&v, start, n) {
+                    Ok(()) | Err(ThinError::NoSpace) => {}
+                    Err(e) => panic!("provision: {e}"),
+                }
+            }
+            Op::Flush => pool.flush().unwrap(),
+            Op::Checkpoint => pool.checkpoint().unwrap(),
+            Op::Reopen => {
+                pool.flush().unwrap();
+                drop(pool);
+                thin::check(dir.path()).expect("a flushed pool passes the checker");
+                pool = Pool::open(dir.path()).unwrap();
+            }
+        }
+        // Every volume reads as modelled.
+        for (name, data) in &model {
+            let v = pool.volume(name).unwrap();
+            let mut now = vec![0u8; data.len()];
+            pool.read(&v, 0, &mut now).unwrap();
+            assert!(
+                now == *data,
+                "volume {name} differs from the model after {op:?}"
+            );
+        }
+    }
+});
