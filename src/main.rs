@@ -1,4 +1,5 @@
 //! pollblk: the command line. Everything else lives in the engine and transport crates.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod export;
 mod pool_cmd;
@@ -85,6 +86,7 @@ fn parse_group(text: &str) -> Result<u32, String> {
         return Ok(gid);
     }
     let name = std::ffi::CString::new(text).map_err(|_| format!("bad group name {text:?}"))?;
+    // SAFETY: a C struct of integers and pointers: all zeroes is a valid value.
     let mut group: libc::group = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16384];
     let mut found: *mut libc::group = std::ptr::null_mut();
@@ -327,6 +329,7 @@ fn open_rbd(rbd: &export::RbdVolume, _readonly: bool) -> Result<Arc<dyn Backend>
 fn all_cores() -> Vec<usize> {
     // SAFETY: sched_getaffinity fills the zeroed set for this process.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the set is ours and its size is passed along.
     if unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } != 0 {
         let count = std::thread::available_parallelism().map_or(1, |n| n.get());
         return (0..count).collect();

@@ -10,6 +10,8 @@
 //! - [`stats`]: statistics in KVM's binary stats layout.
 //! - [`clock`]: the nanosecond clock request latencies use.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod backend;
 pub mod blk;
 pub mod clock;

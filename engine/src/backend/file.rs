@@ -93,6 +93,7 @@ fn dio_alignment_of(file: &File, is_block: bool) -> (u32, u32) {
     }
     // SAFETY: statx fills the zeroed struct; the empty path with AT_EMPTY_PATH names the fd.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: see above; the struct is ours for the call.
     let rc = unsafe {
         libc::statx(
             file.as_raw_fd(),

@@ -280,6 +280,7 @@ impl Drop for StatsFile {
 
 // SAFETY: the mapping is only accessed through AtomicU64 values (data) or read-only copies.
 unsafe impl Send for StatsFile {}
+// SAFETY: as Send.
 unsafe impl Sync for StatsFile {}
 
 /// Writes statistics of schema `S`.
@@ -291,6 +292,7 @@ pub struct Stats<S: Schema> {
 
 // SAFETY: values point into the mapping `file` keeps alive; every access is atomic.
 unsafe impl<S: Schema> Send for Stats<S> {}
+// SAFETY: as Send: shared use is atomic.
 unsafe impl<S: Schema> Sync for Stats<S> {}
 
 impl<S: Schema> Clone for Stats<S> {

@@ -194,6 +194,7 @@ impl StatsReader {
                 // a page-aligned mapping: aligned atomic loads inside the mapping.
                 let base = unsafe { map.map.ptr().add(map.data_offset) }.cast::<AtomicU64>();
                 for (i, v) in values.iter_mut().enumerate() {
+                    // SAFETY: i < words: inside the mapped data block (see above).
                     *v = unsafe { &*base.add(i) }.load(Ordering::Relaxed);
                 }
             }

@@ -5,6 +5,8 @@
 //! its virtqueues run on the engine's reactors. When it disconnects every queue is drained and
 //! stopped and the socket takes the next connection (a restarted QEMU reconnects).
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod handler;
 mod server;
 

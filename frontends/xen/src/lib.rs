@@ -8,6 +8,8 @@
 //! - [`loopback`]: that platform without a hypervisor, for tests.
 //! - `xen` (cargo feature `xen`): that platform on a real Xen host; built, not tested here.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod abi;
 pub mod backend;
 pub mod loopback;

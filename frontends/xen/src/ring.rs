@@ -111,6 +111,7 @@ impl BlkifRing {
         // so it is read once, with volatile reads, into our own copy.
         let src = self.entry(index);
         for (i, byte) in copy[..self.abi.entry_size()].iter_mut().enumerate() {
+            // SAFETY: i < entry_size: inside the entry (see above).
             *byte = unsafe { std::ptr::read_volatile(src.add(i)) };
         }
         copy

@@ -112,6 +112,7 @@ impl XenStore for Store {
         // SAFETY: `len` bytes at `data`, then freed once.
         let value = unsafe { std::slice::from_raw_parts(data as *const u8, len as usize) };
         let value = String::from_utf8_lossy(value).into_owned();
+        // SAFETY: malloc'ed by xs_read, no longer referenced (copied above), freed once.
         unsafe { libc::free(data) };
         Ok(Some(value))
     }
@@ -167,6 +168,7 @@ impl XenStore for Store {
             if event.is_null() {
                 break;
             }
+            // SAFETY: one malloc'ed block from xs_check_watch, freed once.
             unsafe { libc::free(event.cast()) };
         }
         Ok(seen.wrapping_add(1))
@@ -180,6 +182,7 @@ pub struct Xen {
 
 // SAFETY: the xenstore handle is used under its mutex only.
 unsafe impl Send for Xen {}
+// SAFETY: as Send.
 unsafe impl Sync for Xen {}
 
 impl Xen {
@@ -258,6 +261,7 @@ struct GnttabHandle(*mut xengnttab_handle);
 // SAFETY: the handle is used by the thread that owns the ring (and the handshake thread
 // before the ring is handed over), never at the same time.
 unsafe impl Send for GnttabHandle {}
+// SAFETY: as Send: the handle itself is never used from two threads at once.
 unsafe impl Sync for GnttabHandle {}
 
 impl Drop for GnttabHandle {

@@ -57,6 +57,7 @@ pub struct RbdBackend {
 // any thread, concurrently for asynchronous I/O (librbd locks internally); pollblk closes
 // them only in Drop, when no operation is in flight.
 unsafe impl Send for RbdBackend {}
+// SAFETY: as Send.
 unsafe impl Sync for RbdBackend {}
 
 fn check(what: &str, rc: i32) -> io::Result<()> {
@@ -192,7 +193,9 @@ extern "C" fn on_complete(c: ffi::rbd_completion_t, arg: *mut libc::c_void) {
     // SAFETY: `arg` is the Box leaked for this completion in `submit`, taken back once here
     // (librbd calls the callback exactly once); `c` is released after its value is read.
     let ctx = unsafe { Box::from_raw(arg.cast::<OpContext>()) };
+    // SAFETY: `c` is this operation's completion, still held.
     let rc = unsafe { ffi::rbd_aio_get_return_value(c) };
+    // SAFETY: released once, after its value was read.
     unsafe { ffi::rbd_aio_release(c) };
     let result = match (rc, ctx.write_len) {
         (rc, _) if rc < 0 => i32::try_from(rc).unwrap_or(-libc::EIO),
