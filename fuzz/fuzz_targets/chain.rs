@@ -7,8 +7,10 @@
 //! - every buffer handed out lies wholly inside one guest memory region;
 //! - every buffer the device may write lies inside a descriptor the driver marked WRITE;
 //! - the status byte is inside such a buffer; parse's data range is inside the buffers;
-//! - a chain never yields more buffers than its slot holds, nor more bytes than a u32;
-//! - the avail ring yields at most one queue size of heads before it is empty or broken.
+//! - a chain never yields more buffers than its slot holds, nor more bytes than a u32.
+//!
+//! (The device's own writes may land in the driver's rings when the driver overlaps them
+//! with its buffers, moving the avail index: the loop is bounded like a reactor's batch.)
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -125,17 +127,11 @@ fuzz_target!(|input: Input| {
         })
     };
     let mut segs = Segments::with_capacity(blk::SLOT_SEGMENTS);
-    let mut heads = 0u32;
-    loop {
+    for _ in 0..2 * u32::from(size) {
         let head = match queue.pop_avail() {
             Ok(Some(head)) => head,
             Ok(None) | Err(_) => break,
         };
-        heads += 1;
-        assert!(
-            heads <= u32::from(size),
-            "more heads than the avail ring holds"
-        );
         if queue.walk_chain(&mem, head, &mut segs).is_err() {
             break;
         }
