@@ -179,6 +179,24 @@ fn a_front_end_asking_too_much_is_refused_in_xenstore_and_can_come_back() {
 }
 
 #[test]
+fn a_front_end_that_vanishes_is_torn_down_and_the_next_one_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some([front, _]) = front_ends(dir.path()) else {
+        return;
+    };
+    let store = dir.path().join("xs");
+    let file = image(dir.path(), "disk.img", 64 << 20);
+    let _daemon = Daemon::start(dir.path(), &export(&store, 1, 51712, &file));
+    for _ in 0..3 {
+        // Requests in the ring, then gone without closing (a crashed guest).
+        let (code, out) = run(&front, &store, 1, 51712, 4, 1, "vanish");
+        assert_eq!(code, 0, "{out}");
+        let (code, out) = run(&front, &store, 1, 51712, 2, 0, "");
+        assert_eq!(code, 0, "after a front end vanished: {out}");
+    }
+}
+
+#[test]
 fn an_overrun_ring_stops_alone_and_other_disks_keep_serving() {
     let dir = tempfile::tempdir().unwrap();
     let Some([front, _]) = front_ends(dir.path()) else {

@@ -382,6 +382,8 @@ struct Slot {
     expected: u64,
     /// Data range within `segs` (for copying a bounce buffer back).
     data: std::ops::Range<usize>,
+    /// A preflush is in flight with the write: its result (0) is not a short write.
+    preflush: bool,
     is_read: bool,
     bounce: Option<BounceBuf>,
     bounce_iov: libc::iovec,
@@ -403,6 +405,7 @@ impl Slot {
             status: status::OK,
             expected: 0,
             data: 0..0,
+            preflush: false,
             is_read: false,
             bounce: None,
             bounce_iov: libc::iovec {
@@ -1210,31 +1213,29 @@ impl Reactor {
                         records.batch_published(&queue.batch, ring.next_used_idx());
                         queue.batch.clear();
                     }
-                    let notify = ring.needs_notification();
-                    if notify {
-                        if let Some(call) = &queue.call {
+                    match (ring.needs_notification(), &queue.call) {
+                        (true, Some(call)) => {
                             let _ = call.write(1);
+                            Some(QueueStat::NotificationsSent)
                         }
+                        // No call fd yet: nothing to send, nothing suppressed.
+                        (true, None) => None,
+                        (false, _) => Some(QueueStat::NotificationsSuppressed),
                     }
-                    notify
                 }
                 QueueRing::Other(ring) => {
-                    let notify = ring.publish();
-                    if notify {
+                    if ring.publish() {
                         ring.notify();
+                        Some(QueueStat::NotificationsSent)
+                    } else {
+                        Some(QueueStat::NotificationsSuppressed)
                     }
-                    notify
                 }
             };
             queue.log_used_ring();
-            queue.stats.add(
-                if notify {
-                    QueueStat::NotificationsSent
-                } else {
-                    QueueStat::NotificationsSuppressed
-                },
-                1,
-            );
+            if let Some(stat) = notify {
+                queue.stats.add(stat, 1);
+            }
             if queue.in_flight == 0 {
                 queue.retired_mem.clear();
             }
@@ -1374,6 +1375,7 @@ fn reset_slot(slot: &mut Slot, head: u16) {
     slot.is_read = false;
     slot.expected = 0;
     slot.data = 0..0;
+    slot.preflush = false;
     slot.class = Class::Other;
     slot.sectors = 0;
 }
@@ -1525,7 +1527,7 @@ fn dispatch(
         }
         RequestKind::Flush => {
             slot.class = Class::Flush;
-            IoOp::Flush
+            IoOp::Flush { before_next: false }
         }
         RequestKind::GetId => {
             let data = &slot.segs.iovecs()[req.data.clone()];
@@ -1538,7 +1540,18 @@ fn dispatch(
         }
         RequestKind::Unsupported(_) => return Err(status::UNSUPP),
     };
-    Ok(submit_op(device, &op, user_data, sq, completer, slot))
+    // A preflushed write (req.fua: blkif's FLUSH_DISKCACHE with data): every write completed
+    // before it is made durable first, then this one is written through.
+    let mut ops = Ops::default();
+    if let IoOp::Write { fua: true, .. } = op {
+        if req.fua {
+            slot.preflush = true;
+            let flush = IoOp::Flush { before_next: true };
+            ops += submit_op(device, &flush, user_data, sq, completer, slot);
+        }
+    }
+    ops += submit_op(device, &op, user_data, sq, completer, slot);
+    Ok(ops)
 }
 
 /// Discard and write-zeroes: every segment is checked before any is started.
@@ -1666,6 +1679,12 @@ fn needs_bounce(iov: &[libc::iovec], alignment: u32) -> bool {
 }
 
 fn record_result(slot: &mut Slot, result: i32) {
+    // A write returns its byte count (never 0: it carries data), its preflush 0, in any
+    // order on backends that complete on other threads.
+    if result == 0 && slot.preflush {
+        slot.preflush = false;
+        return;
+    }
     let failed =
         result < 0 || ((slot.is_read || slot.expected > 0) && result as u64 != slot.expected);
     if failed && slot.status == status::OK {

@@ -6,7 +6,7 @@
  * blkif.h's structures, so the layouts are Xen's, not ours. Built for x86_64 it speaks
  * x86_64-abi; built with -m32 it speaks x86_32-abi, as a 32-bit PV guest would.
  *
- *   blkfront SOCKET DOMID DEVID QUEUES ORDER [refuse|overrun|bench SECONDS IODEPTH]
+ *   blkfront SOCKET DOMID DEVID QUEUES ORDER [refuse|overrun|vanish|bench SECONDS IODEPTH]
  *
  * Connects (handshake through the store), then on every queue: direct and indirect writes
  * read back and compared, partial-page segments, a full ring of requests at once, flush,
@@ -14,7 +14,9 @@
  * unknown grant, unknown operation). Closes the device at the end. With "refuse", expects
  * the back end to refuse the QUEUES/ORDER asked for (the reason in its error key). With
  * "overrun", first breaks queue 0 (req_prod far past the ring: the back end must stop that
- * ring and answer nothing on it) and checks the other queues still work. With "bench",
+ * ring and answer nothing on it) and checks the other queues still work. With "vanish",
+ * connects, leaves requests in the ring and exits without closing (a crashed or destroyed
+ * guest): the back end must tear the device down and serve the next front end. With "bench",
  * instead of the checks: 4 KiB random reads at IODEPTH on queue 0 for SECONDS, polling for
  * responses (as a polled front end would), printing IOPS (benches/xen-loopback.sh).
  * Exits 0 if every check passed; prints what failed otherwise.
@@ -28,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -152,9 +155,11 @@ static void kick(struct queue *q)
 	}
 }
 
-/* Waits for `count` responses; stores their status by id - first_id into `status`. */
+/* Waits for `count` responses; stores their status by id - first_id into `status`
+ * (`count` entries). */
 static void wait_responses(struct queue *q, int count, uint64_t first_id, int16_t *status)
 {
+	int total = count;
 	while (count > 0) {
 		int more;
 		RING_FINAL_CHECK_FOR_RESPONSES(&q->ring, more);
@@ -170,7 +175,7 @@ static void wait_responses(struct queue *q, int count, uint64_t first_id, int16_
 		while (RING_HAS_UNCONSUMED_RESPONSES(&q->ring)) {
 			blkif_response_t *rsp = RING_GET_RESPONSE(&q->ring, q->ring.rsp_cons);
 			uint64_t idx = rsp->id - first_id;
-			if (idx >= (uint64_t)RING_SIZE(&q->ring) * 2)
+			if (idx >= (uint64_t)total)
 				die("response with unknown id %" PRIu64, rsp->id);
 			status[idx] = rsp->status;
 			q->ring.rsp_cons++;
@@ -413,6 +418,7 @@ int main(int argc, char **argv)
 	int nq = atoi(argv[4]), order = atoi(argv[5]);
 	int refuse = argc > 6 && strcmp(argv[6], "refuse") == 0;
 	int overrun = argc > 6 && strcmp(argv[6], "overrun") == 0;
+	int vanish = argc > 6 && strcmp(argv[6], "vanish") == 0;
 	int benchmark = argc > 8 && strcmp(argv[6], "bench") == 0;
 	if (overrun && nq < 2)
 		die("overrun needs two queues or more");
@@ -446,8 +452,9 @@ int main(int argc, char **argv)
 	unsigned ring_pages = 1u << order;
 	unsigned per_queue = ring_pages + DATA_PAGES + 1;
 	size_t total = (size_t)per_queue * nq * PAGE;
-	int memfd = memfd_create("blkfront-grants", 0);
-	if (memfd < 0 || ftruncate(memfd, total))
+	/* Sealed against shrinking: the back end refuses pages that could vanish under it. */
+	int memfd = memfd_create("blkfront-grants", MFD_ALLOW_SEALING);
+	if (memfd < 0 || ftruncate(memfd, total) || fcntl(memfd, F_ADD_SEALS, F_SEAL_SHRINK))
 		die("memfd: %s", strerror(errno));
 	mem = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
 	if (mem == MAP_FAILED)
@@ -519,6 +526,17 @@ int main(int argc, char **argv)
 		usleep(300 * 1000);
 		check(!RING_HAS_UNCONSUMED_RESPONSES(&q->ring),
 		      "queue 0: the back end answered on an overrun ring");
+	}
+	if (vanish) {
+		struct queue *q = &queues[0];
+		for (unsigned i = 0; i < 8; i++) {
+			blkif_request_t *r = RING_GET_REQUEST(&q->ring, q->ring.req_prod_pvt);
+			direct(r, q, BLKIF_OP_WRITE, 8 * i, i, 1);
+			r->id = next_id++;
+			q->ring.req_prod_pvt++;
+		}
+		kick(q);
+		_exit(0);
 	}
 	if (benchmark)
 		bench(atof(argv[7]), atoi(argv[8]));

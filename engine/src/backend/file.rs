@@ -139,9 +139,18 @@ impl Backend for FileBackend {
                 .offset(offset)
                 .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
                 .build(),
-            IoOp::Flush => opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
+            IoOp::Flush { before_next } => {
+                let fsync = opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build();
+                // IO_LINK: the next SQE (the request's write) waits for this one, and is
+                // cancelled if it fails.
+                if before_next {
+                    fsync.flags(squeue::Flags::IO_LINK)
+                } else {
+                    fsync
+                }
+            }
             IoOp::Discard { offset, len }
             | IoOp::WriteZeroes {
                 offset,

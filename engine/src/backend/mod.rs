@@ -51,8 +51,11 @@ pub enum IoOp {
         iov_count: u32,
         fua: bool,
     },
-    /// Make every completed write durable.
-    Flush,
+    /// Make every completed write durable. With `before_next`, the operation the caller
+    /// submits next for the same request starts only after the flush finished (a preflush:
+    /// blkif's FLUSH_DISKCACHE with data). Backends that complete flushes synchronously
+    /// satisfy it trivially; the file backend links the two io_uring operations.
+    Flush { before_next: bool },
     /// Deallocate a range; later reads return zeroes.
     Discard { offset: u64, len: u64 },
     /// Zero a range, keeping it allocated unless `unmap`.

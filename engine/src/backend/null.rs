@@ -198,7 +198,7 @@ impl NullBackend {
                 let iov = unsafe { std::slice::from_raw_parts(iov, iov_count as usize) };
                 Submitted::Done(iov.iter().map(|v| v.iov_len as i32).sum())
             }
-            IoOp::Flush
+            IoOp::Flush { .. }
             | IoOp::Discard { .. }
             | IoOp::WriteZeroes { .. }
             | IoOp::Provision { .. } => Submitted::Done(0),

@@ -202,7 +202,8 @@ fn run(pool: &Pool, volume: &Volume, op: &IoOp, buf: &mut [u8]) -> Result<i32, T
             }
             Ok(total as i32)
         }
-        IoOp::Flush => pool.flush().map(|_| 0),
+        // Synchronous: done before anything submitted after it starts.
+        IoOp::Flush { .. } => pool.flush().map(|_| 0),
         IoOp::Discard { offset, len } => pool.discard(volume, offset, len).map(|_| 0),
         IoOp::WriteZeroes { offset, len, unmap } => {
             pool.write_zeroes(volume, offset, len, unmap).map(|_| 0)

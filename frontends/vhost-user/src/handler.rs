@@ -346,18 +346,22 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         let index = usize::from(index);
         let call = eventfd(fd);
         let running = self.vring(index as u32)?.running;
-        if let Some(id) = running {
-            let dup = call.as_ref().and_then(|fd| fd.try_clone().ok());
-            self.reactor(index).set_call(id, dup);
-        }
         // One notification on every new call fd, as libvhost-user does: completions written
         // to the used ring by a previous daemon (a crash, or the source of a migration after
         // the guest's vCPUs stopped) may never have been signalled to the guest. A spurious
-        // one costs the guest a look at its used ring.
-        if let Some(fd) = &call {
-            if let Err(e) = fd.write(1) {
-                tracing::warn!(index, error = %e, "cannot signal the new call fd");
+        // one costs the guest a look at its used ring. A running queue's reactor sends it
+        // when it takes the fd.
+        match (running, &call) {
+            (Some(id), _) => {
+                let dup = call.as_ref().and_then(|fd| fd.try_clone().ok());
+                self.reactor(index).set_call(id, dup);
             }
+            (None, Some(fd)) => {
+                if let Err(e) = fd.write(1) {
+                    tracing::warn!(index, error = %e, "cannot signal the new call fd");
+                }
+            }
+            (None, None) => {}
         }
         self.vrings[index].call = call;
         Ok(())

@@ -12,7 +12,7 @@ use crate::abi::{self, state, Abi};
 use crate::platform::{Platform, XenStore};
 use crate::ring::BlkifRing;
 use pollblk_engine::device::BlkDevice;
-use pollblk_engine::reactor::{QueueId, ReactorHandle};
+use pollblk_engine::reactor::{QueueId, ReactorHandle, StopError};
 use pollblk_engine::ring::RingSetup;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -215,12 +215,18 @@ impl Handshake {
 
     /// Reacts to the front end's state.
     fn step(&mut self) -> io::Result<()> {
-        match (self.frontend_state(), self.state) {
-            (state::INITIALISED | state::CONNECTED, state::INIT_WAIT) => match self.connect() {
-                Ok(()) => {
-                    self.write_disk_info()?;
-                    self.set_state(state::CONNECTED)
-                }
+        let front = self.frontend_state();
+        // Rings whose requests outlived a disconnect: nothing is offered again until they
+        // stopped (they still write into the front end's pages).
+        if !self.rings.is_empty() && self.state != state::CONNECTED && !self.disconnect() {
+            return Ok(());
+        }
+        match (front, self.state) {
+            (state::INITIALISED | state::CONNECTED, state::INIT_WAIT) => match self
+                .connect()
+                .and_then(|()| self.write_disk_info().map_err(|e| e.to_string()))
+            {
+                Ok(()) => self.set_state(state::CONNECTED),
                 Err(why) => {
                     self.disconnect();
                     tracing::warn!(domid = self.address.domid, devid = self.address.devid,
@@ -233,12 +239,21 @@ impl Handshake {
                 self.disconnect();
                 self.set_state(state::CLOSING)
             }
+            // Closed, or gone (no state key: a destroyed domain) while it had the device.
             (state::CLOSED, s) if s != state::CLOSED => {
                 self.disconnect();
                 self.set_state(state::CLOSED)
             }
-            // The front end comes back after closing: offer the device again.
-            (state::INITIALISING, state::CLOSED | state::CLOSING) => {
+            (0, state::CONNECTED | state::CLOSING) => {
+                self.disconnect();
+                self.set_state(state::CLOSED)
+            }
+            // The front end comes back after closing, or restarted without closing: offer
+            // the device again (its rings are stopped first).
+            (state::INITIALISING, state::CLOSED | state::CLOSING | state::CONNECTED) => {
+                if !self.disconnect() {
+                    return self.set_state(state::CLOSING);
+                }
                 self.store().remove(&self.be("error"))?;
                 self.set_state(state::INIT_WAIT)
             }
@@ -334,13 +349,17 @@ impl Handshake {
         Ok(())
     }
 
-    /// Stops every ring after its requests complete.
-    fn disconnect(&mut self) {
-        for ring in self.rings.drain(..) {
-            if let Err(e) = ring.reactor.stop_within(ring.id, STOP_TIMEOUT) {
-                tracing::error!(disk = %self.device.options().name, ?e,
-                    "blkif ring did not stop: requests still in the backend");
+    /// Stops every ring after its requests complete; false if some still have requests in
+    /// the backend after the timeout (they stay listed and are asked again next time).
+    fn disconnect(&mut self) -> bool {
+        let name = self.device.options().name.clone();
+        self.rings.retain(|ring| match ring.reactor.stop_within(ring.id, STOP_TIMEOUT) {
+            Ok(_) | Err(StopError::ReactorGone) => false,
+            Err(StopError::Timeout) => {
+                tracing::error!(disk = %name, "blkif ring did not stop: requests still in the backend");
+                true
             }
-        }
+        });
+        self.rings.is_empty()
     }
 }

@@ -28,8 +28,10 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 const MAX_LINE: usize = 4096;
 /// Most keys the store holds (a front end cannot exhaust memory).
 const MAX_KEYS: usize = 65536;
-/// Most event channels one domain may register.
-const MAX_CHANNELS: usize = 1024;
+/// Most event channels one domain may register (two per queue, with room to reconnect).
+const MAX_CHANNELS: usize = 64;
+/// Most keys one front-end domain may own.
+const MAX_DOMAIN_KEYS: usize = 4096;
 
 /// The store: paths to values, and a generation bumped on every change.
 #[derive(Default)]
@@ -105,6 +107,14 @@ unsafe impl Sync for MemfdGrants {}
 
 impl MemfdGrants {
     fn new(file: File) -> io::Result<MemfdGrants> {
+        // Pages the daemon maps must not go away under it (a shrunk file faults: SIGBUS).
+        // SAFETY: F_GET_SEALS only reads the file's seals.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(io::Error::other(
+                "the grant memfd must be sealed against shrinking (MFD_ALLOW_SEALING, F_SEAL_SHRINK)",
+            ));
+        }
         let len = file.metadata()?.len() as usize;
         if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return Err(io::Error::other(
@@ -273,6 +283,8 @@ impl Loopback {
         let socket = dir.join("xenstore.sock");
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket)?;
+        // Only the daemon's user connects: front ends get grants and event channels.
+        std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let loopback = Arc::new(Loopback {
             store: Arc::new(Store::default()),
             domains: Mutex::new(HashMap::new()),
@@ -313,6 +325,8 @@ impl Loopback {
         let mut conn = Connection::new(stream);
         while let Ok(Some(line)) = conn.next_line() {
             let reply = self.handle(&line, &mut conn, &mut domid);
+            // Descriptors sent with a line that did not take them are closed, not hoarded.
+            conn.fds.clear();
             let reply = reply.unwrap_or_else(|e| format!("err {e}"));
             if writeln!(conn.stream, "{reply}").is_err() {
                 break;
@@ -322,7 +336,8 @@ impl Loopback {
             // The domain is gone: its devices close, its grants and channels go.
             let dir = format!("/local/domain/{domid}/device/vbd");
             for (path, _) in self.store.list(&dir) {
-                if path.ends_with("/state") && path.matches('/').count() == 6 {
+                // /local/domain/D/device/vbd/N/state: the device's own state key.
+                if path.ends_with("/state") && path.matches('/').count() == 7 {
                     let _ = self.store.write(&path, &abi::state::CLOSED.to_string());
                 }
             }
@@ -366,6 +381,14 @@ impl Loopback {
             }
             "write" => {
                 let (path, value) = path_value()?;
+                // A front end writes only its own domain's keys, and only so many.
+                let own = format!("/local/domain/{}/", domain(domid)?);
+                if !path.starts_with(&own) {
+                    return Err(format!("{path}: a domain writes only under {own}"));
+                }
+                if self.store.list(own.trim_end_matches('/')).len() >= MAX_DOMAIN_KEYS {
+                    return Err("this domain has too many keys".into());
+                }
                 self.store.write(path, value).map_err(|e| e.to_string())?;
                 Ok("ok".into())
             }
@@ -378,6 +401,10 @@ impl Loopback {
             }
             "rm" => {
                 let (path, _) = path_value()?;
+                let own = format!("/local/domain/{}/", domain(domid)?);
+                if !path.starts_with(&own) {
+                    return Err(format!("{path}: a domain removes only under {own}"));
+                }
                 self.store.remove(path).map_err(|e| e.to_string())?;
                 Ok("ok".into())
             }
@@ -387,6 +414,9 @@ impl Loopback {
                 loop {
                     if self.store.read(path).ok().flatten().as_deref() == Some(value) {
                         return Ok("ok".into());
+                    }
+                    if conn.hung_up() {
+                        return Err("the front end went away".into());
                     }
                     seen = self
                         .store
@@ -407,8 +437,10 @@ impl Loopback {
                 let (Some(to_back), Some(to_front)) = (conn.take_fd(), conn.take_fd()) else {
                     return Err("evtchn needs two eventfds (SCM_RIGHTS)".into());
                 };
-                // SAFETY: the front end sent eventfds; we own the descriptors now. A wrong
-                // kind of file fails its reads and writes, which only stalls its own ring.
+                for fd in [&to_back, &to_front] {
+                    checked_eventfd(fd).map_err(|e| e.to_string())?;
+                }
+                // SAFETY: checked to be eventfds (made non-blocking); we own them now.
                 let (to_back, to_front) = unsafe {
                     use std::os::fd::IntoRawFd;
                     (
@@ -462,6 +494,32 @@ impl Platform for Loopback {
     }
 }
 
+/// Checks that a received descriptor is an eventfd and makes it non-blocking: the reactor
+/// reads and writes it, and a blocking one (drained or filled by the front end between the
+/// poll and the call) would stall every disk of that reactor. (The flag lives on the shared
+/// file description: the loopback platform trusts the processes that may reach its socket
+/// not to clear it again; the socket is the daemon user's only, mode 0600.)
+fn checked_eventfd(fd: &OwnedFd) -> io::Result<()> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    if link.to_str() != Some("anon_inode:[eventfd]") {
+        return Err(io::Error::other(format!(
+            "not an eventfd: {}",
+            link.display()
+        )));
+    }
+    // SAFETY: fcntl on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let set = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    if set < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// One front end's connection: lines in, and the descriptors that came with them.
 struct Connection {
     stream: UnixStream,
@@ -480,6 +538,18 @@ impl Connection {
 
     fn take_fd(&mut self) -> Option<OwnedFd> {
         self.fds.pop_front()
+    }
+
+    /// Whether the front end closed its end (a blocked `wait` must not outlive it).
+    fn hung_up(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one pollfd for the call, no wait.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+        ready > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 
     /// The next line (without its newline); None at the end of the stream.

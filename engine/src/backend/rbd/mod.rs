@@ -266,7 +266,9 @@ impl Backend for RbdBackend {
                     iov_count,
                     ..
                 } => ffi::rbd_aio_writev(self.image, iov, iov_count as i32, offset, c),
-                IoOp::Flush => ffi::rbd_aio_flush(self.image, c),
+                // librbd does not order a later write after this flush (before_next): a
+                // preflushed write may become durable before the writes the flush covers.
+                IoOp::Flush { .. } => ffi::rbd_aio_flush(self.image, c),
                 IoOp::Discard { offset, len } => ffi::rbd_aio_discard(self.image, offset, len, c),
                 // A discard below the object's discard granularity is silently dropped by
                 // librbd: zeroes must be written with write_zeroes, which may deallocate.
