@@ -196,6 +196,29 @@ const TABLE: &[(&str, Outcome, Attack)] = &[
             }
         },
     ),
+    // Found by the chain fuzzer: reading a misaligned table was undefined behaviour.
+    (
+        "indirect table at an odd address (served)",
+        Outcome::Status(S_OK),
+        |d| {
+            let h = header(d, T_IN, 8);
+            let data = d.ram.alloc(4096, 4096);
+            let s = d.ram.alloc(1, 1);
+            let table = d.ram.alloc(64, 16) + 1;
+            DriverQueue::write_desc(&d.ram, table, 0, h, 16, DESC_F_NEXT, 1);
+            DriverQueue::write_desc(&d.ram, table, 1, data, 4096, DESC_F_WRITE | DESC_F_NEXT, 2);
+            DriverQueue::write_desc(&d.ram, table, 2, s, 1, DESC_F_WRITE, 0);
+            let q = &mut d.queues[0];
+            let head = q.take_descriptor();
+            DriverQueue::write_desc(&d.ram, q.desc, head, table, 48, DESC_F_INDIRECT, 0);
+            q.push_avail(&d.ram, head);
+            q.kick.write(1).unwrap();
+            match d.queues[0].wait_used(&d.ram, Duration::from_secs(5)) {
+                None => Outcome::QueueStopped,
+                Some(_) => Outcome::Status(d.ram.read(s, 1)[0]),
+            }
+        },
+    ),
     ("indirect table of 17 bytes", Outcome::QueueStopped, |d| {
         let t = d.ram.alloc(32, 16);
         raw_ring(d, &[(t, 17, DESC_F_INDIRECT, 0)])

@@ -317,15 +317,19 @@ impl SplitQueue {
     fn read_desc(table: *const u8, count: u16, index: u16) -> (u64, u32, u16, u16) {
         debug_assert!(index < count);
         // SAFETY: index < count and the table of count*16 bytes was translated by the caller;
-        // read_volatile because the guest may write the table concurrently.
-        unsafe {
+        // read_volatile because the guest may write the table concurrently, as bytes because
+        // an indirect table may sit at any address the driver chose (the fuzzer found one at
+        // an odd address: reading u64s there is undefined behaviour).
+        let raw: [u8; 16] = unsafe {
             let p = table.add(usize::from(index) * DESC_SIZE as usize);
-            let addr = u64::from_le(std::ptr::read_volatile(p as *const u64));
-            let len = u32::from_le(std::ptr::read_volatile(p.add(8) as *const u32));
-            let flags = u16::from_le(std::ptr::read_volatile(p.add(12) as *const u16));
-            let next = u16::from_le(std::ptr::read_volatile(p.add(14) as *const u16));
-            (addr, len, flags, next)
-        }
+            std::ptr::read_volatile(p as *const [u8; 16])
+        };
+        (
+            u64::from_le_bytes(raw[0..8].try_into().unwrap()),
+            u32::from_le_bytes(raw[8..12].try_into().unwrap()),
+            u16::from_le_bytes(raw[12..14].try_into().unwrap()),
+            u16::from_le_bytes(raw[14..16].try_into().unwrap()),
+        )
     }
 
     /// Walks the chain starting at `head` into `out`.
