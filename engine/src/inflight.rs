@@ -175,8 +175,9 @@ impl InflightQueue {
     }
 
     /// At queue start: makes the region consistent with the ring's used index `ring_used` and
-    /// returns the heads to resubmit, oldest first, and the next counter to use.
-    pub fn recover(&self, ring_used: u16) -> (Vec<u16>, u64) {
+    /// returns the heads to resubmit, oldest first, and the next counter to use; None for a
+    /// fresh region (nothing was in flight, the front end's base stands).
+    pub fn recover(&self, ring_used: u16) -> Option<(Vec<u16>, u64)> {
         let version: u16 = self.read(8);
         if version != VERSION {
             // A fresh region (or a reset guest): nothing was in flight.
@@ -186,7 +187,7 @@ impl InflightQueue {
             self.write(8, VERSION);
             self.write(10, self.size);
             self.write(14, ring_used);
-            return (Vec::new(), 1);
+            return None;
         }
         let recorded: u16 = self.read(14);
         // The last batch was published but not cleared: its heads are done.
@@ -204,7 +205,7 @@ impl InflightQueue {
             .collect();
         taken.sort_unstable();
         let next = taken.last().map_or(1, |&(c, _)| c + 1);
-        (taken.into_iter().map(|(_, h)| h).collect(), next)
+        Some((taken.into_iter().map(|(_, h)| h).collect(), next))
     }
 }
 
@@ -223,7 +224,7 @@ mod tests {
         let (region, file) = InflightRegion::create(2, 8).unwrap();
         let region = Arc::new(region);
         let q = region.queue(1, 8).unwrap();
-        assert_eq!(q.recover(0), (vec![], 1), "fresh");
+        assert_eq!(q.recover(0), None, "fresh");
         for (counter, head) in [(1, 5), (2, 2), (3, 7)] {
             q.mark_taken(head, counter);
         }
@@ -237,7 +238,11 @@ mod tests {
         let again =
             Arc::new(InflightRegion::map(&file, 0, file.metadata().unwrap().len(), 2, 8).unwrap());
         let q = again.queue(1, 8).unwrap();
-        assert_eq!(q.recover(2), (vec![7], 4), "only head 7 is still to do");
-        assert!(again.queue(0, 8).unwrap().recover(0).0.is_empty());
+        assert_eq!(
+            q.recover(2),
+            Some((vec![7], 4)),
+            "only head 7 is still to do"
+        );
+        assert_eq!(again.queue(0, 8).unwrap().recover(0), Some((vec![], 1)));
     }
 }

@@ -876,14 +876,27 @@ impl Reactor {
         let (resubmit, inflight_counter) = match &inflight {
             Some(records) => {
                 let used = ring.used_idx_in_ring();
-                let (heads, next) = records.recover(used);
-                if !heads.is_empty() {
-                    tracing::info!(disk = %setup.device.options().name, requests = heads.len(),
-                        "resubmitting requests a previous daemon had in flight");
-                    setup.stats.add(QueueStat::Resubmitted, heads.len() as u64);
-                    ring.resume_after_restart(used, heads.len() as u16);
+                match records.recover(used) {
+                    // Restarted: resume from the ring itself, as libvhost-user does. After a
+                    // lost connection QEMU's base is its own cached used index, which may lag
+                    // the ring; taking avail entries from there again completes them twice.
+                    Some((heads, next)) => {
+                        if !heads.is_empty() {
+                            tracing::info!(disk = %setup.device.options().name,
+                                requests = heads.len(),
+                                "resubmitting requests a previous daemon had in flight");
+                            setup.stats.add(QueueStat::Resubmitted, heads.len() as u64);
+                        }
+                        if used.wrapping_add(heads.len() as u16) != setup.base {
+                            tracing::info!(disk = %setup.device.options().name,
+                                base = setup.base, used, in_flight = heads.len(),
+                                "resuming from the ring's used index, not the front end's base");
+                        }
+                        ring.resume_after_restart(used, heads.len() as u16);
+                        (heads, next)
+                    }
+                    None => (Vec::new(), 1),
                 }
-                (heads, next)
             }
             None => (Vec::new(), 0),
         };

@@ -227,6 +227,12 @@ impl BlkDriver {
     /// queue restarted at the used index its ring shows (requests taken and not completed are
     /// the back end's to resubmit from the in-flight records).
     pub fn reconnect(&mut self, socket: &Path) {
+        self.reconnect_with(socket, &|_, used| used);
+    }
+
+    /// As `reconnect`, with queue i restarted at `base_of(i, used index in its ring)`: QEMU
+    /// sends its own cached used index after a lost connection, which may lag the ring.
+    pub fn reconnect_with(&mut self, socket: &Path, base_of: &dyn Fn(usize, u16) -> u16) {
         let queues = self.queues.len() - usize::from(self.stats_vring.is_some());
         let mut frontend = Frontend::connect(socket, queues as u64).expect("reconnect");
         frontend.set_owner().unwrap();
@@ -251,7 +257,7 @@ impl BlkDriver {
         self.set_mem_table();
         for index in 0..queues {
             let used = self.queues[index].used_idx(&self.ram);
-            self.start_queue(index, used);
+            self.start_queue(index, base_of(index, used));
         }
     }
 
