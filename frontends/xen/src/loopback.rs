@@ -13,6 +13,7 @@
 
 use crate::abi::{self, PAGE_SIZE};
 use crate::platform::{EventChannel, GrantSpace, Platform, RingPages, XenStore};
+use pollblk_engine::shm::SharedMap;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, BufRead, Write};
@@ -95,6 +96,8 @@ impl XenStore for Store {
 /// A domain's granted pages: one memfd, mapped whole.
 struct MemfdGrants {
     file: File,
+    /// The whole file, mapped once (kept for its Drop: the unmapping).
+    _map: SharedMap,
     base: *mut u8,
     pages: usize,
 }
@@ -121,32 +124,13 @@ impl MemfdGrants {
                 "the grant memfd's size is not a whole number of pages",
             ));
         }
-        // SAFETY: a fresh shared mapping of the whole file; checked below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let map = SharedMap::map(&file, 0, len, true)?;
         Ok(MemfdGrants {
+            base: map.ptr(),
+            _map: map,
             file,
-            base: base.cast(),
             pages: len / PAGE_SIZE,
         })
-    }
-}
-
-impl Drop for MemfdGrants {
-    fn drop(&mut self) {
-        // SAFETY: mapped in new with this length.
-        unsafe { libc::munmap(self.base.cast(), self.pages * PAGE_SIZE) };
     }
 }
 
