@@ -257,8 +257,14 @@ struct Domain {
 pub struct Loopback {
     store: Arc<Store>,
     domains: Mutex<HashMap<u32, Domain>>,
+    /// Signalled when a domain's connection is gone, so its id can connect again.
+    domain_left: Condvar,
     socket: PathBuf,
 }
+
+/// How long a `hello` waits for the previous connection of the same domain to be torn down
+/// (a front end that exited while its connection thread was in `wait` is seen within 1 s).
+const DOMAIN_TEARDOWN_WAIT: Duration = Duration::from_secs(5);
 
 impl Loopback {
     /// Starts serving `dir/xenstore.sock` (replacing a stale socket file).
@@ -272,6 +278,7 @@ impl Loopback {
         let loopback = Arc::new(Loopback {
             store: Arc::new(Store::default()),
             domains: Mutex::new(HashMap::new()),
+            domain_left: Condvar::new(),
             socket,
         });
         let weak = Arc::downgrade(&loopback);
@@ -326,6 +333,7 @@ impl Loopback {
                 }
             }
             self.domains().remove(&domid);
+            self.domain_left.notify_all();
         }
     }
 
@@ -354,8 +362,14 @@ impl Loopback {
                     return Err("hello twice".into());
                 }
                 // One connection per domain: a domain has one grant table and one set of
-                // event channels.
-                let mut domains = self.domains();
+                // event channels. A domain id is reused only once its last connection is torn
+                // down, which can lag the front end's exit a little.
+                let (mut domains, _) = self
+                    .domain_left
+                    .wait_timeout_while(self.domains(), DOMAIN_TEARDOWN_WAIT, |d| {
+                        d.contains_key(&id)
+                    })
+                    .unwrap_or_else(|e| e.into_inner());
                 if domains.contains_key(&id) {
                     return Err(format!("domain {id} is already connected"));
                 }
@@ -603,5 +617,35 @@ impl Client {
             Some(rest) => Ok(rest.trim_start().to_string()),
             None => Err(io::Error::other(answer.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+
+    fn say(stream: &UnixStream, line: &str) -> String {
+        writeln!(&*stream, "{line}").unwrap();
+        let mut reply = String::new();
+        BufReader::new(stream).read_line(&mut reply).unwrap();
+        reply.trim_end().to_string()
+    }
+
+    #[test]
+    fn a_domain_id_connects_again_right_after_its_front_end_exits() {
+        let dir = tempfile::tempdir().unwrap();
+        let loopback = Loopback::start(dir.path()).unwrap();
+        let first = UnixStream::connect(loopback.socket()).unwrap();
+        assert_eq!(say(&first, "hello 1"), "ok");
+        // The front end exits while its connection thread is parked in `wait`.
+        writeln!(&first, "wait /local/domain/0/never 1").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        drop(first);
+        let second = UnixStream::connect(loopback.socket()).unwrap();
+        assert_eq!(say(&second, "hello 1"), "ok");
+        // A live connection still owns its domain id.
+        let third = UnixStream::connect(loopback.socket()).unwrap();
+        assert_eq!(say(&third, "hello 1"), "err domain 1 is already connected");
     }
 }
