@@ -109,7 +109,7 @@ pub fn run(command: PoolCommand) -> Result<(), String> {
         PoolCommand::Status { dir, json } => {
             let status = Pool::inspect(&dir).map_err(err)?;
             if json {
-                println!("{}", status_json(&status));
+                println!("{}", status_value(&status));
             } else {
                 print!("{}", status_text(&status));
             }
@@ -128,32 +128,26 @@ pub fn run(command: PoolCommand) -> Result<(), String> {
     Ok(())
 }
 
-fn json_string(s: &str) -> String {
-    // Volume names are restricted to [A-Za-z0-9._-]: nothing to escape.
-    format!("\"{s}\"")
-}
-
-fn status_json(s: &PoolStatus) -> String {
-    let volumes: Vec<String> = s
+/// A pool's status as JSON (`pollblk pool status --json`, the control socket's pool_status).
+pub fn status_value(s: &PoolStatus) -> serde_json::Value {
+    let volumes: Vec<serde_json::Value> = s
         .volumes
         .iter()
         .map(|v| {
-            format!(
-                "{{\"name\":{},\"size_bytes\":{},\"mapped_bytes\":{}}}",
-                json_string(&v.name),
-                v.size_bytes,
-                v.mapped_bytes
-            )
+            serde_json::json!({
+                "name": v.name,
+                "size_bytes": v.size_bytes,
+                "mapped_bytes": v.mapped_bytes,
+            })
         })
         .collect();
-    format!(
-        "{{\"block_size\":{},\"size_bytes\":{},\"used_bytes\":{},\"free_bytes\":{},\"volumes\":[{}]}}",
-        s.block_size,
-        s.size_bytes,
-        s.used_bytes,
-        s.free_bytes,
-        volumes.join(",")
-    )
+    serde_json::json!({
+        "block_size": s.block_size,
+        "size_bytes": s.size_bytes,
+        "used_bytes": s.used_bytes,
+        "free_bytes": s.free_bytes,
+        "volumes": volumes,
+    })
 }
 
 fn status_text(s: &PoolStatus) -> String {

@@ -49,12 +49,47 @@ struct Source {
 }
 
 fn open_sources(args: &StatsArgs) -> Result<Vec<Source>, String> {
-    let mut files = Vec::new();
     let mut paths = args.paths.clone();
     if paths.is_empty() && args.fds.is_empty() {
         paths.push(PathBuf::from(crate::DEFAULT_DIR).join("stats"));
     }
-    for path in &paths {
+    let mut sources = open_paths(&paths)?;
+    for (i, &fd) in args.fds.iter().enumerate() {
+        if fd < 3 || args.fds[..i].contains(&fd) {
+            return Err(format!(
+                "--fd {fd}: give each inherited descriptor once, 3 or above"
+            ));
+        }
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor number: fails if it is not open; the copy
+        // is ours to own (the inherited one is left alone).
+        let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+        if copy < 0 {
+            return Err(format!("--fd {fd}: not an open file descriptor"));
+        }
+        // SAFETY: `copy` is a new descriptor owned by nothing else.
+        let file = unsafe { std::fs::File::from_raw_fd(copy) };
+        sources.push(StatsReader::from_file(file).map_err(|e| format!("--fd {fd}: {e}"))?);
+    }
+    sample_all(sources)
+}
+
+/// Takes a first sample of each reader.
+fn sample_all(sources: Vec<StatsReader>) -> Result<Vec<Source>, String> {
+    sources
+        .into_iter()
+        .map(|reader| {
+            let last = reader
+                .sample()
+                .map_err(|e| format!("{}: {e}", reader.id()))?;
+            Ok(Source { reader, last })
+        })
+        .collect()
+}
+
+/// Readers for statistics files and directories of them (every *.stats file inside).
+fn open_paths(paths: &[PathBuf]) -> Result<Vec<StatsReader>, String> {
+    let mut files = Vec::new();
+    for path in paths {
         let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
         if meta.is_dir() {
             let mut found: Vec<PathBuf> = std::fs::read_dir(path)
@@ -74,36 +109,27 @@ fn open_sources(args: &StatsArgs) -> Result<Vec<Source>, String> {
             files.push(path.clone());
         }
     }
-    let mut sources = Vec::new();
-    for path in files {
-        let reader = StatsReader::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        sources.push(reader);
-    }
-    for (i, &fd) in args.fds.iter().enumerate() {
-        if fd < 3 || args.fds[..i].contains(&fd) {
-            return Err(format!(
-                "--fd {fd}: give each inherited descriptor once, 3 or above"
-            ));
-        }
-        // SAFETY: F_DUPFD_CLOEXEC on a descriptor number: fails if it is not open; the copy
-        // is ours to own (the inherited one is left alone).
-        let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
-        if copy < 0 {
-            return Err(format!("--fd {fd}: not an open file descriptor"));
-        }
-        // SAFETY: `copy` is a new descriptor owned by nothing else.
-        let file = unsafe { std::fs::File::from_raw_fd(copy) };
-        sources.push(StatsReader::from_file(file).map_err(|e| format!("--fd {fd}: {e}"))?);
-    }
-    sources
-        .into_iter()
-        .map(|reader| {
-            let last = reader
-                .sample()
-                .map_err(|e| format!("{}: {e}", reader.id()))?;
-            Ok(Source { reader, last })
-        })
+    files
+        .iter()
+        .map(|path| StatsReader::open(path).map_err(|e| format!("{}: {e}", path.display())))
         .collect()
+}
+
+/// One sample of `paths` in the JSON layout of `pollblk stats --json` (the control
+/// socket's stats_get).
+pub fn snapshot(paths: &[PathBuf]) -> Result<Value, String> {
+    let sources = sample_all(open_paths(paths)?)?;
+    let rows: Vec<Row<'_>> = sources.iter().map(|s| (s, &s.last, None)).collect();
+    Ok(json_report(&rows, None))
+}
+
+/// One sample of an open statistics file (a descriptor from the control socket), as
+/// `snapshot`.
+pub fn snapshot_file(file: std::fs::File) -> Result<Value, String> {
+    let reader = StatsReader::from_file(file).map_err(|e| format!("statistics fd: {e}"))?;
+    let sources = sample_all(vec![reader])?;
+    let rows: Vec<Row<'_>> = sources.iter().map(|s| (s, &s.last, None)).collect();
+    Ok(json_report(&rows, None))
 }
 
 /// Sorts disk2 before disk10 and queue-2 before queue-10.
@@ -296,7 +322,7 @@ fn report(args: &StatsArgs, sources: &[Source], current: Option<(&[Sample], f64)
     if args.prometheus {
         prometheus(&rows)
     } else if args.json {
-        json_report(&rows, current.map(|(_, secs)| secs)) + "\n"
+        json_report(&rows, current.map(|(_, secs)| secs)).to_string() + "\n"
     } else {
         text(&rows, current.map(|(_, secs)| secs))
     }
@@ -437,7 +463,7 @@ fn text(rows: &[Row<'_>], interval: Option<f64>) -> String {
     out
 }
 
-fn json_report(rows: &[Row<'_>], interval: Option<f64>) -> String {
+fn json_report(rows: &[Row<'_>], interval: Option<f64>) -> Value {
     let sources: Vec<Value> = rows
         .iter()
         .map(|row| {
@@ -479,7 +505,7 @@ fn json_report(rows: &[Row<'_>], interval: Option<f64>) -> String {
     if let Some(secs) = interval {
         out["interval_seconds"] = json!(secs);
     }
-    out.to_string()
+    out
 }
 
 fn type_name(desc: &Desc) -> &'static str {

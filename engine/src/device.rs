@@ -161,6 +161,29 @@ impl BlkDevice {
         &*self.backend
     }
 
+    /// Grows the disk to `size_bytes`. The caller has paused every queue (no request in
+    /// flight) and tells the front end afterwards; shrinking is refused, as a guest's data
+    /// past the new end would be cut off under it.
+    pub fn grow(&self, size_bytes: u64) -> Result<(), String> {
+        let now = self.backend.info().size_bytes;
+        let block = u64::from(self.options.block_size);
+        if size_bytes < now {
+            return Err(format!(
+                "{size_bytes} bytes is smaller than the disk ({now} bytes): disks only grow"
+            ));
+        }
+        if size_bytes == 0 || !size_bytes.is_multiple_of(block) {
+            return Err(format!(
+                "{size_bytes} bytes is not a multiple of the block size {block}"
+            ));
+        }
+        if size_bytes > now {
+            self.backend.grow(size_bytes).map_err(|e| e.to_string())?;
+        }
+        self.stats.disk.set(DiskStat::CapacityBytes, size_bytes);
+        Ok(())
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.backend.info().size_bytes / blk::SECTOR_SIZE

@@ -12,11 +12,15 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A file or block device volume.
 pub struct FileBackend {
     file: File,
+    /// Fixed at open, except size_bytes, which `size` holds (it grows).
     info: BackendInfo,
+    size: AtomicU64,
+    is_block: bool,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -71,6 +75,8 @@ impl FileBackend {
         };
         Ok(FileBackend {
             file,
+            size: AtomicU64::new(size_bytes),
+            is_block,
             info: BackendInfo {
                 size_bytes,
                 dio_alignment,
@@ -111,7 +117,32 @@ fn dio_alignment_of(file: &File, is_block: bool) -> (u32, u32) {
 
 impl Backend for FileBackend {
     fn info(&self) -> BackendInfo {
-        self.info
+        BackendInfo {
+            size_bytes: self.size.load(Ordering::Acquire),
+            ..self.info
+        }
+    }
+
+    fn grow(&self, size_bytes: u64) -> io::Result<()> {
+        if self.is_block {
+            // A block device is grown by whoever owns it (lvextend); the disk can then grow
+            // up to the device's new size.
+            let mut device: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 to the pointer given.
+            if unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64, &mut device) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if size_bytes > device {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("the block device has {device} bytes: grow it first"),
+                ));
+            }
+        } else {
+            self.file.set_len(size_bytes)?;
+        }
+        self.size.store(size_bytes, Ordering::Release);
+        Ok(())
     }
 
     fn submit(

@@ -123,6 +123,15 @@ pub trait Backend: Send + Sync {
     /// Makes everything written durable (shutdown, detach); may block.
     fn sync_all(&self) -> io::Result<()>;
 
+    /// Grows the volume to `size_bytes` (larger than now). Called from the control plane
+    /// with every queue of the volume paused, so no request is in flight; may block.
+    fn grow(&self, _size_bytes: u64) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this kind of volume cannot be resized",
+        ))
+    }
+
     /// Called by the reactor with the user_data of each CQE of an SQE this backend pushed,
     /// before the request finishes. Bits 48..60 of user_data are the backend's own: it may
     /// set them on its SQEs (the reactor ignores them) to find its state here.

@@ -7,13 +7,14 @@ use super::{Backend, BackendInfo, Completer, IoOp, Submitted};
 use io_uring::squeue;
 use std::collections::BinaryHeap;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// A volume of a given size that stores nothing.
 pub struct NullBackend {
-    size_bytes: u64,
+    size_bytes: AtomicU64,
     read_zeroes: bool,
     delay: Option<Delay>,
 }
@@ -129,7 +130,7 @@ impl NullBackend {
     /// the guest's own bytes, so nothing leaks), leaving only the request path to measure.
     pub fn new(size_bytes: u64, read_zeroes: bool) -> NullBackend {
         NullBackend {
-            size_bytes,
+            size_bytes: AtomicU64::new(size_bytes),
             read_zeroes,
             delay: None,
         }
@@ -142,7 +143,7 @@ impl NullBackend {
         latency: Duration,
     ) -> io::Result<NullBackend> {
         Ok(NullBackend {
-            size_bytes,
+            size_bytes: AtomicU64::new(size_bytes),
             read_zeroes,
             delay: Some(Delay::start(latency)?),
         })
@@ -152,11 +153,16 @@ impl NullBackend {
 impl Backend for NullBackend {
     fn info(&self) -> BackendInfo {
         BackendInfo {
-            size_bytes: self.size_bytes,
+            size_bytes: self.size_bytes.load(Ordering::Acquire),
             dio_alignment: 1,
             volatile_cache: false,
             discard: true,
         }
+    }
+
+    fn grow(&self, size_bytes: u64) -> io::Result<()> {
+        self.size_bytes.store(size_bytes, Ordering::Release);
+        Ok(())
     }
 
     fn submit(

@@ -13,6 +13,7 @@ use super::{Backend, BackendInfo, Completer, IoOp, Submitted, BACKEND_USER_DATA_
 use crate::thin::{Pool, ThinError, Volume};
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{opcode, squeue, types};
+use arc_swap::ArcSwap;
 use std::io;
 use std::sync::Arc;
 
@@ -34,19 +35,20 @@ unsafe impl Send for Job {}
 /// A volume of a thin pool.
 pub struct ThinBackend {
     pool: Arc<Pool>,
-    volume: Arc<Volume>,
+    /// Replaced when the volume grows (a resized volume is a new map); read lock-free.
+    volume: Arc<ArcSwap<Volume>>,
     jobs: Sender<Job>,
 }
 
 impl ThinBackend {
     /// Serves volume `name` of `pool`.
     pub fn open(pool: Arc<Pool>, name: &str) -> Result<ThinBackend, ThinError> {
-        let volume = pool.volume(name)?;
+        let volume = Arc::new(ArcSwap::new(pool.volume(name)?));
         let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
         for i in 0..WORKERS {
             let (pool, volume, rx) = (pool.clone(), volume.clone(), rx.clone());
             std::thread::Builder::new()
-                .name(format!("thin-{}-{i}", volume.name))
+                .name(format!("thin-{name}-{i}"))
                 .spawn(move || worker(&pool, &volume, &rx))?;
         }
         Ok(ThinBackend { pool, volume, jobs })
@@ -56,7 +58,7 @@ impl ThinBackend {
 impl Backend for ThinBackend {
     fn info(&self) -> BackendInfo {
         BackendInfo {
-            size_bytes: self.volume.size_bytes,
+            size_bytes: self.volume.load().size_bytes,
             dio_alignment: 1,
             volatile_cache: true,
             discard: true,
@@ -92,6 +94,16 @@ impl Backend for ThinBackend {
             .map_err(|e| io::Error::other(e.to_string()))
     }
 
+    fn grow(&self, size_bytes: u64) -> io::Result<()> {
+        // Every queue is paused: no request holds the old map, and the workers pick up the
+        // new one with their next job.
+        let name = self.volume.load().name.clone();
+        let thin = |e: ThinError| io::Error::other(e.to_string());
+        self.pool.volume_resize(&name, size_bytes).map_err(thin)?;
+        self.volume.store(self.pool.volume(&name).map_err(thin)?);
+        Ok(())
+    }
+
     fn completed(&self, user_data: u64) {
         let pin = (user_data & BACKEND_USER_DATA_MASK) >> PIN_SHIFT;
         assert!(pin == 1 || pin == 2, "thin CQE without its epoch pin");
@@ -121,7 +133,7 @@ impl ThinBackend {
         };
         let (at, slot) = self
             .pool
-            .map_one(&self.volume, offset, iov_len(iov, iov_count))?;
+            .map_one(&self.volume.load(), offset, iov_len(iov, iov_count))?;
         let entry = if write {
             opcode::Writev::new(fd, iov, iov_count).offset(at).build()
         } else {
@@ -140,10 +152,11 @@ fn iov_len(iov: *const libc::iovec, count: u32) -> u64 {
 }
 
 /// Runs jobs until the backend is dropped (the channel closes).
-fn worker(pool: &Pool, volume: &Volume, jobs: &Receiver<Job>) {
+fn worker(pool: &Pool, volume: &ArcSwap<Volume>, jobs: &Receiver<Job>) {
     let mut buf = vec![0u8; pool.block_size() as usize];
     while let Ok(job) = jobs.recv() {
-        let result = match run(pool, volume, &job.op, &mut buf) {
+        let volume = volume.load();
+        let result = match run(pool, &volume, &job.op, &mut buf) {
             Ok(n) => n,
             Err(e) => {
                 tracing::debug!(volume = %volume.name, error = %e, "thin volume operation failed");

@@ -5,6 +5,7 @@
 //! (negotiated features, memory table, per-vring setup) and starts, reconfigures and stops
 //! queues on the reactors.
 
+use crate::backend_channel::BackendChannel;
 use pollblk_engine::blk::{self, BlkConfig};
 use pollblk_engine::device::BlkDevice;
 use pollblk_engine::dirty_log::DirtyLog;
@@ -41,6 +42,20 @@ struct Vring {
     enabled: bool,
     /// Set while the queue runs on a reactor.
     running: Option<QueueId>,
+    /// A copy of the kick fd the queue was started with, to start it again after a pause.
+    kick: Option<EventFd>,
+    /// Paused by the operator: drained and stopped, not restarted by a new kick fd.
+    paused: bool,
+}
+
+/// What a queue is doing, for the control plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueState {
+    /// The front end has not started it.
+    Idle,
+    Running,
+    /// Paused at this available index (every request before it completed).
+    Paused(u16),
 }
 
 /// Back-end state of one front-end connection to one disk.
@@ -52,6 +67,8 @@ pub struct BlkHandler {
     regions: Vec<Arc<MmapRegion>>,
     mem: Arc<GuestMemory>,
     vrings: Vec<Vring>,
+    /// The channel to the front end (SET_BACKEND_REQ_FD), for config-change notifications.
+    backend_channel: Option<BackendChannel>,
     /// In-flight records shared with the front end (INFLIGHT_SHMFD).
     inflight: Option<Arc<InflightRegion>>,
     /// The dirty log from SET_LOG_BASE; written to only while LOG_ALL is negotiated.
@@ -77,6 +94,7 @@ impl BlkHandler {
             vrings: (0..queues).map(|_| Vring::default()).collect(),
             inflight: None,
             dirty_log: None,
+            backend_channel: None,
         }
     }
 
@@ -109,6 +127,76 @@ impl BlkHandler {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    /// Keeps the front end's channel (taken off the socket by the server, see
+    /// backend_channel.rs).
+    pub fn set_backend_channel(&mut self, channel: BackendChannel) {
+        self.backend_channel = Some(channel);
+    }
+
+    /// A handle on the front end's channel and whether it acknowledges messages (REPLY_ACK);
+    /// None when the front end gave none.
+    pub fn backend_channel(&self) -> Option<(BackendChannel, bool)> {
+        let channel = self.backend_channel.as_ref()?.try_clone().ok()?;
+        let reply_ack = self
+            .acked_protocol
+            .contains(VhostUserProtocolFeatures::REPLY_ACK);
+        Some((channel, reply_ack))
+    }
+
+    /// Number of queues the device offers.
+    pub fn queue_count(&self) -> usize {
+        self.vrings.len()
+    }
+
+    /// What queue `index` is doing.
+    pub fn queue_state(&self, index: usize) -> QueueState {
+        let vring = &self.vrings[index];
+        match (vring.running, vring.paused) {
+            (_, true) => QueueState::Paused(vring.base),
+            (Some(_), false) => QueueState::Running,
+            (None, false) => QueueState::Idle,
+        }
+    }
+
+    /// Pauses queue `index`: stops taking requests, waits for the ones in flight and returns
+    /// the index it will resume at. A new kick fd from the front end does not restart it.
+    pub fn pause_queue(&mut self, index: usize) -> std::result::Result<u16, String> {
+        match self.queue_state(index) {
+            QueueState::Paused(base) => Ok(base),
+            QueueState::Idle => Err(format!("queue {index} is not running")),
+            QueueState::Running => {
+                let base = self
+                    .stop_queue(index)
+                    .map_err(|e| format!("queue {index}: requests still in the backend ({e:?})"))?
+                    .expect("a running queue stops with its index");
+                self.vrings[index].paused = true;
+                Ok(base)
+            }
+        }
+    }
+
+    /// Resumes a paused queue where it stopped.
+    pub fn resume_queue(&mut self, index: usize) -> std::result::Result<(), String> {
+        if !self.vrings[index].paused {
+            return Err(format!("queue {index} is not paused"));
+        }
+        self.vrings[index].paused = false;
+        let kick = self.vrings[index]
+            .kick
+            .as_ref()
+            .map(EventFd::try_clone)
+            .transpose()
+            .map_err(|e| format!("queue {index}: {e}"))?;
+        match kick {
+            Some(kick) => self
+                .start_queue(index, kick)
+                .map_err(|e| format!("queue {index}: {e}")),
+            // Stopped by the front end while paused: it starts the queue again itself.
+            None => Ok(()),
+        }
     }
 
     fn reactor(&self, index: usize) -> &ReactorHandle {
@@ -195,6 +283,7 @@ impl BlkHandler {
             dirty_log: self.active_log(),
         };
         let id = QueueId::fresh();
+        self.vrings[index].kick = setup.kick.try_clone().ok();
         self.reactor(index).attach(id, setup).map_err(|why| {
             tracing::warn!(disk = %self.device.options().name, index, ?why, "vring refused");
             invalid("vring not in guest memory")
@@ -332,6 +421,8 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         };
         let vring = &mut self.vrings[index as usize];
         vring.enabled = false;
+        // Stopped by the front end: a resume must not start it again, a new kick will.
+        vring.kick = None;
         Ok(VhostUserVringState::new(index, u32::from(base)))
     }
 
@@ -339,6 +430,12 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         self.vring(u32::from(index))?;
         // Polling mode without a kick fd is not supported: a kick fd starts the ring.
         let kick = eventfd(fd).ok_or(invalid("vring kick without an eventfd"))?;
+        let vring = &mut self.vrings[usize::from(index)];
+        if vring.paused {
+            // Started on resume.
+            vring.kick = Some(kick);
+            return Ok(());
+        }
         self.start_queue(usize::from(index), kick)
     }
 

@@ -7,7 +7,9 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod backend_channel;
 pub mod handler;
 mod server;
 
+pub use handler::QueueState;
 pub use server::{Server, ServerError};

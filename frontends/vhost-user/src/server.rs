@@ -1,6 +1,7 @@
 //! The listening socket and the per-connection message loop.
 
-use crate::handler::BlkHandler;
+use crate::backend_channel;
+use crate::handler::{BlkHandler, QueueState};
 use pollblk_engine::device::BlkDevice;
 use pollblk_engine::reactor::ReactorHandle;
 use std::io;
@@ -45,7 +46,12 @@ pub struct Server {
     path: PathBuf,
     shutdown: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
+    /// The connected front end's handler, for the control plane.
+    current: Current,
 }
+
+/// The handler of the connection being served, if any.
+type Current = Arc<Mutex<Option<Arc<Mutex<BlkHandler>>>>>;
 
 /// Binds `path`, replacing a stale socket file nobody listens on.
 fn bind(path: &Path) -> Result<UnixListener, ServerError> {
@@ -72,15 +78,100 @@ impl Server {
         let shutdown = Arc::new(EventFd::new(0).map_err(|e| ServerError::Io(path.to_owned(), e))?);
         let thread_shutdown = shutdown.clone();
         let name = device.options().name.clone();
+        let current = Current::default();
+        let thread_current = current.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vhost-user-{name}"))
-            .spawn(move || accept_loop(listener, &thread_shutdown, device, reactors))
+            .spawn(move || {
+                accept_loop(listener, &thread_shutdown, &thread_current, device, reactors)
+            })
             .map_err(|e| ServerError::Io(path.to_owned(), e))?;
         Ok(Server {
             path: path.to_owned(),
             shutdown,
             thread: Some(thread),
+            current,
         })
+    }
+
+    /// The connected front end's handler.
+    fn handler(&self) -> Option<Arc<Mutex<BlkHandler>>> {
+        self.current.lock().unwrap().clone()
+    }
+
+    /// Whether a front end is connected.
+    pub fn connected(&self) -> bool {
+        self.handler().is_some()
+    }
+
+    /// What each queue is doing; empty without a front end.
+    pub fn queue_states(&self) -> Vec<QueueState> {
+        let Some(handler) = self.handler() else {
+            return Vec::new();
+        };
+        let handler = handler.lock().unwrap();
+        (0..handler.queue_count())
+            .map(|i| handler.queue_state(i))
+            .collect()
+    }
+
+    /// Pauses queue `index`, or every running queue; returns (queue, index it resumes at).
+    pub fn pause(&self, index: Option<usize>) -> Result<Vec<(usize, u16)>, String> {
+        self.each_queue(index, |h, i| h.pause_queue(i), |s| s == QueueState::Running)
+    }
+
+    /// Resumes queue `index`, or every paused queue.
+    pub fn resume(&self, index: Option<usize>) -> Result<Vec<(usize, ())>, String> {
+        self.each_queue(
+            index,
+            |h, i| h.resume_queue(i),
+            |s| matches!(s, QueueState::Paused(_)),
+        )
+    }
+
+    fn each_queue<T>(
+        &self,
+        index: Option<usize>,
+        op: impl Fn(&mut BlkHandler, usize) -> Result<T, String>,
+        all_takes: impl Fn(QueueState) -> bool,
+    ) -> Result<Vec<(usize, T)>, String> {
+        let handler = self.handler().ok_or("no front end is connected")?;
+        let mut handler = handler.lock().unwrap();
+        let queues: Vec<usize> = match index {
+            Some(i) if i < handler.queue_count() => vec![i],
+            Some(i) => {
+                return Err(format!(
+                    "queue {i} does not exist (the disk has {})",
+                    handler.queue_count()
+                ))
+            }
+            None => (0..handler.queue_count())
+                .filter(|&i| all_takes(handler.queue_state(i)))
+                .collect(),
+        };
+        queues
+            .into_iter()
+            .map(|i| op(&mut handler, i).map(|v| (i, v)))
+            .collect()
+    }
+
+    /// Tells the front end the device's configuration changed (a new capacity): true if it
+    /// was told (and, with REPLY_ACK, acknowledged), false if no front end is connected.
+    pub fn config_changed(&self) -> Result<bool, String> {
+        let Some(handler) = self.handler() else {
+            return Ok(false);
+        };
+        // Taken out of the handler: the front end reads the config space back over the main
+        // socket before it answers, and that needs the handler.
+        let channel = handler.lock().unwrap().backend_channel();
+        let (mut channel, reply_ack) = channel.ok_or(
+            "the front end has no back-end channel (it did not take the BACKEND_REQ protocol \
+             feature), so it cannot be told",
+        )?;
+        channel
+            .config_changed(reply_ack)
+            .map_err(|e| format!("config change notification: {e}"))?;
+        Ok(true)
     }
 
     /// The socket path.
@@ -136,6 +227,7 @@ fn wait_readable(fd: RawFd, shutdown: &EventFd) -> bool {
 fn accept_loop(
     listener: UnixListener,
     shutdown: &EventFd,
+    current: &Current,
     device: Arc<BlkDevice>,
     reactors: Vec<ReactorHandle>,
 ) {
@@ -153,7 +245,9 @@ fn accept_loop(
             device.clone(),
             reactors.clone(),
         )));
+        *current.lock().unwrap() = Some(handler.clone());
         serve_connection(stream, &handler, shutdown, &name);
+        *current.lock().unwrap() = None;
         // Drain and stop every queue before the next front end may connect.
         handler.lock().unwrap().stop_all();
         tracing::info!(disk = %name, "front end disconnected");
@@ -169,6 +263,17 @@ fn serve_connection(
     let fd = stream.as_raw_fd();
     let mut endpoint = BackendReqHandler::from_stream(stream, handler.clone());
     while wait_readable(fd, shutdown) {
+        match backend_channel::take_from(fd) {
+            Ok(Some(channel)) => {
+                handler.lock().unwrap().set_backend_channel(channel);
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(disk = %name, error = %e, "SET_BACKEND_REQ_FD refused");
+                continue;
+            }
+        }
         match endpoint.handle_request() {
             Ok(()) => {}
             Err(

@@ -15,7 +15,7 @@ use pollblk_engine::device::BlkDevice;
 use pollblk_engine::reactor::{QueueId, ReactorHandle, StopError};
 use pollblk_engine::ring::RingSetup;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -48,6 +48,8 @@ impl VbdAddress {
 pub struct Vbd {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// The back end's XenBus state, as last written.
+    state: Arc<AtomicU32>,
 }
 
 impl Vbd {
@@ -68,7 +70,9 @@ impl Vbd {
             reactors,
             rings: Vec::new(),
             state: state::INITIALISING,
+            shared_state: Arc::new(AtomicU32::new(state::INITIALISING)),
         };
+        let shared_state = handshake.shared_state.clone();
         handshake.offer(toolstack)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
@@ -78,7 +82,13 @@ impl Vbd {
         Ok(Vbd {
             stop,
             thread: Some(thread),
+            state: shared_state,
         })
+    }
+
+    /// Whether a front end is connected (the back end is in state Connected).
+    pub fn connected(&self) -> bool {
+        self.state.load(Ordering::Acquire) == state::CONNECTED
     }
 }
 
@@ -104,6 +114,8 @@ struct Handshake {
     reactors: Vec<ReactorHandle>,
     rings: Vec<Attached>,
     state: u32,
+    /// `state` for the Vbd's owner.
+    shared_state: Arc<AtomicU32>,
 }
 
 impl Handshake {
@@ -128,6 +140,7 @@ impl Handshake {
             "blkif back end state"
         );
         self.state = new;
+        self.shared_state.store(new, Ordering::Release);
         self.store().write(&self.be("state"), &new.to_string())
     }
 

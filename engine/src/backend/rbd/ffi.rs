@@ -49,6 +49,7 @@ extern "C" {
     ) -> c_int;
     pub fn rbd_close(image: rbd_image_t) -> c_int;
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
+    pub fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
     pub fn rbd_flush(image: rbd_image_t) -> c_int;
     pub fn rbd_aio_create_completion(
         cb_arg: *mut c_void,

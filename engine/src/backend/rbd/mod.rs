@@ -24,6 +24,7 @@ use io_uring::squeue;
 use std::ffi::{CStr, CString};
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Which image, on which cluster, as whom.
@@ -49,7 +50,8 @@ pub struct RbdBackend {
     cluster: ffi::rados_t,
     ioctx: ffi::rados_ioctx_t,
     image: ffi::rbd_image_t,
-    size: u64,
+    /// The image's size: set at open, raised by `grow`.
+    size: AtomicU64,
     fsid: String,
 }
 
@@ -80,7 +82,7 @@ impl RbdBackend {
             cluster: std::ptr::null_mut(),
             ioctx: std::ptr::null_mut(),
             image: std::ptr::null_mut(),
-            size: 0,
+            size: AtomicU64::new(0),
             fsid: String::new(),
         };
         let name = cstring(
@@ -150,7 +152,7 @@ impl RbdBackend {
             )?;
             check(
                 "rbd_get_size",
-                ffi::rbd_get_size(backend.image, &mut backend.size),
+                ffi::rbd_get_size(backend.image, backend.size.get_mut()),
             )?;
         }
         Ok(backend)
@@ -216,11 +218,18 @@ fn iov_len(iov: *const libc::iovec, count: u32) -> usize {
 impl Backend for RbdBackend {
     fn info(&self) -> BackendInfo {
         BackendInfo {
-            size_bytes: self.size,
+            size_bytes: self.size.load(Ordering::Acquire),
             dio_alignment: 1,
             volatile_cache: false,
             discard: true,
         }
+    }
+
+    fn grow(&self, size_bytes: u64) -> io::Result<()> {
+        // SAFETY: the image handle is open until Drop; rbd_resize is synchronous.
+        check("rbd_resize", unsafe { ffi::rbd_resize(self.image, size_bytes) })?;
+        self.size.store(size_bytes, Ordering::Release);
+        Ok(())
     }
 
     fn submit(

@@ -1,0 +1,615 @@
+//! The disks of a running daemon: opening volumes, starting and stopping their transports,
+//! pausing and growing them. `serve` builds one at start; the control socket changes it at
+//! run time, always under its mutex (control-plane only: the data path never takes it).
+
+use crate::export::{self, Export, Transport, Volume};
+use pollblk_engine::backend::{Backend, FileBackend, NullBackend, ThinBackend};
+use pollblk_engine::device::{BlkDevice, DeviceStats, DiskOptions, GuestStatsOptions};
+use pollblk_engine::reactor::ReactorHandle;
+use pollblk_engine::stats::sets::PoolStat;
+use pollblk_engine::stats::StatsDir;
+use pollblk_engine::thin::Pool;
+use pollblk_vhost_user::{QueueState, Server};
+use pollblk_xen::backend::{Vbd, VbdAddress};
+use pollblk_xen::loopback::Loopback;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest disk name: it is also the default serial (GET_ID holds 20 bytes).
+const MAX_NAME: usize = 20;
+
+/// A disk's front-end side while the daemon runs.
+enum Frontend {
+    VhostUser(Server),
+    Xen(Vbd),
+}
+
+impl Frontend {
+    /// Disconnects the front end, draining its queues.
+    fn stop(self) {
+        match self {
+            Frontend::VhostUser(server) => server.stop(),
+            Frontend::Xen(vbd) => drop(vbd),
+        }
+    }
+
+    fn connected(&self) -> bool {
+        match self {
+            Frontend::VhostUser(server) => server.connected(),
+            Frontend::Xen(vbd) => vbd.connected(),
+        }
+    }
+
+    fn vhost_user(&self, name: &str, what: &str) -> Result<&Server, DaemonError> {
+        match self {
+            Frontend::VhostUser(server) => Ok(server),
+            Frontend::Xen(_) => Err(DaemonError::Invalid(format!(
+                "{name} is a Xen disk: {what} is supported for vhost-user disks only"
+            ))),
+        }
+    }
+}
+
+/// One served disk.
+pub struct Disk {
+    pub name: String,
+    /// The `--export` string it was added with (what --persist saves).
+    pub spec: String,
+    export: Export,
+    device: Arc<BlkDevice>,
+    frontend: Frontend,
+}
+
+/// Why an operation on the daemon failed; the control socket maps these to error codes.
+#[derive(Debug)]
+pub enum DaemonError {
+    /// No disk (or pool) by that name.
+    NotFound(String),
+    /// The request cannot be done as asked (bad argument, conflict, unsupported).
+    Invalid(String),
+    /// A front end uses the disk.
+    InUse(String),
+    /// The operation was tried and failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for DaemonError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DaemonError::NotFound(m)
+            | DaemonError::Invalid(m)
+            | DaemonError::InUse(m)
+            | DaemonError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<DaemonError> for String {
+    fn from(e: DaemonError) -> String {
+        e.to_string()
+    }
+}
+
+/// Thin pools opened by this daemon, shared by every export of their volumes.
+type Pools = HashMap<PathBuf, Arc<Pool>>;
+
+/// The Xen platforms exports share: one loopback store per directory, one real Xen.
+#[derive(Default)]
+struct XenPlatforms {
+    loopbacks: HashMap<PathBuf, Arc<Loopback>>,
+    #[cfg(feature = "xen")]
+    xen: Option<Arc<pollblk_xen::xen::Xen>>,
+}
+
+/// The daemon's disks and what they share.
+pub struct Daemon {
+    reactors: Vec<ReactorHandle>,
+    stats_dir: StatsDir,
+    guest_interval: Duration,
+    pools: Pools,
+    /// Pools opened so far (numbers their statistics).
+    pools_opened: usize,
+    platforms: XenPlatforms,
+    disks: Vec<Disk>,
+}
+
+/// A disk name: 1 to 20 of [A-Za-z0-9_.-] (it names statistics files and is the default
+/// serial).
+fn check_name(name: &str) -> Result<(), DaemonError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(DaemonError::Invalid(format!(
+            "disk name {name:?}: 1 to {MAX_NAME} of A-Z a-z 0-9 _ . - (not starting with .)"
+        )))
+    }
+}
+
+impl Daemon {
+    pub fn new(reactors: Vec<ReactorHandle>, stats_dir: StatsDir, guest_interval: Duration) -> Self {
+        Daemon {
+            reactors,
+            stats_dir,
+            guest_interval,
+            pools: Pools::new(),
+            pools_opened: 0,
+            platforms: XenPlatforms::default(),
+            disks: Vec::new(),
+        }
+    }
+
+    pub fn disks(&self) -> &[Disk] {
+        &self.disks
+    }
+
+    pub fn stats_dir(&self) -> &Path {
+        self.stats_dir.path()
+    }
+
+    pub fn disk(&self, name: &str) -> Result<&Disk, DaemonError> {
+        self.disks
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| DaemonError::NotFound(format!("no disk named {name:?}")))
+    }
+
+    /// The first free `diskN`.
+    fn free_name(&self) -> String {
+        (0..)
+            .map(|i| format!("disk{i}"))
+            .find(|n| self.disks.iter().all(|d| &d.name != n))
+            .expect("a free name")
+    }
+
+    /// Refuses an export that would serve something already served.
+    fn check_conflicts(&self, export: &Export) -> Result<(), DaemonError> {
+        for other in &self.disks {
+            let theirs = &other.export;
+            if theirs.transport == export.transport {
+                return Err(DaemonError::Invalid(format!(
+                    "{} is already served by {}",
+                    export.transport, other.name
+                )));
+            }
+            match (&export.volume, &theirs.volume) {
+                (Volume::Rbd(a), Volume::Rbd(b))
+                    if a.pool == b.pool && a.image == b.image && a.conf == b.conf =>
+                {
+                    return Err(DaemonError::Invalid(format!(
+                        "rbd={}/{} is already exported by {}: one image, one handle (it holds \
+                         the image's exclusive lock)",
+                        a.pool, a.image, other.name
+                    )));
+                }
+                (
+                    Volume::Thin { pool, volume },
+                    Volume::Thin {
+                        pool: p2,
+                        volume: v2,
+                    },
+                ) if volume == v2 && same_path(pool, p2) => {
+                    return Err(DaemonError::Invalid(format!(
+                        "volume {volume} of pool {} is already exported by {}",
+                        pool.display(),
+                        other.name
+                    )));
+                }
+                (Volume::File(a), Volume::File(b)) if same_path(a, b) => {
+                    return Err(DaemonError::Invalid(format!(
+                        "file {} is already exported by {}",
+                        a.display(),
+                        other.name
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the volume of `spec` and starts serving it as `name` (default: the first free
+    /// diskN).
+    pub fn add(&mut self, spec: &str, name: Option<&str>) -> Result<String, DaemonError> {
+        let export: Export = spec.parse().map_err(DaemonError::Invalid)?;
+        let name = match name {
+            Some(name) => {
+                check_name(name)?;
+                if self.disks.iter().any(|d| d.name == name) {
+                    return Err(DaemonError::Invalid(format!(
+                        "a disk named {name} exists already"
+                    )));
+                }
+                name.to_string()
+            }
+            None => self.free_name(),
+        };
+        self.check_conflicts(&export)?;
+        let device = self.open_device(&name, &export)?;
+        let frontend = self.start_frontend(&export, &device);
+        let frontend = match frontend {
+            Ok(frontend) => frontend,
+            Err(e) => {
+                self.close_unused_pools();
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            disk = %name,
+            transport = %export.transport,
+            sectors = device.capacity_sectors(),
+            queues = export.num_queues,
+            "serving"
+        );
+        self.disks.push(Disk {
+            name: name.clone(),
+            spec: spec.to_string(),
+            export,
+            device,
+            frontend,
+        });
+        Ok(name)
+    }
+
+    /// Stops serving `name`: refused while a front end is connected unless `force`, which
+    /// disconnects it (its in-flight requests complete first).
+    pub fn remove(&mut self, name: &str, force: bool) -> Result<(), DaemonError> {
+        let disk = self.disk(name)?;
+        if disk.frontend.connected() && !force {
+            let how = match &disk.export.transport {
+                Transport::VhostUser { .. } => {
+                    "detach it first (QEMU: device_del, then chardev-remove once \
+                     DEVICE_DELETED arrives; libvirt: virsh detach-device)"
+                }
+                _ => "detach it first (xl block-detach)",
+            };
+            return Err(DaemonError::InUse(format!(
+                "{name} is in use by a front end on {}: {how}, or remove it with force=true",
+                disk.export.transport
+            )));
+        }
+        let at = self
+            .disks
+            .iter()
+            .position(|d| d.name == name)
+            .expect("found above");
+        let disk = self.disks.remove(at);
+        disk.frontend.stop();
+        let synced = disk.device.backend().sync_all();
+        drop(disk.device);
+        self.close_unused_pools();
+        tracing::info!(disk = %name, "removed");
+        synced.map_err(|e| DaemonError::Failed(format!("{name} removed, but its sync failed: {e}")))
+    }
+
+    /// Closes thin pools no disk uses any more (releasing their lock for `pollblk pool`).
+    fn close_unused_pools(&mut self) {
+        let used: Vec<PathBuf> = self
+            .disks
+            .iter()
+            .filter_map(|d| match &d.export.volume {
+                Volume::Thin { pool, .. } => pool.canonicalize().ok(),
+                _ => None,
+            })
+            .collect();
+        self.pools.retain(|dir, _| used.contains(dir));
+    }
+
+    /// Grows disk `name` to `size_bytes` and tells its front end: its queues are paused
+    /// (requests in flight complete), the volume grows, the queues resume, and the front end
+    /// gets a config-change notification. Returns whether a front end was told.
+    pub fn grow(&mut self, name: &str, size_bytes: u64) -> Result<bool, DaemonError> {
+        let disk = self.disk(name)?;
+        let server = disk.frontend.vhost_user(name, "resizing")?;
+        let paused = server
+            .pause(None)
+            .or_else(|e| if server.connected() { Err(e) } else { Ok(Vec::new()) })
+            .map_err(|e| DaemonError::Failed(format!("{name}: pausing its queues: {e}")))?;
+        let grown = disk.device.grow(size_bytes);
+        for (queue, _) in &paused {
+            if let Err(e) = server.resume(Some(*queue)) {
+                tracing::error!(disk = %name, queue, error = %e, "queue did not resume after resize");
+            }
+        }
+        grown.map_err(|e| DaemonError::Invalid(format!("{name}: {e}")))?;
+        tracing::info!(disk = %name, size_bytes, "grown");
+        server
+            .config_changed()
+            .map_err(|e| DaemonError::Failed(format!("{name} grew, but {e}")))
+    }
+
+    /// Pauses queue `queue` (or all running ones) of `name`: (queue, avail index) each.
+    pub fn pause(
+        &self,
+        name: &str,
+        queue: Option<usize>,
+    ) -> Result<Vec<(usize, u16)>, DaemonError> {
+        let server = self.disk(name)?.frontend.vhost_user(name, "pausing queues")?;
+        server.pause(queue).map_err(DaemonError::Invalid)
+    }
+
+    /// Resumes queue `queue` (or all paused ones) of `name`; returns the queues resumed.
+    pub fn resume(&self, name: &str, queue: Option<usize>) -> Result<Vec<usize>, DaemonError> {
+        let server = self.disk(name)?.frontend.vhost_user(name, "resuming queues")?;
+        let resumed = server.resume(queue).map_err(DaemonError::Invalid)?;
+        Ok(resumed.into_iter().map(|(q, ())| q).collect())
+    }
+
+    /// What `export_list` shows of one disk.
+    pub fn describe(&self, disk: &Disk) -> serde_json::Value {
+        let queues: Vec<serde_json::Value> = match &disk.frontend {
+            Frontend::VhostUser(server) => server
+                .queue_states()
+                .into_iter()
+                .map(|s| match s {
+                    QueueState::Idle => serde_json::json!("idle"),
+                    QueueState::Running => serde_json::json!("running"),
+                    QueueState::Paused(at) => serde_json::json!({ "paused": at }),
+                })
+                .collect(),
+            Frontend::Xen(_) => Vec::new(),
+        };
+        serde_json::json!({
+            "name": disk.name,
+            "spec": disk.spec,
+            "transport": disk.export.transport.to_string(),
+            "size_bytes": disk.device.capacity_sectors() * 512,
+            "block_size": disk.export.block_size,
+            "num_queues": disk.export.num_queues,
+            "readonly": disk.export.readonly,
+            "connected": disk.frontend.connected(),
+            "queues": queues,
+        })
+    }
+
+    /// The statistics file of disk `name`, or of its queue `queue`.
+    pub fn stats_file(&self, name: &str, queue: Option<usize>) -> Result<PathBuf, DaemonError> {
+        let device = &self.disk(name)?.device;
+        let file = match queue {
+            None => device.disk_stats().file().clone(),
+            Some(q) if q < usize::from(device.options().num_queues) => {
+                device.queue_stats(q).file().clone()
+            }
+            Some(q) => {
+                return Err(DaemonError::Invalid(format!(
+                    "{name} has no queue {q} (it has {})",
+                    device.options().num_queues
+                )))
+            }
+        };
+        file.path()
+            .map(Path::to_owned)
+            .ok_or_else(|| DaemonError::Failed(format!("{name}: statistics are not in a file")))
+    }
+
+    /// Every statistics file of disk `name` (the disk's, then its queues').
+    pub fn stats_files(&self, name: &str) -> Result<Vec<PathBuf>, DaemonError> {
+        let queues = usize::from(self.disk(name)?.export.num_queues);
+        std::iter::once(None)
+            .chain((0..queues).map(Some))
+            .map(|q| self.stats_file(name, q))
+            .collect()
+    }
+
+    /// The pool in `dir` as this daemon has it open, if it does.
+    pub fn open_pool(&self, dir: &Path) -> Option<Arc<Pool>> {
+        self.pools.get(&dir.canonicalize().ok()?).cloned()
+    }
+
+    /// Whether a disk serves volume `volume` of the pool in `dir`.
+    pub fn volume_exported(&self, dir: &Path, volume: &str) -> Option<&str> {
+        self.disks.iter().find_map(|d| match &d.export.volume {
+            Volume::Thin { pool, volume: v } if v == volume && same_path(pool, dir) => {
+                Some(d.name.as_str())
+            }
+            _ => None,
+        })
+    }
+
+    /// Stops every disk (draining its queues) and syncs its volume.
+    pub fn shutdown(&mut self) -> Result<(), String> {
+        let mut result = Ok(());
+        for disk in self.disks.drain(..) {
+            disk.frontend.stop();
+            if let Err(e) = disk.device.backend().sync_all() {
+                result = Err(format!("{}: sync failed: {e}", disk.name));
+            }
+        }
+        self.platforms = XenPlatforms::default();
+        result
+    }
+
+    fn open_device(&mut self, name: &str, export: &Export) -> Result<Arc<BlkDevice>, DaemonError> {
+        let failed = DaemonError::Failed;
+        let backend: Arc<dyn Backend> = match &export.volume {
+            Volume::Thin { pool, volume } => {
+                let key = pool
+                    .canonicalize()
+                    .map_err(|e| failed(format!("pool {}: {e}", pool.display())))?;
+                let opened = match self.pools.get(&key) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let p = Arc::new(
+                            Pool::open(&key)
+                                .map_err(|e| failed(format!("pool {}: {e}", pool.display())))?,
+                        );
+                        let stats = self
+                            .stats_dir
+                            .create::<PoolStat>(&pool_stats_name(&key, self.pools_opened))
+                            .map_err(|e| {
+                                failed(format!("statistics of pool {}: {e}", pool.display()))
+                            })?;
+                        p.publish_stats(stats);
+                        self.pools_opened += 1;
+                        self.pools.insert(key, p.clone());
+                        p
+                    }
+                };
+                Arc::new(
+                    ThinBackend::open(opened, volume)
+                        .map_err(|e| failed(format!("pool {}: {e}", pool.display())))?,
+                )
+            }
+            Volume::File(path) => Arc::new(
+                FileBackend::open(path, export.readonly, export.block_size)
+                    .map_err(|e| failed(format!("file {}: {e}", path.display())))?,
+            ),
+            Volume::Null {
+                size_bytes,
+                read_zeroes,
+                latency_ns: 0,
+            } => Arc::new(NullBackend::new(*size_bytes, *read_zeroes)),
+            Volume::Null {
+                size_bytes,
+                read_zeroes,
+                latency_ns,
+            } => Arc::new(
+                NullBackend::with_latency(
+                    *size_bytes,
+                    *read_zeroes,
+                    Duration::from_nanos(*latency_ns),
+                )
+                .map_err(|e| failed(format!("null latency thread: {e}")))?,
+            ),
+            Volume::Rbd(rbd) => open_rbd(rbd, export.readonly).map_err(failed)?,
+        };
+        let size = backend.info().size_bytes;
+        if size == 0 || !size.is_multiple_of(u64::from(export.block_size)) {
+            return Err(DaemonError::Invalid(format!(
+                "{}: size {size} is not a non-zero multiple of the block size {}",
+                export.transport, export.block_size
+            )));
+        }
+        let stats = DeviceStats::publish(&self.stats_dir, name, export.num_queues)
+            .map_err(|e| failed(format!("statistics of {name}: {e}")))?;
+        Ok(Arc::new(BlkDevice::with_stats(
+            DiskOptions {
+                serial: export.serial.clone().unwrap_or_else(|| name.to_string()),
+                name: name.to_string(),
+                block_size: export.block_size,
+                readonly: export.readonly,
+                num_queues: export.num_queues,
+                provision: export.provision,
+                guest_stats: export.guest_stats_bit.map(|feature_bit| GuestStatsOptions {
+                    feature_bit,
+                    interval: self.guest_interval,
+                }),
+            },
+            backend,
+            stats,
+        )))
+    }
+
+    /// Starts serving one disk on its transport.
+    fn start_frontend(
+        &mut self,
+        export: &Export,
+        device: &Arc<BlkDevice>,
+    ) -> Result<Frontend, DaemonError> {
+        let failed = |e: String| DaemonError::Failed(e);
+        let reactors = self.reactors.clone();
+        let vbd = |platform: Arc<dyn pollblk_xen::platform::Platform>, domid, devid, toolstack| {
+            let address = VbdAddress { domid, devid };
+            Vbd::start(platform, address, device.clone(), reactors.clone(), toolstack)
+                .map(Frontend::Xen)
+                .map_err(|e| failed(format!("{}: {e}", export.transport)))
+        };
+        match &export.transport {
+            Transport::VhostUser { socket } => {
+                Server::start(socket, device.clone(), self.reactors.clone())
+                    .map(Frontend::VhostUser)
+                    .map_err(|e| failed(e.to_string()))
+            }
+            Transport::XenLoopback { dir, domid, devid } => {
+                let platform = match self.platforms.loopbacks.get(dir) {
+                    Some(platform) => platform.clone(),
+                    None => {
+                        let platform = Loopback::start(dir).map_err(|e| {
+                            failed(format!("xen loopback store in {}: {e}", dir.display()))
+                        })?;
+                        self.platforms
+                            .loopbacks
+                            .insert(dir.clone(), platform.clone());
+                        platform
+                    }
+                };
+                // The loopback platform has no toolstack: the back end writes its keys too.
+                vbd(platform, *domid, *devid, true)
+            }
+            #[cfg(feature = "xen")]
+            Transport::Xen { domid, devid } => {
+                let platform = match &self.platforms.xen {
+                    Some(platform) => platform.clone(),
+                    None => {
+                        let platform = Arc::new(
+                            pollblk_xen::xen::Xen::open().map_err(|e| failed(e.to_string()))?,
+                        );
+                        self.platforms.xen = Some(platform.clone());
+                        platform
+                    }
+                };
+                vbd(platform, *domid, *devid, false)
+            }
+            #[cfg(not(feature = "xen"))]
+            Transport::Xen { .. } => unreachable!("xen-blkif parses only with the xen feature"),
+        }
+    }
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// Name of a pool's statistics object: `pool-<directory name>-<number>`, unique within the
+/// daemon (`number` counts the pools it opened).
+fn pool_stats_name(pool: &Path, number: usize) -> String {
+    let base: String = pool
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(20)
+        .collect();
+    format!("pool-{base}-{number}")
+}
+
+#[cfg(feature = "rbd")]
+fn open_rbd(rbd: &export::RbdVolume, readonly: bool) -> Result<Arc<dyn Backend>, String> {
+    use pollblk_engine::backend::{RbdBackend, RbdOptions};
+    let image = RbdBackend::open(&RbdOptions {
+        pool: rbd.pool.clone(),
+        image: rbd.image.clone(),
+        conf: rbd.conf.clone(),
+        client: rbd.client.clone(),
+        timeout: Duration::from_secs(rbd.timeout_secs),
+        readonly,
+    })
+    .map_err(|e| format!("rbd {}/{}: {e}", rbd.pool, rbd.image))?;
+    tracing::info!(pool = %rbd.pool, image = %rbd.image, fsid = image.fsid(), "RBD image open");
+    Ok(Arc::new(image))
+}
+
+#[cfg(not(feature = "rbd"))]
+fn open_rbd(rbd: &export::RbdVolume, _readonly: bool) -> Result<Arc<dyn Backend>, String> {
+    Err(format!(
+        "rbd={}/{}: this pollblk was built without Ceph support (build with --features rbd)",
+        rbd.pool, rbd.image
+    ))
+}
