@@ -66,11 +66,12 @@ fn entry(table: &toml::Table) -> Result<ExportEntry, String> {
         Some(toml::Value::String(s)) => Some(s.clone()),
         Some(other) => return Err(format!("name must be a string, not {other}")),
     };
-    let keys: Vec<(&String, &toml::Value)> =
-        table.iter().filter(|(k, _)| *k != "name").collect();
+    let keys: Vec<(&String, &toml::Value)> = table.iter().filter(|(k, _)| *k != "name").collect();
     if let Some(spec) = table.get("spec") {
         if keys.len() > 1 {
-            return Err("give either spec or the export's keys (type, socket, ...), not both".into());
+            return Err(
+                "give either spec or the export's keys (type, socket, ...), not both".into(),
+            );
         }
         let spec = spec
             .as_str()
@@ -80,10 +81,9 @@ fn entry(table: &toml::Table) -> Result<ExportEntry, String> {
             spec: spec.to_string(),
         });
     }
-    let kind = table
-        .get("type")
-        .and_then(toml::Value::as_str)
-        .ok_or("needs spec = \"...\" or type = \"vhost-user-blk\" (or xen-blkif-loopback, xen-blkif)")?;
+    let kind = table.get("type").and_then(toml::Value::as_str).ok_or(
+        "needs spec = \"...\" or type = \"vhost-user-blk\" (or xen-blkif-loopback, xen-blkif)",
+    )?;
     let mut spec = kind.to_string();
     for (key, value) in keys {
         if key == "type" {
@@ -99,7 +99,11 @@ fn entry(table: &toml::Table) -> Result<ExportEntry, String> {
             toml::Value::Boolean(true) if key == "null" => "null".to_string(),
             toml::Value::Boolean(false) if key == "null" => continue,
             toml::Value::Boolean(b) => format!("{key}={}", if *b { "on" } else { "off" }),
-            other => return Err(format!("{key} = {other}: expected a string, integer or boolean")),
+            other => {
+                return Err(format!(
+                    "{key} = {other}: expected a string, integer or boolean"
+                ))
+            }
         };
         spec.push(',');
         spec.push_str(&part);

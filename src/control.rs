@@ -166,7 +166,13 @@ fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     // SAFETY: binds our socket to the address built above.
-    if unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) } != 0
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    } != 0
     {
         return Err(io::Error::last_os_error());
     }
@@ -186,7 +192,8 @@ fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
 impl Control {
     /// Listens on `path`; each connection gets a thread.
     pub fn start(path: &Path, group: Option<u32>, shared: Arc<Shared>) -> Result<Control, String> {
-        let listener = bind(path, group).map_err(|e| format!("--control {}: {e}", path.display()))?;
+        let listener =
+            bind(path, group).map_err(|e| format!("--control {}: {e}", path.display()))?;
         let shutdown = Arc::new(EventFd::new(0).map_err(|e| e.to_string())?);
         let thread_shutdown = shutdown.clone();
         let thread = std::thread::Builder::new()
@@ -257,10 +264,17 @@ fn serve(stream: UnixStream, shared: &Shared) {
         match (&mut reader).take(MAX_LINE).read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE => {
-                let _ = reply(&stream, &error_reply(Value::Null, RpcError {
-                    code: code::INVALID_REQUEST,
-                    message: format!("request longer than {MAX_LINE} bytes"),
-                }), None);
+                let _ = reply(
+                    &stream,
+                    &error_reply(
+                        Value::Null,
+                        RpcError {
+                            code: code::INVALID_REQUEST,
+                            message: format!("request longer than {MAX_LINE} bytes"),
+                        },
+                    ),
+                    None,
+                );
                 return;
             }
             Ok(_) => {}
@@ -358,7 +372,11 @@ impl<'a> Params<'a> {
         if let Some(unknown) = map.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(invalid(format!(
                 "unknown parameter {unknown:?} (this method takes: {})",
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
             )));
         }
         Ok(Params { map, known })
@@ -381,9 +399,10 @@ impl<'a> Params<'a> {
     fn opt_u64(&self, key: &str) -> Result<Option<u64>, RpcError> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-                invalid(format!("{key} must be a non-negative integer, not {v}"))
-            }),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| invalid(format!("{key} must be a non-negative integer, not {v}"))),
         }
     }
 
@@ -400,7 +419,9 @@ impl<'a> Params<'a> {
         match self.map.get(key) {
             Some(Value::String(s)) => export::parse_size(s).map_err(invalid),
             Some(v) => v.as_u64().ok_or_else(|| {
-                invalid(format!("{key} must be bytes (1073741824) or \"1G\", not {v}"))
+                invalid(format!(
+                    "{key} must be bytes (1073741824) or \"1G\", not {v}"
+                ))
             }),
             None => Err(invalid(format!("missing parameter {key}"))),
         }
@@ -430,7 +451,10 @@ fn call(shared: &Shared, method: &str, params: &Map<String, Value>) -> CallResul
             let force = p.bool("force")?;
             let wait = Duration::from_secs(p.opt_u64("wait")?.unwrap_or(0));
             if wait > MAX_REMOVE_WAIT {
-                return Err(invalid(format!("wait: at most {} s", MAX_REMOVE_WAIT.as_secs())));
+                return Err(invalid(format!(
+                    "wait: at most {} s",
+                    MAX_REMOVE_WAIT.as_secs()
+                )));
             }
             let deadline = Instant::now() + wait;
             loop {

@@ -134,7 +134,11 @@ fn check_name(name: &str) -> Result<(), DaemonError> {
 }
 
 impl Daemon {
-    pub fn new(reactors: Vec<ReactorHandle>, stats_dir: StatsDir, guest_interval: Duration) -> Self {
+    pub fn new(
+        reactors: Vec<ReactorHandle>,
+        stats_dir: StatsDir,
+        guest_interval: Duration,
+    ) -> Self {
         Daemon {
             reactors,
             stats_dir,
@@ -310,7 +314,13 @@ impl Daemon {
         let server = disk.frontend.vhost_user(name, "resizing")?;
         let paused = server
             .pause(None)
-            .or_else(|e| if server.connected() { Err(e) } else { Ok(Vec::new()) })
+            .or_else(|e| {
+                if server.connected() {
+                    Err(e)
+                } else {
+                    Ok(Vec::new())
+                }
+            })
             .map_err(|e| DaemonError::Failed(format!("{name}: pausing its queues: {e}")))?;
         let grown = disk.device.grow(size_bytes);
         for (queue, _) in &paused {
@@ -331,13 +341,19 @@ impl Daemon {
         name: &str,
         queue: Option<usize>,
     ) -> Result<Vec<(usize, u16)>, DaemonError> {
-        let server = self.disk(name)?.frontend.vhost_user(name, "pausing queues")?;
+        let server = self
+            .disk(name)?
+            .frontend
+            .vhost_user(name, "pausing queues")?;
         server.pause(queue).map_err(DaemonError::Invalid)
     }
 
     /// Resumes queue `queue` (or all paused ones) of `name`; returns the queues resumed.
     pub fn resume(&self, name: &str, queue: Option<usize>) -> Result<Vec<usize>, DaemonError> {
-        let server = self.disk(name)?.frontend.vhost_user(name, "resuming queues")?;
+        let server = self
+            .disk(name)?
+            .frontend
+            .vhost_user(name, "resuming queues")?;
         let resumed = server.resume(queue).map_err(DaemonError::Invalid)?;
         Ok(resumed.into_iter().map(|(q, ())| q).collect())
     }
@@ -517,9 +533,15 @@ impl Daemon {
         let reactors = self.reactors.clone();
         let vbd = |platform: Arc<dyn pollblk_xen::platform::Platform>, domid, devid, toolstack| {
             let address = VbdAddress { domid, devid };
-            Vbd::start(platform, address, device.clone(), reactors.clone(), toolstack)
-                .map(Frontend::Xen)
-                .map_err(|e| failed(format!("{}: {e}", export.transport)))
+            Vbd::start(
+                platform,
+                address,
+                device.clone(),
+                reactors.clone(),
+                toolstack,
+            )
+            .map(Frontend::Xen)
+            .map_err(|e| failed(format!("{}: {e}", export.transport)))
         };
         match &export.transport {
             Transport::VhostUser { socket } => {

@@ -111,7 +111,9 @@ fn check_spec(text: &str) -> Result<String, String> {
 }
 
 fn parse_idle_us(text: &str) -> Result<u64, String> {
-    let n: u64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
+    let n: u64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
     if n > 1_000_000 {
         return Err(format!("{n}: at most 1000000 (one second)"));
     }
@@ -242,7 +244,11 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
             .parse::<export::Export>()
             .map_err(|e| in_file("[[export]]", e))?;
     }
-    exports.extend(args.exports.into_iter().map(|spec| config::ExportEntry { name: None, spec }));
+    exports.extend(
+        args.exports
+            .into_iter()
+            .map(|spec| config::ExportEntry { name: None, spec }),
+    );
     if exports.is_empty() && args.config.is_none() {
         exports.push(config::ExportEntry {
             name: Some("disk0".into()),
@@ -304,7 +310,10 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
             None => group("control-group", &file.control_group)?,
         },
         log_level: args.log_level.or(file.log_level),
-        log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+        log_format: args
+            .log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormat::Text),
         persist: args.config.filter(|_| args.persist),
     })
 }
@@ -319,7 +328,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             "--cores: core {core} is not available to this process (available: {available:?})"
         ));
     }
-    if let Some(dir) = settings.control.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if let Some(dir) = settings
+        .control
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
         std::fs::create_dir_all(dir).map_err(|e| format!("--control {}: {e}", dir.display()))?;
     }
     // Before any thread starts (thin volumes start workers): every thread inherits the mask,
@@ -341,23 +354,32 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         }
     }
     let stats_path = daemon.stats_dir().to_owned();
-    let first = daemon.disks().first().map(|d| (d.spec.clone(), d.name.clone()));
+    let first = daemon
+        .disks()
+        .first()
+        .map(|d| (d.spec.clone(), d.name.clone()));
     let shared = Arc::new(control::Shared {
         daemon: Mutex::new(daemon),
         persist: settings.persist.clone(),
         log,
     });
-    let control = match control::Control::start(&settings.control, settings.control_group, shared.clone()) {
-        Ok(control) => control,
-        Err(e) => {
-            let _ = shared.daemon.lock().unwrap().shutdown();
-            reactors.shutdown();
-            return Err(e);
-        }
-    };
+    let control =
+        match control::Control::start(&settings.control, settings.control_group, shared.clone()) {
+            Ok(control) => control,
+            Err(e) => {
+                let _ = shared.daemon.lock().unwrap().shutdown();
+                reactors.shutdown();
+                return Err(e);
+            }
+        };
     if settings.exports.len() == 1 && settings.exports[0].name.as_deref() == Some("disk0") {
         if let Some((spec, _)) = first.filter(|(spec, _)| spec.ends_with("volume=disk0")) {
-            if let Ok(export::Export { transport: export::Transport::VhostUser { socket }, num_queues, .. }) = spec.parse() {
+            if let Ok(export::Export {
+                transport: export::Transport::VhostUser { socket },
+                num_queues,
+                ..
+            }) = spec.parse()
+            {
                 println!(
                     "pollblk: serving {DEFAULT_DIR}/pool, volume disk0 on {}\nAttach a guest with:\n{}",
                     socket.display(),
@@ -444,4 +466,3 @@ fn qemu_command_line(socket: &Path, queues: u16) -> String {
         queues.min(2)
     )
 }
-

@@ -11,9 +11,9 @@
 
 use super::{Backend, BackendInfo, Completer, IoOp, Submitted, BACKEND_USER_DATA_MASK};
 use crate::thin::{Pool, ThinError, Volume};
+use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{opcode, squeue, types};
-use arc_swap::ArcSwap;
 use std::io;
 use std::sync::Arc;
 

@@ -234,7 +234,10 @@ mod tests {
         let mut channel = take_from(back.as_raw_fd()).unwrap().expect("taken");
         let mut ack = [0u8; HEADER_LEN + 8];
         (&front).read_exact(&mut ack).unwrap();
-        assert_eq!(ack[..HEADER_LEN], header(SET_BACKEND_REQ_FD, VERSION_1 | REPLY, 8));
+        assert_eq!(
+            ack[..HEADER_LEN],
+            header(SET_BACKEND_REQ_FD, VERSION_1 | REPLY, 8)
+        );
         assert_eq!(ack[HEADER_LEN..], [0; 8]);
 
         // The front end's side: answer the config change with success.

@@ -83,7 +83,13 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name(format!("vhost-user-{name}"))
             .spawn(move || {
-                accept_loop(listener, &thread_shutdown, &thread_current, device, reactors)
+                accept_loop(
+                    listener,
+                    &thread_shutdown,
+                    &thread_current,
+                    device,
+                    reactors,
+                )
             })
             .map_err(|e| ServerError::Io(path.to_owned(), e))?;
         Ok(Server {

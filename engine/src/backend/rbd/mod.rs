@@ -227,7 +227,9 @@ impl Backend for RbdBackend {
 
     fn grow(&self, size_bytes: u64) -> io::Result<()> {
         // SAFETY: the image handle is open until Drop; rbd_resize is synchronous.
-        check("rbd_resize", unsafe { ffi::rbd_resize(self.image, size_bytes) })?;
+        check("rbd_resize", unsafe {
+            ffi::rbd_resize(self.image, size_bytes)
+        })?;
         self.size.store(size_bytes, Ordering::Release);
         Ok(())
     }
