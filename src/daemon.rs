@@ -330,6 +330,13 @@ impl Daemon {
         }
         grown.map_err(|e| DaemonError::Invalid(format!("{name}: {e}")))?;
         tracing::info!(disk = %name, size_bytes, "grown");
+        // A null disk's size lives in its spec: --persist must bring it back grown.
+        if let Some(disk) = self.disks.iter_mut().find(|d| d.name == name) {
+            if matches!(disk.export.volume, Volume::Null { .. }) {
+                disk.spec = with_size(&disk.spec, size_bytes);
+            }
+        }
+        let server = self.disk(name)?.frontend.vhost_user(name, "resizing")?;
         server
             .config_changed()
             .map_err(|e| DaemonError::Failed(format!("{name} grew, but {e}")))
@@ -634,4 +641,15 @@ fn open_rbd(rbd: &export::RbdVolume, _readonly: bool) -> Result<Arc<dyn Backend>
         "rbd={}/{}: this pollblk was built without Ceph support (build with --features rbd)",
         rbd.pool, rbd.image
     ))
+}
+
+/// `spec` with its `size=` option set to `bytes`.
+fn with_size(spec: &str, bytes: u64) -> String {
+    spec.split(',')
+        .map(|option| match option.split_once('=') {
+            Some(("size", _)) => format!("size={bytes}"),
+            _ => option.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -22,10 +22,23 @@ pub struct LogControl {
 
 /// A filter from a level (`debug`) or a RUST_LOG-style directive list
 /// (`info,pollblk_engine::reactor=debug`).
+/// A bare word is taken as a level, never as a module name (EnvFilter would accept
+/// `loud` as "everything from target loud"), so a typo is an error, not silence.
 fn filter(level: &str) -> Result<EnvFilter, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let expected = "expected off, error, warn, info, debug, trace or RUST_LOG directives \
+                    such as info,pollblk_engine=debug";
+    for directive in level.split(',').map(str::trim) {
+        let bare_word = !directive.contains('=') && !directive.contains('[');
+        if bare_word && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "log level {level:?}: {directive:?} is not a level ({expected})"
+            ));
+        }
+    }
     EnvFilter::builder()
         .parse(level)
-        .map_err(|e| format!("log level {level:?}: {e} (expected error, warn, info, debug, trace or RUST_LOG directives)"))
+        .map_err(|e| format!("log level {level:?}: {e} ({expected})"))
 }
 
 impl LogControl {
@@ -53,4 +66,28 @@ pub fn init(level: Option<&str>, format: LogFormat) -> Result<LogControl, String
         LogFormat::Json => registry.with(layer.json().flatten_event(true)).init(),
     }
     Ok(LogControl { handle })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::filter;
+
+    #[test]
+    fn levels_and_directives_pass_and_stray_words_do_not() {
+        for good in [
+            "info",
+            "DEBUG",
+            "warn,pollblk_engine=trace",
+            "pollblk=debug",
+            "off",
+        ] {
+            assert!(filter(good).is_ok(), "{good}");
+        }
+        for bad in ["loud", "info,verbose", "", "pollblk=loud"] {
+            let error = filter(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(error.contains("log level"), "{error}");
+        }
+    }
 }

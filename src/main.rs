@@ -89,7 +89,8 @@ struct ServeArgs {
     #[arg(long, value_name = "SECS", value_parser = parse_interval)]
     guest_stats_interval: Option<Duration>,
     /// The control socket (JSON-RPC 2.0, one object per line; `pollblk rpc`). Default:
-    /// ./pollblk-data/control.sock, mode 0600.
+    /// ./pollblk-data/control.sock, mode 0600. Given without --export or --config, the
+    /// daemon starts with no disks (an orchestrator adds them with export_add).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// Group (name or number) that may use the control socket (mode 0660).
@@ -249,7 +250,9 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
             .into_iter()
             .map(|spec| config::ExportEntry { name: None, spec }),
     );
-    if exports.is_empty() && args.config.is_none() {
+    // The built-in disk is for `pollblk serve` with nothing said; a daemon given a
+    // control socket or a config is managed, and starts with what it was given.
+    if exports.is_empty() && args.config.is_none() && args.control.is_none() {
         exports.push(config::ExportEntry {
             name: Some("disk0".into()),
             spec: default_export()?,

@@ -19,9 +19,15 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `pollblk serve ARGS` in `dir` and waits for its ready line.
     pub fn start(dir: &Path, args: &[String]) -> Daemon {
+        Daemon::start_env(dir, args, &[])
+    }
+
+    /// As `start`, with extra environment variables.
+    pub fn start_env(dir: &Path, args: &[String], env: &[(&str, &str)]) -> Daemon {
         let mut child = Command::new(BIN)
             .arg("serve")
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -90,6 +96,30 @@ pub fn file_export(socket: &Path, file: &Path, extra: &str) -> Vec<String> {
             file.display()
         ),
     ]
+}
+
+/// `pollblk rpc --socket CONTROL METHOD --param P...` run in `dir`: the printed result, or
+/// the error message.
+pub fn rpc(
+    dir: &Path,
+    control: &Path,
+    method: &str,
+    params: &[&str],
+) -> Result<serde_json::Value, String> {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .args(["rpc", "--socket"])
+        .arg(control)
+        .arg(method);
+    for p in params {
+        cmd.args(["--param", p]);
+    }
+    let out = cmd.output().expect("run pollblk rpc");
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).expect("pollblk rpc prints JSON"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
 
 /// Deterministic test data.

@@ -50,6 +50,9 @@ pub struct DriverOptions {
     /// Share in-flight records with the back end (INFLIGHT_SHMFD), as QEMU does, so that
     /// `reconnect` to a restarted back end gets the requests it had in flight completed.
     pub inflight: bool,
+    /// Give the back end a channel for its own messages (SET_BACKEND_REQ_FD), as QEMU does,
+    /// and take config-change notifications on it (`wait_config_change`).
+    pub backend_channel: bool,
 }
 
 impl Default for DriverOptions {
@@ -62,6 +65,7 @@ impl Default for DriverOptions {
             config_len: 60,
             stats_vq: false,
             inflight: false,
+            backend_channel: false,
         }
     }
 }
@@ -124,6 +128,8 @@ pub struct BlkDriver {
     /// The in-flight region the back end made (GET_INFLIGHT_FD), kept for reconnects.
     inflight: Option<(VhostUserInflight, std::fs::File)>,
     accept: u64,
+    /// Our end of the back end's channel (`DriverOptions::backend_channel`).
+    pub backend_channel: Option<std::os::unix::net::UnixStream>,
 }
 
 /// Most vrings a driver with a stats virtqueue may address (257: 256 request queues + 1).
@@ -186,7 +192,20 @@ impl BlkDriver {
             stats_vring: None,
             inflight: None,
             accept: options.accept,
+            backend_channel: None,
         };
+        if options.backend_channel {
+            assert!(
+                protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ),
+                "the back end offers BACKEND_REQ"
+            );
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            driver
+                .frontend
+                .set_backend_request_fd(&theirs)
+                .expect("SET_BACKEND_REQ_FD");
+            driver.backend_channel = Some(ours);
+        }
         if options.inflight {
             let request = VhostUserInflight::new(0, 0, options.queues as u16, options.queue_size);
             let (info, file) = driver
@@ -342,6 +361,58 @@ impl BlkDriver {
     /// Stops queue `index` (GET_VRING_BASE): returns the avail index the device reached.
     pub fn stop_queue(&mut self, index: usize) -> u32 {
         self.frontend.get_vring_base(index).unwrap()
+    }
+
+    /// Waits up to `timeout` for VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the back end's
+    /// channel, acknowledges it as QEMU does (after reading the config space again) and
+    /// returns true; false on timeout.
+    pub fn wait_config_change(&mut self, timeout: Duration) -> bool {
+        let channel = self.backend_channel.take().expect("backend_channel option");
+        let done = Self::config_change_on(&channel, timeout, &mut || self.reread_config());
+        self.backend_channel = Some(channel);
+        done
+    }
+
+    fn config_change_on(
+        mut channel: &std::os::unix::net::UnixStream,
+        timeout: Duration,
+        reread: &mut dyn FnMut(),
+    ) -> bool {
+        use std::io::{Read, Write};
+        channel.set_read_timeout(Some(timeout)).unwrap();
+        let mut hdr = [0u8; 12];
+        if channel.read_exact(&mut hdr).is_err() {
+            return false;
+        }
+        let request = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+        let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
+        let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap());
+        assert_eq!((request, size), (2, 0), "CONFIG_CHANGE_MSG without payload");
+        reread();
+        if flags & 0x8 != 0 {
+            let mut reply = Vec::new();
+            reply.extend_from_slice(&2u32.to_le_bytes());
+            reply.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+            reply.extend_from_slice(&8u32.to_le_bytes());
+            reply.extend_from_slice(&0u64.to_le_bytes());
+            channel.write_all(&reply).unwrap();
+        }
+        true
+    }
+
+    /// Reads the config space again (GET_CONFIG).
+    pub fn reread_config(&mut self) {
+        let len = self.config.len() as u32;
+        let (_, config) = self
+            .frontend
+            .get_config(
+                0,
+                len,
+                VhostUserConfigFlags::WRITABLE,
+                &vec![0u8; len as usize],
+            )
+            .unwrap();
+        self.config = config.to_vec();
     }
 
     /// Capacity from the config space, in sectors.
