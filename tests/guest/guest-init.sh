@@ -42,6 +42,7 @@ IOENGINE=$(param ioengine libaio)
 RUNTIME=$(param runtime 0)      # >0 adds a time-based write+verify soak step
 RANGE=$(param range 16M)        # length of the discard, write-zeroes and flush ranges
 WAIT=$(param wait 20)           # seconds to wait for /dev/vda
+MODE=$(param mode verify)       # verify: exercise vda; hotplug: the run-time disk steps
 
 MiB=1048576
 SIZE_B=$(bytes "$SIZE")
@@ -52,7 +53,7 @@ ZERO_OFF=$((DISCARD_OFF + RANGE_B))
 FLUSH_OFF=$((ZERO_OFF + RANGE_B))
 
 mark "kernel $(uname -r)"
-mark "params size=$SIZE iodepth=$IODEPTH ioengine=$IOENGINE runtime=$RUNTIME range=$RANGE"
+mark "params mode=$MODE size=$SIZE iodepth=$IODEPTH ioengine=$IOENGINE runtime=$RUNTIME range=$RANGE"
 
 # Modules in dependency order, worked out at build time from modules.dep.
 for m in $(cat /lib/modules/load-order); do
@@ -103,6 +104,56 @@ zeroes() {
 fill() {
 	dd if=/dev/urandom of=/dev/vda bs=$MiB seek=$(($1 / MiB)) count=$(($2 / MiB)) oflag=direct 2>/dev/null
 }
+
+# wait_for TEST SECONDS: rc 0 once the shell test TEST holds, polled every 0.1 s.
+wait_for() {
+	i=0
+	while ! eval "$1"; do
+		[ $i -ge $(($2 * 10)) ] && return 1
+		sleep 0.1
+		i=$((i + 1))
+	done
+}
+
+# Hot-plug mode: the host adds /dev/vdb at run time, grows it, then removes it. Each
+# "hotplug-*" marker tells the host what the guest waits for next.
+hotplug() {
+	mark "hotplug-ready"
+	wait_for '[ -b /dev/vdb ]' 300
+	step vdb-added $? "size=$(cat /sys/block/vdb/size 2>/dev/null)"
+	[ -b /dev/vdb ] || return
+	run_fio fio-vdb --filename=/dev/vdb --direct=1 --rw=randwrite --bssplit=4k/80:64k/20 \
+		--size=16M --iodepth=8 --ioengine="$IOENGINE" --verify=crc32c --verify_fatal=1 \
+		--do_verify=1 --name=vdb
+	old=$(cat /sys/block/vdb/size)
+	mark "hotplug-resize-wait size=$old"
+	wait_for "[ \$(cat /sys/block/vdb/size) -ne $old ]" 300
+	rc=$?
+	new=$(cat /sys/block/vdb/size)
+	step vdb-resized $rc "size=$new"
+	# The grown part is usable: its last MiB written and read back.
+	last=$((new / 2048 - 1))
+	dd if=/dev/urandom of=/tmp/tail.dat bs=$MiB count=1 2>/dev/null
+	dd if=/tmp/tail.dat of=/dev/vdb bs=$MiB seek=$last oflag=direct 2>/dev/null &&
+		[ "$(dd if=/dev/vdb bs=$MiB skip=$last count=1 iflag=direct 2>/dev/null | md5sum)" = \
+			"$(md5sum </tmp/tail.dat)" ]
+	step vdb-tail $?
+	mark "hotplug-remove-wait"
+	wait_for '[ ! -e /sys/block/vdb ]' 300
+	step vdb-removed $?
+	# The first disk did not notice.
+	dd if=/dev/vda of=/dev/null bs=$MiB count=4 iflag=direct 2>/dev/null
+	step vda-after $?
+}
+
+if [ "$MODE" = hotplug ]; then
+	hotplug
+	mark "summary failed=$failed"
+	mark "done"
+	# Time for the host to finish with the removed disk before QEMU exits.
+	sleep "$(param linger 10)"
+	exit 0
+fi
 
 # a) Two jobs on disjoint halves, pinned to different vCPUs so blk-mq submits
 # on both virtqueues. Options before the first --name are shared: an option
