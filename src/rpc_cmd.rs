@@ -13,7 +13,7 @@ pub struct RpcArgs {
     /// The daemon's control socket (`serve --control`).
     #[arg(long, value_name = "PATH", default_value = "pollblk-data/control.sock")]
     socket: PathBuf,
-    /// Seconds to wait for the answer.
+    /// Seconds to wait for the answer (at least a `wait` parameter plus 10).
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     timeout: u64,
     /// The method: export_add, export_remove, export_list, export_resize, queue_pause,
@@ -50,8 +50,11 @@ pub fn run(args: RpcArgs) -> Result<(), String> {
             args.socket.display()
         )
     })?;
+    // An export_remove told to wait for the front end answers only after that wait.
+    let waits = params.get("wait").and_then(Value::as_u64).unwrap_or(0);
+    let timeout = args.timeout.max(1).max(waits.saturating_add(10));
     stream
-        .set_read_timeout(Some(Duration::from_secs(args.timeout.max(1))))
+        .set_read_timeout(Some(Duration::from_secs(timeout)))
         .map_err(|e| e.to_string())?;
     std::io::Write::write_all(&mut &stream, format!("{request}\n").as_bytes())
         .map_err(|e| format!("sending the request: {e}"))?;
