@@ -226,7 +226,7 @@ mod tests {
         let (channel_front, channel_back) = UnixStream::pair().unwrap();
         front
             .send_with_fd(
-                &header(SET_BACKEND_REQ_FD, VERSION_1 | NEED_REPLY, 0),
+                &header(SET_BACKEND_REQ_FD, VERSION_1 | NEED_REPLY, 0)[..],
                 channel_back.as_raw_fd(),
             )
             .unwrap();
