@@ -113,7 +113,7 @@ fn every_request_type_reaches_the_image() {
     twice.extend(export(&dir.path().join("b.sock"), &cluster, "t1", ""));
     let (code, stderr) = run(&twice);
     assert_eq!(code, Some(1));
-    assert!(stderr.contains("exported twice"), "{stderr}");
+    assert!(stderr.contains("already exported by disk0"), "{stderr}");
 }
 
 /// SIGSTOPs a process now and SIGCONTs it when dropped.
