@@ -527,7 +527,8 @@ fn migrate_guest(d: &Path, export: &dyn Fn(&Path) -> Vec<String>) {
     let (sock_a, sock_b) = (d.join("a.sock"), d.join("b.sock"));
     let mut daemon_a = Daemon::start(d, &export(&sock_a));
     let mut args_b = export(&sock_b);
-    args_b.extend(["--stats-dir".to_string(), "stats-b".to_string()]);
+    // A second daemon in the same directory needs its own statistics and control socket.
+    args_b.extend(["--stats-dir", "stats-b", "--control", "control-b.sock"].map(String::from));
     let mut daemon_b = Daemon::start(d, &args_b);
     let (_one_guest, guest_dir) = built_guest();
 
