@@ -7,7 +7,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-mod backend_channel;
+pub mod backend_channel;
 pub mod handler;
 mod server;
 
