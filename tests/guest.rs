@@ -321,7 +321,16 @@ fn check_guest_log(log: &str, seconds: u64) {
     for m in &marks {
         if let Some((_, rc)) = m.split_once(" rc=") {
             let rc = rc.split_whitespace().next().unwrap();
-            assert_eq!(rc, "0", "guest step failed: {m}");
+            if rc != "0" {
+                // What the guest printed before the marker (fio's messages, kernel oopses).
+                let lines: Vec<&str> = log.lines().collect();
+                let at = lines
+                    .iter()
+                    .position(|l| l.contains(m.as_str()))
+                    .unwrap_or(lines.len());
+                let context = lines[at.saturating_sub(60)..at].join("\n");
+                panic!("guest step failed: {m}; the console before it:\n{context}");
+            }
         }
     }
     let has = |prefix: &str| marks.iter().any(|m| m.starts_with(prefix));
