@@ -236,7 +236,14 @@ impl Daemon {
             None => self.free_name(),
         };
         self.check_conflicts(&export)?;
-        let device = self.open_device(&name, &export)?;
+        // A pool opened for this disk must not stay open (and locked) if the disk fails.
+        let device = match self.open_device(&name, &export) {
+            Ok(device) => device,
+            Err(e) => {
+                self.close_unused_pools();
+                return Err(e);
+            }
+        };
         let frontend = self.start_frontend(&export, &device);
         let frontend = match frontend {
             Ok(frontend) => frontend,

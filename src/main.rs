@@ -227,6 +227,14 @@ struct Settings {
 }
 
 fn settings(args: ServeArgs) -> Result<Settings, String> {
+    if args.persist && !args.exports.is_empty() {
+        // They would be saved to the file and, at the next start, served twice.
+        return Err(
+            "--persist keeps the disks in --config: put the --export disks in the \
+                    config file ([[export]] spec = \"...\") instead of on the command line"
+                .into(),
+        );
+    }
     let file = match &args.config {
         // --persist may start from nothing: the file is written on the first change.
         Some(path) if args.persist && !path.exists() => config::Config::default(),

@@ -512,6 +512,15 @@ fn config_mistakes_stop_the_daemon_with_the_reason() {
     assert!(e.contains("--config"), "{e}");
     let e = serve(&["--log-level", "loud"]);
     assert!(e.contains("loud"), "{e}");
+    // Saved to the file and given again on the command line, they would be served twice.
+    let e = serve(&[
+        "--config",
+        "new.toml",
+        "--persist",
+        "--export",
+        "vhost-user-blk,socket=p.sock,null,size=1M",
+    ]);
+    assert!(e.contains("--persist") && e.contains("config file"), "{e}");
 }
 
 #[test]

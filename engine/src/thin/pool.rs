@@ -477,10 +477,22 @@ fn device_size(path: &Path) -> Result<u64, ThinError> {
     }
 }
 
-fn check_volume_size(size_bytes: u64) -> Result<(), ThinError> {
+/// Most blocks one volume may map: its map is one u64 per block, held in memory (2 GiB at
+/// this limit; 16 TiB volumes at the default 64 KiB blocks). Thin volumes may be larger than
+/// the pool, but not unboundedly: a size like 8E would otherwise abort on allocation.
+const MAX_VOLUME_BLOCKS: u64 = 1 << 28;
+
+fn check_volume_size(size_bytes: u64, block_size: u32) -> Result<(), ThinError> {
     if size_bytes == 0 || !size_bytes.is_multiple_of(512) {
         return Err(ThinError::Invalid(format!(
             "volume size {size_bytes}: a non-zero multiple of 512 bytes"
+        )));
+    }
+    let block = u64::from(block_size);
+    if size_bytes.div_ceil(block) > MAX_VOLUME_BLOCKS {
+        return Err(ThinError::Invalid(format!(
+            "volume size {size_bytes}: at most {} bytes with this pool's {block}-byte blocks",
+            MAX_VOLUME_BLOCKS * block
         )));
     }
     Ok(())
@@ -802,7 +814,7 @@ impl Pool {
                 format::MAX_NAME
             )));
         }
-        check_volume_size(size_bytes)?;
+        check_volume_size(size_bytes, self.block_size)?;
         // Lock order everywhere: journal, then volumes.
         let mut journal = self.journal.lock().unwrap();
         let mut volumes = self.volumes.write().unwrap();
@@ -847,7 +859,7 @@ impl Pool {
     /// Grows or shrinks a volume (shrinking frees the blocks past the new end). Offline: the
     /// volume must not be served while this runs (the pool tool holds the pool's lock).
     pub fn volume_resize(&self, name: &str, size_bytes: u64) -> Result<(), ThinError> {
-        check_volume_size(size_bytes)?;
+        check_volume_size(size_bytes, self.block_size)?;
         let old = self.volume(name)?;
         let bs = u64::from(self.block_size);
         if size_bytes < old.size_bytes && !size_bytes.is_multiple_of(bs) {

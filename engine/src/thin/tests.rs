@@ -398,3 +398,21 @@ fn shrinking_into_a_block_then_growing_reads_zeroes_past_the_old_end() {
     );
     assert!(got[cut..].iter().all(|&b| b == 0), "the cut part came back");
 }
+
+#[test]
+fn a_volume_too_large_to_map_is_refused_not_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let bs = u64::from(BS);
+    let pool = Pool::create(&dir.path().join("pool"), 2 * bs, BS).unwrap();
+    // 8 EiB would need 2^63 / BS map entries: refused with a message, not an abort.
+    let huge = 8u64 << 60;
+    let e = pool.volume_create("huge", huge).err().expect("refused");
+    assert!(matches!(e, ThinError::Invalid(_)), "{e:?}");
+    assert!(e.to_string().contains("at most"), "{e}");
+    // A thin volume larger than the pool is still fine, and so is growing within the limit.
+    let v = pool.volume_create("big", 1024 * bs).unwrap();
+    assert!(pool.volume_resize("big", huge).is_err());
+    pool.volume_resize("big", 2048 * bs).unwrap();
+    assert_eq!(pool.volume("big").unwrap().size_bytes, 2048 * bs);
+    drop(v);
+}

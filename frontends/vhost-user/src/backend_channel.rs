@@ -129,14 +129,15 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8; HEADER_LEN]) -> io::Result<(usize, Ve
                 let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
                 let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
                     / std::mem::size_of::<RawFd>();
-                for i in 0..count.min(MAX_FDS) {
+                // Every descriptor received is ours to close, however many came.
+                for i in 0..count {
                     fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
                 }
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > MAX_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "too many descriptors with SET_BACKEND_REQ_FD",

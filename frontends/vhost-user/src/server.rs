@@ -122,8 +122,26 @@ impl Server {
     }
 
     /// Pauses queue `index`, or every running queue; returns (queue, index it resumes at).
+    /// All or nothing: if one queue cannot be paused, the ones this call paused resume.
     pub fn pause(&self, index: Option<usize>) -> Result<Vec<(usize, u16)>, String> {
-        self.each_queue(index, |h, i| h.pause_queue(i), |s| s == QueueState::Running)
+        let handler = self.handler().ok_or("no front end is connected")?;
+        let mut handler = handler.lock().unwrap();
+        let queues = select_queues(&handler, index, |s| s == QueueState::Running)?;
+        let mut paused = Vec::with_capacity(queues.len());
+        for i in queues {
+            match handler.pause_queue(i) {
+                Ok(at) => paused.push((i, at)),
+                Err(e) => {
+                    for &(j, _) in &paused {
+                        if let Err(e) = handler.resume_queue(j) {
+                            tracing::error!(queue = j, error = %e, "queue did not resume");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(paused)
     }
 
     /// Resumes queue `index`, or every paused queue.
@@ -143,18 +161,7 @@ impl Server {
     ) -> Result<Vec<(usize, T)>, String> {
         let handler = self.handler().ok_or("no front end is connected")?;
         let mut handler = handler.lock().unwrap();
-        let queues: Vec<usize> = match index {
-            Some(i) if i < handler.queue_count() => vec![i],
-            Some(i) => {
-                return Err(format!(
-                    "queue {i} does not exist (the disk has {})",
-                    handler.queue_count()
-                ))
-            }
-            None => (0..handler.queue_count())
-                .filter(|&i| all_takes(handler.queue_state(i)))
-                .collect(),
-        };
+        let queues = select_queues(&handler, index, all_takes)?;
         queues
             .into_iter()
             .map(|i| op(&mut handler, i).map(|v| (i, v)))
@@ -294,5 +301,23 @@ fn serve_connection(
                 tracing::warn!(disk = %name, error = %e, "vhost-user request failed");
             }
         }
+    }
+}
+
+/// Queue `index` if it exists, or every queue whose state `all_takes` accepts.
+fn select_queues(
+    handler: &BlkHandler,
+    index: Option<usize>,
+    all_takes: impl Fn(QueueState) -> bool,
+) -> Result<Vec<usize>, String> {
+    match index {
+        Some(i) if i < handler.queue_count() => Ok(vec![i]),
+        Some(i) => Err(format!(
+            "queue {i} does not exist (the disk has {})",
+            handler.queue_count()
+        )),
+        None => Ok((0..handler.queue_count())
+            .filter(|&i| all_takes(handler.queue_state(i)))
+            .collect()),
     }
 }
