@@ -464,6 +464,7 @@ fn guest_qemu(guest_dir: &Path, socket: &Path, log: &Path, qmp: &Path, append: &
         "-m",
         "1G",
     ])
+    // GUEST_RAM
     .args(["-object", "memory-backend-memfd,id=mem,size=1G,share=on"])
     .args(["-numa", "node,memdev=mem"])
     .arg("-chardev")
@@ -495,7 +496,6 @@ impl Drop for Reap {
 }
 
 #[test]
-#[ignore = "flaky (2 of 9 runs): the destination guest sometimes hangs after migration; under investigation in the device-state issue - run with --ignored"]
 fn linux_guest_migrates_to_another_daemon_during_fio_verify() {
     if !guest_available("linux_guest_migrates_to_another_daemon_during_fio_verify") {
         return;
@@ -510,7 +510,6 @@ fn linux_guest_migrates_to_another_daemon_during_fio_verify() {
 
 #[cfg(feature = "rbd")]
 #[test]
-#[ignore = "flaky (2 of 9 runs): the destination guest sometimes hangs after migration; under investigation in the device-state issue - run with --ignored"]
 fn linux_guest_migrates_between_daemons_on_one_rbd_image() {
     if !guest_available("linux_guest_migrates_between_daemons_on_one_rbd_image") {
         return;
@@ -554,15 +553,18 @@ fn migrate_guest(d: &Path, export: &dyn Fn(&Path) -> Vec<String>) {
             .spawn()
             .unwrap(),
     );
+    // -S: the destination stays paused after the migration, so its memory can be compared
+    // with the source's before it runs.
     let mut dest = Reap(
         guest_qemu(&guest_dir, &sock_b, &log_b, &qmp_b, "")
+            .arg("-S")
             .arg("-incoming")
             .arg(format!("tcp:127.0.0.1:{port}"))
             .spawn()
             .unwrap(),
     );
     let mut qmp_src = Qmp::connect(&qmp_a);
-    let _qmp_dst = Qmp::connect(&qmp_b);
+    let mut qmp_dst = Qmp::connect(&qmp_b);
 
     // Migrate while fio writes and verifies.
     wait_for_marker(&log_a, "POLLBLK-GUEST: vda rc=0");
@@ -589,7 +591,16 @@ fn migrate_guest(d: &Path, export: &dyn Fn(&Path) -> Vec<String>) {
         "migration: downtime {} ms, total {} ms, {} bytes transferred",
         info["downtime"], info["total-time"], info["ram"]["transferred"]
     );
-    // The source may be gone already; the guest goes on on the destination either way.
+    wait_until_paused(&mut qmp_dst);
+    let stale = stale_pages(d, &mut qmp_src, &mut qmp_dst);
+    assert!(
+        stale.is_empty(),
+        "{} pages of the destination's memory differ from the source's after the migration \
+         (a write the daemon did not log?); the first (guest physical addresses): {:x?}",
+        stale.len(),
+        &stale[..stale.len().min(32)]
+    );
+    qmp_dst.execute("cont", serde_json::json!({}));
     let _ = std::io::Write::write_all(&mut qmp_src.writer, b"{\"execute\": \"quit\"}\n");
     drop(source);
     // The source daemon's front end is gone; the guest goes on on the destination.
@@ -617,6 +628,60 @@ fn migrate_guest(d: &Path, export: &dyn Fn(&Path) -> Vec<String>) {
     check_guest_log(&log, started.elapsed().as_secs());
     assert_eq!(daemon_a.stop(), Some(0));
     assert_eq!(daemon_b.stop(), Some(0));
+}
+
+/// Waits until an incoming QEMU started with -S has loaded the whole migration.
+fn wait_until_paused(qmp: &mut Qmp) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let status = qmp.execute("query-status", serde_json::json!({}));
+        if status["status"] == "paused" {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destination never finished loading: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Guest RAM size of `guest_qemu`.
+const GUEST_RAM: u64 = 1 << 30;
+
+/// Guest physical addresses of the 4 KiB pages whose contents differ between the stopped
+/// source and the paused destination: memory the migration did not carry over. Every write
+/// the daemon makes to guest memory while the front end migrates must be in the dirty log,
+/// or the destination runs on the page's old contents.
+fn stale_pages(d: &Path, src: &mut Qmp, dst: &mut Qmp) -> Vec<u64> {
+    let (mem_a, mem_b) = (d.join("memory-a"), d.join("memory-b"));
+    for (qmp, file) in [(src, &mem_a), (dst, &mem_b)] {
+        qmp.execute(
+            "pmemsave",
+            serde_json::json!({ "val": 0, "size": GUEST_RAM, "filename": path_str(file) }),
+        );
+    }
+    // Compared a MiB at a time: two whole GiB copies in memory are not needed.
+    use std::io::Read;
+    let (mut a, mut b) = (
+        std::fs::File::open(&mem_a).unwrap(),
+        std::fs::File::open(&mem_b).unwrap(),
+    );
+    let (mut chunk_a, mut chunk_b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut stale = Vec::new();
+    for offset in (0..GUEST_RAM).step_by(1 << 20) {
+        a.read_exact(&mut chunk_a).unwrap();
+        b.read_exact(&mut chunk_b).unwrap();
+        let pages = chunk_a.chunks(4096).zip(chunk_b.chunks(4096));
+        stale.extend(
+            (0u64..)
+                .zip(pages)
+                .filter(|(_, (pa, pb))| pa != pb)
+                .map(|(page, _)| offset + page * 4096),
+        );
+    }
+    let _ = (std::fs::remove_file(&mem_a), std::fs::remove_file(&mem_b));
+    stale
 }
 
 /// Waits until the console log shows `marker`; fails at once if QEMU exits first.

@@ -194,7 +194,17 @@ fn while_logging_every_guest_memory_write_is_marked_dirty() {
     assert!(!dirty(before_buf), "no logging before LOG_ALL");
 
     // Logging: the read's data page and the used ring are marked.
+    assert!(
+        !dirty(d.queues[0].used),
+        "the used ring is clean before LOG_ALL"
+    );
     d.frontend.set_features(d.features | LOG_ALL).unwrap();
+    // QEMU copies guest memory as soon as LOG_ALL is acknowledged (it asks for the reply):
+    // by then the queue's reactor must log, and has marked the ring it wrote before.
+    assert!(
+        dirty(d.queues[0].used),
+        "the used ring is marked by the time LOG_ALL is acknowledged"
+    );
     // The status byte lands on the page after the page-aligned 4 KiB data buffer.
     let during = d.submit(0, &read);
     let during_buf = during.in_buffers()[0].0;

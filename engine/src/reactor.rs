@@ -175,7 +175,7 @@ enum Msg {
     SetEnabled(QueueId, bool),
     SetCall(QueueId, Option<EventFd>),
     SetMemory(QueueId, Arc<GuestMemory>, Sender<Result<(), Broken>>),
-    SetDirtyLog(QueueId, Option<Arc<DirtyLog>>),
+    SetDirtyLog(QueueId, Option<Arc<DirtyLog>>, Sender<()>),
     Shutdown,
 }
 
@@ -254,8 +254,14 @@ impl ReactorHandle {
     }
 
     /// Starts (Some) or stops (None) marking the queue's guest-memory writes in a dirty log.
+    /// Starts (or stops) logging a queue's writes and waits until the reactor does: the
+    /// front end copies guest memory as soon as it has the answer, so a write the reactor
+    /// made after that copy but before it took the log would be lost on the destination.
     pub fn set_dirty_log(&self, id: QueueId, log: Option<Arc<DirtyLog>>) {
-        self.send(Msg::SetDirtyLog(id, log));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Msg::SetDirtyLog(id, log, tx));
+        // An error: the reactor has exited, and writes nothing more.
+        let _ = rx.recv();
     }
 
     /// Switches a queue to a new memory table and waits until the reactor uses it.
@@ -512,14 +518,22 @@ impl QueueState {
     fn log_writes(&self, segs: &Segments, status: *const u8) {
         if let Some(log) = &self.dirty_log {
             for iov in &segs.iovecs()[segs.readable_count()..] {
-                if let Some(gpa) = self.mem.gpa_of(iov.iov_base as *const u8) {
+                if let Some(gpa) = self.request_gpa(iov.iov_base as *const u8) {
                     log.mark(gpa, iov.iov_len as u64);
                 }
             }
-            if let Some(gpa) = self.mem.gpa_of(status) {
+            if let Some(gpa) = self.request_gpa(status) {
                 log.mark(gpa, 1);
             }
         }
+    }
+
+    /// The guest physical address of a request's buffer, translated with the memory table
+    /// current when the request was taken: a retired one if the table changed since.
+    fn request_gpa(&self, ptr: *const u8) -> Option<u64> {
+        std::iter::once(&self.mem)
+            .chain(self.retired_mem.iter().rev())
+            .find_map(|mem| mem.gpa_of(ptr))
     }
 
     fn kick_fd(&self) -> RawFd {
@@ -816,13 +830,14 @@ impl Reactor {
                     };
                     let _ = reply.send(result);
                 }
-                Msg::SetDirtyLog(id, log) => {
+                Msg::SetDirtyLog(id, log, reply) => {
                     if let Some(qi) = self.find(id) {
                         let queue = self.queues[qi].as_mut().unwrap();
                         queue.dirty_log = log;
                         // Everything the ring holds now may be newer than what was copied.
                         queue.log_used_ring();
                     }
+                    let _ = reply.send(());
                 }
                 Msg::Shutdown => {
                     self.shutting_down = true;

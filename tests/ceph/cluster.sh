@@ -94,20 +94,32 @@ osd_uuid=$(uuidgen)
 osd_id=$(ceph_cli osd create "$osd_uuid")
 [[ $osd_id == 0 ]] || { echo "cluster.sh: expected osd 0, got $osd_id" >&2; exit 1; }
 ceph-osd -c "$conf" -i 0 --mkfs --osd-uuid "$osd_uuid" >"$dir/log/osd.mkfs" 2>&1
-ceph-osd -c "$conf" -i 0 -f >"$dir/log/osd.out" 2>&1 &
-echo $! >>"$dir/pids"
+start_osd() {
+	ceph-osd -c "$conf" -i 0 -f >>"$dir/log/osd.out" 2>&1 &
+	osd_pid=$!
+	echo $osd_pid >>"$dir/pids"
+}
+start_osd
 
 # A fresh machine's first OSD can take a while (cold caches, two clusters starting at once on
-# two cores): wait up to 120 s, but give up at once if the OSD died, and show why.
-osd_pid=$!
+# two cores): wait up to 120 s, and show why if it died. Ceph 16's OSD sometimes sends its
+# first monitor command before it has the monitor map, with a zero fsid ("wrong fsid" in its
+# log, "handle_command on fsid 00000000-..." in the monitor's) and exits: about 1 start in 8
+# here. Only the OSD is started again then, up to three times.
 osd_failed() {
 	echo "cluster.sh: the OSD did not come up ($1); logs in $dir/log" >&2
 	tail -n 20 "$dir/log/osd.out" "$dir/log/osd.0.log" >&2 2>/dev/null || true
 	exit 1
 }
+osd_starts=1
 deadline=$((SECONDS + 120))
 until timeout 30 ceph -c "$conf" --connect-timeout 10 osd stat 2>/dev/null | grep -q '1 up'; do
-	kill -0 "$osd_pid" 2>/dev/null || osd_failed "ceph-osd exited"
+	if ! kill -0 "$osd_pid" 2>/dev/null; then
+		((osd_starts < 4)) || osd_failed "ceph-osd exited $osd_starts times"
+		echo "cluster.sh: ceph-osd exited during start-up, starting it again" >&2
+		osd_starts=$((osd_starts + 1))
+		start_osd
+	fi
 	((SECONDS < deadline)) || osd_failed "not up after 120 s"
 	sleep 0.2
 done
