@@ -462,10 +462,13 @@ fn guest_qemu(guest_dir: &Path, socket: &Path, log: &Path, qmp: &Path, append: &
         "-smp",
         "2",
         "-m",
-        "1G",
+        &format!("{}M", GUEST_RAM >> 20),
     ])
-    // GUEST_RAM
-    .args(["-object", "memory-backend-memfd,id=mem,size=1G,share=on"])
+    .arg("-object")
+    .arg(format!(
+        "memory-backend-memfd,id=mem,size={}M,share=on",
+        GUEST_RAM >> 20
+    ))
     .args(["-numa", "node,memdev=mem"])
     .arg("-chardev")
     .arg(format!("socket,id=vu0,path={}", socket.display()))
@@ -650,7 +653,7 @@ fn wait_until_paused(qmp: &mut Qmp) {
     }
 }
 
-/// Guest RAM size of `guest_qemu`.
+/// Guest RAM size of `guest_qemu`, in bytes.
 const GUEST_RAM: u64 = 1 << 30;
 
 /// A guest page that differs after a migration, and how (a status byte, a used ring

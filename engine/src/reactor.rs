@@ -253,10 +253,10 @@ impl ReactorHandle {
         self.send(Msg::SetCall(id, call));
     }
 
-    /// Starts (Some) or stops (None) marking the queue's guest-memory writes in a dirty log.
-    /// Starts (or stops) logging a queue's writes and waits until the reactor does: the
-    /// front end copies guest memory as soon as it has the answer, so a write the reactor
-    /// made after that copy but before it took the log would be lost on the destination.
+    /// Starts (Some) or stops (None) marking the queue's guest-memory writes in a dirty log,
+    /// and waits until the reactor does: the front end copies guest memory as soon as it has
+    /// the answer, so a write the reactor made after that copy but before it took the log
+    /// would be lost on the destination.
     pub fn set_dirty_log(&self, id: QueueId, log: Option<Arc<DirtyLog>>) {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.send(Msg::SetDirtyLog(id, log, tx));
