@@ -26,8 +26,9 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Without a command: `serve` on the built-in default.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -163,8 +164,12 @@ const DEFAULT_SIZE: u64 = 1 << 30;
 const DEFAULT_POOL_SIZE: u64 = 4 << 30;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
+    // No command at all is `serve` with no options: parsed as such, so its defaults are
+    // the ones `serve --help` shows.
+    let command = Cli::parse()
+        .command
+        .unwrap_or_else(|| Cli::parse_from(["pollblk", "serve"]).command.unwrap());
+    let result = match command {
         Command::Serve(args) => serve(args),
         command => {
             // Tools log warnings and errors (RUST_LOG for more); serve sets up its own.

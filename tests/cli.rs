@@ -99,7 +99,7 @@ fn a_socket_in_use_is_refused_and_left_alone() {
 #[test]
 fn no_arguments_serves_the_default_disk_and_prints_the_qemu_command() {
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::start(dir.path(), &[]);
+    let mut daemon = Daemon::start_default(dir.path());
     let pool = dir.path().join("pollblk-data/pool");
     assert!(dir.path().join("pollblk-data/disk0.sock").exists());
     let (code, status, err) = pollblk(&["pool", "status", pool.to_str().unwrap(), "--json"]);
@@ -112,7 +112,7 @@ fn no_arguments_serves_the_default_disk_and_prints_the_qemu_command() {
     assert!(out.contains("vhost-user-blk-pci,chardev=disk0"), "{out}");
     assert!(out.contains("memory-backend-memfd"), "{out}");
     assert_eq!(daemon.stop(), Some(0));
-    // A second start reuses the pool.
+    // A second start reuses the pool; `serve` without options is the same default.
     let mut again = Daemon::start(dir.path(), &[]);
     assert_eq!(again.stop(), Some(0));
 }

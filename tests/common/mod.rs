@@ -24,10 +24,18 @@ impl Daemon {
 
     /// As `start`, with extra environment variables.
     pub fn start_env(dir: &Path, args: &[String], env: &[(&str, &str)]) -> Daemon {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .args(args)
-            .envs(env.iter().copied())
+        let mut command = Command::new(BIN);
+        command.arg("serve").args(args).envs(env.iter().copied());
+        Daemon::spawn(command, dir)
+    }
+
+    /// Starts `pollblk` with no arguments at all (the README's first command) in `dir`.
+    pub fn start_default(dir: &Path) -> Daemon {
+        Daemon::spawn(Command::new(BIN), dir)
+    }
+
+    fn spawn(mut command: Command, dir: &Path) -> Daemon {
+        let mut child = command
             .current_dir(dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
