@@ -313,29 +313,17 @@ impl Daemon {
         self.pools.retain(|dir, _| used.contains(dir));
     }
 
-    /// Grows disk `name` to `size_bytes` and tells its front end: its queues are paused
-    /// (requests in flight complete), the volume grows, the queues resume, and the front end
-    /// gets a config-change notification. Returns whether a front end was told.
+    /// Grows disk `name` to `size_bytes` and tells its front end through a config-change
+    /// notification. Its queues keep running: every backend grows under I/O (a request is
+    /// checked against the size it sees, and a thin volume's map grows in place). Returns
+    /// whether a front end was told.
     pub fn grow(&mut self, name: &str, size_bytes: u64) -> Result<bool, DaemonError> {
         let disk = self.disk(name)?;
-        let server = disk.frontend.vhost_user(name, "resizing")?;
-        let paused = server
-            .pause(None)
-            .or_else(|e| {
-                if server.connected() {
-                    Err(e)
-                } else {
-                    Ok(Vec::new())
-                }
-            })
-            .map_err(|e| DaemonError::Failed(format!("{name}: pausing its queues: {e}")))?;
-        let grown = disk.device.grow(size_bytes);
-        for (queue, _) in &paused {
-            if let Err(e) = server.resume(Some(*queue)) {
-                tracing::error!(disk = %name, queue, error = %e, "queue did not resume after resize");
-            }
-        }
-        grown.map_err(|e| DaemonError::Invalid(format!("{name}: {e}")))?;
+        // Only vhost-user front ends hear of a new size (blkif's "sectors" key is not rewritten).
+        disk.frontend.vhost_user(name, "resizing")?;
+        disk.device
+            .grow(size_bytes)
+            .map_err(|e| DaemonError::Invalid(format!("{name}: {e}")))?;
         tracing::info!(disk = %name, size_bytes, "grown");
         // A null disk's size lives in its spec: --persist must bring it back grown.
         if let Some(disk) = self.disks.iter_mut().find(|d| d.name == name) {

@@ -161,9 +161,9 @@ impl BlkDevice {
         &*self.backend
     }
 
-    /// Grows the disk to `size_bytes`. The caller has paused every queue (no request in
-    /// flight) and tells the front end afterwards; shrinking is refused, as a guest's data
-    /// past the new end would be cut off under it.
+    /// Grows the disk to `size_bytes`, with requests in flight or not; the caller tells the
+    /// front end afterwards. Shrinking is refused, as a guest's data past the new end would be
+    /// cut off under it.
     pub fn grow(&self, size_bytes: u64) -> Result<(), String> {
         let now = self.backend.info().size_bytes;
         let block = u64::from(self.options.block_size);

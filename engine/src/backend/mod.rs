@@ -124,7 +124,8 @@ pub trait Backend: Send + Sync {
     fn sync_all(&self) -> io::Result<()>;
 
     /// Grows the volume to `size_bytes` (larger than now). Called from the control plane
-    /// with every queue of the volume paused, so no request is in flight; may block.
+    /// while requests run: data already there must stay where they find it, and the new size
+    /// must be visible to `info` only once the new range can be served; may block.
     fn grow(&self, _size_bytes: u64) -> io::Result<()> {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,

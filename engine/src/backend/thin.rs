@@ -11,7 +11,6 @@
 
 use super::{Backend, BackendInfo, Completer, IoOp, Submitted, BACKEND_USER_DATA_MASK};
 use crate::thin::{Pool, ThinError, Volume};
-use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{opcode, squeue, types};
 use std::io;
@@ -35,15 +34,15 @@ unsafe impl Send for Job {}
 /// A volume of a thin pool.
 pub struct ThinBackend {
     pool: Arc<Pool>,
-    /// Replaced when the volume grows (a resized volume is a new map); read lock-free.
-    volume: Arc<ArcSwap<Volume>>,
+    /// Grows in place (the pool never replaces a volume's map).
+    volume: Arc<Volume>,
     jobs: Sender<Job>,
 }
 
 impl ThinBackend {
     /// Serves volume `name` of `pool`.
     pub fn open(pool: Arc<Pool>, name: &str) -> Result<ThinBackend, ThinError> {
-        let volume = Arc::new(ArcSwap::new(pool.volume(name)?));
+        let volume = pool.volume(name)?;
         let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
         for i in 0..WORKERS {
             let (pool, volume, rx) = (pool.clone(), volume.clone(), rx.clone());
@@ -58,7 +57,7 @@ impl ThinBackend {
 impl Backend for ThinBackend {
     fn info(&self) -> BackendInfo {
         BackendInfo {
-            size_bytes: self.volume.load().size_bytes,
+            size_bytes: self.volume.size_bytes(),
             dio_alignment: 1,
             volatile_cache: true,
             discard: true,
@@ -95,13 +94,11 @@ impl Backend for ThinBackend {
     }
 
     fn grow(&self, size_bytes: u64) -> io::Result<()> {
-        // Every queue is paused: no request holds the old map, and the workers pick up the
-        // new one with their next job.
-        let name = self.volume.load().name.clone();
-        let thin = |e: ThinError| io::Error::other(e.to_string());
-        self.pool.volume_resize(&name, size_bytes).map_err(thin)?;
-        self.volume.store(self.pool.volume(&name).map_err(thin)?);
-        Ok(())
+        // In place: requests running meanwhile, on the worker or the fast path, map their
+        // blocks in the map the pool commits.
+        self.pool
+            .volume_resize(&self.volume.name, size_bytes)
+            .map_err(|e| io::Error::other(e.to_string()))
     }
 
     fn completed(&self, user_data: u64) {
@@ -133,7 +130,7 @@ impl ThinBackend {
         };
         let (at, slot) = self
             .pool
-            .map_one(&self.volume.load(), offset, iov_len(iov, iov_count))?;
+            .map_one(&self.volume, offset, iov_len(iov, iov_count))?;
         let entry = if write {
             opcode::Writev::new(fd, iov, iov_count).offset(at).build()
         } else {
@@ -152,11 +149,10 @@ fn iov_len(iov: *const libc::iovec, count: u32) -> u64 {
 }
 
 /// Runs jobs until the backend is dropped (the channel closes).
-fn worker(pool: &Pool, volume: &ArcSwap<Volume>, jobs: &Receiver<Job>) {
+fn worker(pool: &Pool, volume: &Volume, jobs: &Receiver<Job>) {
     let mut buf = vec![0u8; pool.block_size() as usize];
     while let Ok(job) = jobs.recv() {
-        let volume = volume.load();
-        let result = match run(pool, &volume, &job.op, &mut buf) {
+        let result = match run(pool, volume, &job.op, &mut buf) {
             Ok(n) => n,
             Err(e) => {
                 tracing::debug!(volume = %volume.name, error = %e, "thin volume operation failed");

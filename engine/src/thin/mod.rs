@@ -45,8 +45,8 @@
 //!
 //! # Not here yet
 //!
-//! Per-reactor epoch counters (pins share one cache line today) and resizing a volume while
-//! it is served (offline resize works). Allocation is sharded: each thread allocates from its
+//! Per-reactor epoch counters (pins share one cache line today), and shrinking a volume while
+//! it is served (growing works under I/O: the map grows in place, see stable.rs). Allocation is sharded: each thread allocates from its
 //! own shard of the block bitmap under that shard's lock, so concurrent first writes do not
 //! meet on one lock, and counts stay exact. Commits are grouped: a FLUSH that waited while a commit that started after
 //! it arrived ran is answered by that commit (about 100 commits for 160 concurrent flushes in
@@ -54,6 +54,7 @@
 
 pub mod format;
 mod pool;
+mod stable;
 #[cfg(test)]
 mod tests;
 

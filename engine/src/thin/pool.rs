@@ -7,6 +7,7 @@
 //! and volume management take locks; they are not per-request work for an overwrite or a read.
 
 use super::format::{self, FormatError, Record, Superblock, UNMAPPED};
+use super::stable::StableArray;
 use crate::stats::sets::PoolStat;
 use crate::stats::Stats;
 use std::fs::{File, OpenOptions};
@@ -67,52 +68,62 @@ impl From<FormatError> for ThinError {
 pub struct Volume {
     pub id: u32,
     pub name: String,
-    pub size_bytes: u64,
-    /// Per virtual block: 0 = unmapped, else data block + 1.
-    map: Box<[AtomicU64]>,
+    size_bytes: AtomicU64,
+    /// Per virtual block: 0 = unmapped, else data block + 1. Grows in place (see stable.rs).
+    map: StableArray,
     /// One bit per virtual block changed since the last commit.
-    dirty: Box<[AtomicU64]>,
+    dirty: StableArray,
 }
 
 impl Volume {
     fn new(id: u32, name: String, size_bytes: u64, block_size: u32) -> Volume {
         let blocks = size_bytes.div_ceil(u64::from(block_size)) as usize;
+        let max = MAX_VOLUME_BLOCKS as usize;
         Volume {
             id,
             name,
-            size_bytes,
-            map: (0..blocks).map(|_| AtomicU64::new(0)).collect(),
-            dirty: (0..blocks.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            size_bytes: AtomicU64::new(size_bytes),
+            map: StableArray::new(blocks, max),
+            dirty: StableArray::new(blocks.div_ceil(64), max.div_ceil(64)),
         }
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes.load(Ordering::Acquire)
     }
 
     /// Data block of virtual block `v`, if mapped.
     pub fn lookup(&self, v: u64) -> Option<u64> {
-        match self.map[v as usize].load(Ordering::Acquire) {
+        match self.map.at(v as usize).load(Ordering::Acquire) {
             0 => None,
             p => Some(p - 1),
         }
     }
 
     fn mark_dirty(&self, v: u64) {
-        self.dirty[(v / 64) as usize].fetch_or(1 << (v % 64), Ordering::AcqRel);
+        self.dirty
+            .at((v / 64) as usize)
+            .fetch_or(1 << (v % 64), Ordering::AcqRel);
     }
 
-    /// A copy of this volume at `size_bytes`, and the data blocks of the part cut off.
-    fn resized(&self, size_bytes: u64, block_size: u32) -> (Volume, Vec<u64>) {
-        let v = Volume::new(self.id, self.name.clone(), size_bytes, block_size);
-        let mut cut = Vec::new();
-        for (i, e) in self.map.iter().enumerate() {
-            let value = e.load(Ordering::Acquire);
-            match v.map.get(i) {
-                Some(new) => new.store(value, Ordering::Relaxed),
-                None if value != 0 => cut.push(value - 1),
-                None => {}
-            }
+    /// Resizes in place; returns the data blocks of the part cut off. Growing publishes the
+    /// new entries before the size, so a request that passes the range check finds them.
+    fn resize(&self, size_bytes: u64, block_size: u32) -> Vec<u64> {
+        let blocks = size_bytes.div_ceil(u64::from(block_size)) as usize;
+        if blocks >= self.map.len() {
+            self.map.grow(blocks);
+            self.dirty.grow(blocks.div_ceil(64));
+            self.size_bytes.store(size_bytes, Ordering::Release);
+            return Vec::new();
         }
-        (v, cut)
+        self.size_bytes.store(size_bytes, Ordering::Release);
+        let cut = self.map.truncate(blocks).iter().map(|p| p - 1).collect();
+        // The resize record covers the cut blocks: their dirty bits have nothing to commit.
+        self.dirty.truncate(blocks.div_ceil(64));
+        if let Some(last) = self.dirty.get(blocks / 64) {
+            last.fetch_and((1 << (blocks % 64)) - 1, Ordering::AcqRel);
+        }
+        cut
     }
 
     /// Bytes of this volume backed by data blocks.
@@ -522,7 +533,7 @@ fn take_dirty(volumes: &[Arc<Volume>]) -> Vec<(usize, usize, u64)> {
 /// Puts back dirty bits a failed commit took, so the next commit carries them.
 fn put_back_dirty(volumes: &[Arc<Volume>], taken: &[(usize, usize, u64)]) {
     for &(vi, w, bits) in taken {
-        volumes[vi].dirty[w].fetch_or(bits, Ordering::AcqRel);
+        volumes[vi].dirty.at(w).fetch_or(bits, Ordering::AcqRel);
     }
 }
 
@@ -747,8 +758,7 @@ impl Pool {
                         .iter()
                         .position(|v| v.id == *id)
                         .ok_or(corrupt("resize of an unknown volume"))?;
-                    let (resized, _) = volumes[at].resized(*size_bytes, self.block_size);
-                    volumes[at] = resized;
+                    volumes[at].resize(*size_bytes, self.block_size);
                 }
                 Record::Map { id, vblock, pblock } => {
                     let v = volumes
@@ -856,33 +866,36 @@ impl Pool {
         Ok(())
     }
 
-    /// Grows or shrinks a volume (shrinking frees the blocks past the new end). Offline: the
-    /// volume must not be served while this runs (the pool tool holds the pool's lock).
+    /// Grows or shrinks a volume (shrinking frees the blocks past the new end). Growing may
+    /// run while the volume is served: its map grows in place, and requests see the new size
+    /// once the resize is journaled. Shrinking is offline: no request may run past the new end
+    /// (the pool tool holds the pool's lock; the daemon only grows).
     pub fn volume_resize(&self, name: &str, size_bytes: u64) -> Result<(), ThinError> {
         check_volume_size(size_bytes, self.block_size)?;
         let old = self.volume(name)?;
         let bs = u64::from(self.block_size);
-        if size_bytes < old.size_bytes && !size_bytes.is_multiple_of(bs) {
-            // The block that now ends the volume keeps its first part; the rest must read as
-            // zeroes should the volume grow again.
-            let tail = size_bytes.next_multiple_of(bs).min(old.size_bytes) - size_bytes;
-            self.write_zeroes(&old, size_bytes, tail, true)?;
+        if size_bytes < old.size_bytes() {
+            if !size_bytes.is_multiple_of(bs) {
+                // The block that now ends the volume keeps its first part; the rest must read
+                // as zeroes should the volume grow again.
+                let tail = size_bytes.next_multiple_of(bs).min(old.size_bytes()) - size_bytes;
+                self.write_zeroes(&old, size_bytes, tail, true)?;
+            }
+            // Those zeroes durable before the resize is.
+            self.flush()?;
         }
-        // Every pending map change durable first: the resized copy starts clean.
-        self.flush()?;
+        // Under the journal lock no commit runs between the resize record and the resize in
+        // memory: map records of a grown part follow the record that grows it.
         let mut journal = self.journal.lock().unwrap();
-        let mut volumes = self.volumes.write().unwrap();
-        let at = index_of(&volumes, name)?;
-        let (resized, cut) = volumes[at].resized(size_bytes, self.block_size);
+        let volume = self.volume(name)?;
         self.append_commit_locked(
             &mut journal,
             &[Record::VolumeResize {
-                id: resized.id,
+                id: volume.id,
                 size_bytes,
             }],
         )?;
-        volumes[at] = Arc::new(resized);
-        drop(volumes);
+        let cut = volume.resize(size_bytes, self.block_size);
         drop(journal);
         self.release_after_grace(cut);
         Ok(())
@@ -922,7 +935,7 @@ impl Pool {
                 .iter()
                 .map(|v| VolumeStatus {
                     name: v.name.clone(),
-                    size_bytes: v.size_bytes,
+                    size_bytes: v.size_bytes(),
                     mapped_bytes: v.mapped_blocks() * bs,
                 })
                 .collect(),
@@ -931,7 +944,7 @@ impl Pool {
 
     fn check_range(&self, v: &Volume, offset: u64, len: u64) -> Result<(), ThinError> {
         let end = offset.checked_add(len).ok_or(ThinError::OutOfRange)?;
-        if end > v.size_bytes || !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
+        if end > v.size_bytes() || !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
             return Err(ThinError::OutOfRange);
         }
         Ok(())
@@ -1009,8 +1022,12 @@ impl Pool {
                 self.alloc.release(p);
                 return Err(e.into());
             }
-            match v.map[vb as usize].compare_exchange(0, p + 1, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match v.map.at(vb as usize).compare_exchange(
+                0,
+                p + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => {
                     v.mark_dirty(vb);
                     return Ok(());
@@ -1077,7 +1094,7 @@ impl Pool {
     }
 
     fn unmap(&self, v: &Volume, vb: u64) {
-        let old = v.map[vb as usize].swap(0, Ordering::AcqRel);
+        let old = v.map.at(vb as usize).swap(0, Ordering::AcqRel);
         if old != 0 {
             v.mark_dirty(vb);
             // Free for reuse only once the unmapping is durable (see Allocator).
@@ -1255,7 +1272,7 @@ impl Pool {
         for v in volumes.iter() {
             records.push(Record::VolumeCreate {
                 id: v.id,
-                size_bytes: v.size_bytes,
+                size_bytes: v.size_bytes(),
                 name: v.name.clone(),
             });
             for (vb, e) in v.map.iter().enumerate() {

@@ -36,7 +36,7 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 fn read_all(pool: &Pool, name: &str) -> Vec<u8> {
     let v = pool.volume(name).unwrap();
-    let mut buf = vec![0u8; v.size_bytes as usize];
+    let mut buf = vec![0u8; v.size_bytes() as usize];
     pool.read(&v, 0, &mut buf).unwrap();
     buf
 }
@@ -59,7 +59,7 @@ fn random_operations_match_the_model_across_flushes_and_reopens() {
     for step in 0..3000u64 {
         let name = ["a", "b", "c"][rng.below(3) as usize];
         let v = pool.volume(name).unwrap();
-        let size = v.size_bytes / SECTOR;
+        let size = v.size_bytes() / SECTOR;
         let start = rng.below(size);
         let len = 1 + rng.below((size - start).min(3 * u64::from(BS) / SECTOR));
         let (offset, bytes) = (start * SECTOR, len * SECTOR);
@@ -317,7 +317,7 @@ fn volumes_grow_and_shrink_and_shrinking_frees_the_cut_blocks() {
     pool.write(&v, 3 * bs, &pattern(2, 512)).unwrap();
     pool.volume_resize("v", 8 * bs).unwrap();
     let v = pool.volume("v").unwrap();
-    assert_eq!(v.size_bytes, 8 * bs);
+    assert_eq!(v.size_bytes(), 8 * bs);
     pool.write(&v, 7 * bs, &pattern(3, 512)).unwrap();
     pool.volume_resize("v", 2 * bs).unwrap();
     assert_eq!(
@@ -329,7 +329,7 @@ fn volumes_grow_and_shrink_and_shrinking_frees_the_cut_blocks() {
     drop(pool);
     let pool = Pool::open(&path).unwrap();
     let v = pool.volume("v").unwrap();
-    assert_eq!(v.size_bytes, 2 * bs);
+    assert_eq!(v.size_bytes(), 2 * bs);
     let mut got = vec![0u8; 512];
     pool.read(&v, 0, &mut got).unwrap();
     assert_eq!(got, pattern(1, 512));
@@ -338,6 +338,69 @@ fn volumes_grow_and_shrink_and_shrinking_frees_the_cut_blocks() {
         "past the new end"
     );
     assert_eq!(pool.status().used_bytes, bs);
+}
+
+#[test]
+fn a_write_through_a_volume_taken_before_it_grew_is_committed() {
+    // A request in flight holds the volume it looked up; the daemon grows a volume while it
+    // is served. That request's first write must land in the map the pool commits.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let bs = u64::from(BS);
+    let pool = Pool::create(&path, 16 * bs, BS).unwrap();
+    let held = pool.volume_create("v", 2 * bs).unwrap();
+    pool.volume_resize("v", 4 * bs).unwrap();
+    assert_eq!(held.size_bytes(), 4 * bs, "the held volume grew too");
+    pool.write(&held, 0, &pattern(1, 512)).unwrap();
+    pool.write(&held, 3 * bs, &pattern(2, 512)).unwrap();
+    pool.flush().unwrap();
+    drop((held, pool));
+    let pool = Pool::open(&path).unwrap();
+    let v = pool.volume("v").unwrap();
+    let mut got = vec![0u8; 512];
+    pool.read(&v, 0, &mut got).unwrap();
+    assert_eq!(got, pattern(1, 512), "write before the grown part");
+    pool.read(&v, 3 * bs, &mut got).unwrap();
+    assert_eq!(got, pattern(2, 512), "write into the grown part");
+    assert_eq!(super::check(&path).unwrap().used_bytes, 2 * bs);
+}
+
+#[test]
+fn first_writes_racing_a_growing_volume_are_all_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let bs = u64::from(BS);
+    const STEPS: u64 = 64;
+    let pool = Pool::create(&path, 4 * STEPS * bs, BS).unwrap();
+    let v = pool.volume_create("v", bs).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for step in 2..=STEPS {
+                pool.volume_resize("v", step * bs).unwrap();
+            }
+        });
+        // Every block of the volume, written as soon as the volume reaches it.
+        let mut next = 0;
+        while next < STEPS {
+            if (next + 1) * bs <= v.size_bytes() {
+                pool.write(&v, next * bs, &pattern(next, 512)).unwrap();
+                next += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    });
+    pool.flush().unwrap();
+    drop((v, pool));
+    let pool = Pool::open(&path).unwrap();
+    let v = pool.volume("v").unwrap();
+    let mut got = vec![0u8; 512];
+    for block in 0..STEPS {
+        pool.read(&v, block * bs, &mut got).unwrap();
+        assert_eq!(got, pattern(block, 512), "block {block}");
+    }
+    let status = super::check(&path).unwrap();
+    assert_eq!(status.used_bytes, STEPS * bs, "a block leaked or was lost");
 }
 
 #[test]
@@ -413,6 +476,6 @@ fn a_volume_too_large_to_map_is_refused_not_allocated() {
     let v = pool.volume_create("big", 1024 * bs).unwrap();
     assert!(pool.volume_resize("big", huge).is_err());
     pool.volume_resize("big", 2048 * bs).unwrap();
-    assert_eq!(pool.volume("big").unwrap().size_bytes, 2048 * bs);
+    assert_eq!(pool.volume("big").unwrap().size_bytes(), 2048 * bs);
     drop(v);
 }
