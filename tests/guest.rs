@@ -433,12 +433,24 @@ impl Qmp {
 
     /// Runs a command; returns its "return" value (panics on an error reply).
     fn execute(&mut self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
+        self.try_execute(command, arguments)
+            .unwrap_or_else(|e| panic!("QMP {command}: {e}"))
+    }
+
+    /// Runs a command; its "return" value, or its error reply.
+    fn try_execute(
+        &mut self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, serde_json::Value> {
         use std::io::Write;
         let msg = serde_json::json!({ "execute": command, "arguments": arguments });
         writeln!(self.writer, "{msg}").unwrap();
         let v = self.read_until(|v| v.get("return").is_some() || v.get("error").is_some());
-        assert!(v.get("error").is_none(), "QMP {command}: {v}");
-        v["return"].clone()
+        match v.get("error") {
+            Some(_) => Err(v),
+            None => Ok(v["return"].clone()),
+        }
     }
 }
 
@@ -600,6 +612,7 @@ fn migrate_guest(d: &Path, export: &dyn Fn(&Path) -> Vec<String>) {
     // shows the same with QEMU's own virtio-blk and no pollblk), and the guest may then
     // crash on the destination. A write pollblk failed to log shows up here too: whole
     // read buffers, status bytes, used-ring elements. The report comes with any failure below.
+    let rings = vring_ranges(&mut qmp_src);
     let stale = stale_pages(d, &mut qmp_src, &mut qmp_dst);
     eprintln!(
         "migration: {} stale pages on the destination (guest physical address: bytes that \
@@ -607,6 +620,16 @@ fn migrate_guest(d: &Path, export: &dyn Fn(&Path) -> Vec<String>) {
         stale.len(),
         &stale[..stale.len().min(32)]
     );
+    for page in &stale {
+        for (name, start, len) in &rings {
+            if page.gpa < start + len && *start < page.gpa + 4096 {
+                eprintln!(
+                    "migration: stale page {:#x} holds {name} at {start:#x}",
+                    page.gpa
+                );
+            }
+        }
+    }
     qmp_dst.execute("cont", serde_json::json!({}));
     let _ = std::io::Write::write_all(&mut qmp_src.writer, b"{\"execute\": \"quit\"}\n");
     drop(source);
@@ -635,6 +658,41 @@ fn migrate_guest(d: &Path, export: &dyn Fn(&Path) -> Vec<String>) {
     check_guest_log(&log, started.elapsed().as_secs());
     assert_eq!(daemon_a.stop(), Some(0));
     assert_eq!(daemon_b.stop(), Some(0));
+}
+
+/// The virtqueues' rings of the guest's vhost-user-blk disk as QEMU knows them: (name, guest
+/// physical address, bytes). A stale page holding one is pollblk's to explain (the device
+/// writes the used ring); empty if this QEMU cannot say (x- commands are unstable).
+fn vring_ranges(qmp: &mut Qmp) -> Vec<(String, u64, u64)> {
+    let Ok(devices) = qmp.try_execute("x-query-virtio", serde_json::json!({})) else {
+        return Vec::new();
+    };
+    let mut ranges = Vec::new();
+    for device in devices.as_array().into_iter().flatten() {
+        let path = device["path"].as_str().unwrap_or_default().to_string();
+        for queue in 0u64.. {
+            let args = serde_json::json!({ "path": path, "queue": queue });
+            let Ok(q) = qmp.try_execute("x-query-virtio-queue-status", args) else {
+                break;
+            };
+            let size = q["vring-num"].as_u64().unwrap_or(0);
+            for (ring, key, bytes) in [
+                ("descriptor table", "vring-desc", 16 * size),
+                ("avail ring", "vring-avail", 6 + 2 * size),
+                ("used ring", "vring-used", 6 + 8 * size),
+            ] {
+                if let Some(gpa) = q[key].as_u64() {
+                    ranges.push((format!("queue {queue}'s {ring}"), gpa, bytes));
+                }
+            }
+        }
+    }
+    if ranges.is_empty() {
+        eprintln!("migration: QEMU did not say where the vrings are: {devices}");
+    } else {
+        eprintln!("migration: vrings (name, guest physical address, bytes): {ranges:x?}");
+    }
+    ranges
 }
 
 /// Waits until an incoming QEMU started with -S has loaded the whole migration.
