@@ -667,7 +667,9 @@ fn migrate_guest_once(d: &Path, export: &dyn Fn(&Path) -> Vec<String>) -> Result
     let _ = std::io::Write::write_all(&mut qmp_src.writer, b"{\"execute\": \"quit\"}\n");
     drop(source);
     // The source daemon's front end is gone; the guest goes on on the destination.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+    // The guest needs well under a minute after the migration; a guest that hangs without
+    // a word on its console (seen once) fails the attempt, as a crash does.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     let status = loop {
         if let Some(status) = dest.0.try_wait().unwrap() {
             break status.to_string();
@@ -676,10 +678,9 @@ fn migrate_guest_once(d: &Path, export: &dyn Fn(&Path) -> Vec<String>) -> Result
         if let Some(broken) = GUEST_BROKEN.iter().find(|line| console.contains(*line)) {
             break format!("stopped waiting: the console says {broken:?}");
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the migrated guest did not finish"
-        );
+        if std::time::Instant::now() > deadline {
+            break "stopped waiting: 300 s after the migration".to_string();
+        }
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
     let (a, b) = (
