@@ -108,7 +108,7 @@ fuzz_target!(|input: Input| {
     for v in &status.volumes {
         let volume = pool.volume(&v.name).expect("a listed volume opens");
         let mut offset = 0;
-        while offset + u64::from(BLOCK) <= volume.size_bytes {
+        while offset + u64::from(BLOCK) <= volume.size_bytes() {
             pool.read(&volume, offset, &mut buf)
                 .expect("a mapped block reads");
             offset += u64::from(BLOCK);
