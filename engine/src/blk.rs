@@ -300,7 +300,7 @@ pub fn zero_iovecs(iov: &[libc::iovec]) {
 }
 
 /// One discard or write-zeroes segment, decoded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DwzSegment {
     pub sector: u64,
     pub num_sectors: u32,

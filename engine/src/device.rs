@@ -3,13 +3,22 @@
 
 use crate::backend::Backend;
 use crate::blk::{self, feature, BlkConfig};
-use crate::reactor::QueueRole;
 use crate::stats::sets::{DiskStat, QueueStat};
 use crate::stats::{Stats, StatsDir};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// What a virtqueue of a disk carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueRole {
+    /// virtio-blk requests.
+    Requests,
+    /// The stats virtqueue (seed 000): the device holds the driver's buffer and returns it
+    /// every `interval` to ask for the guest's statistics.
+    GuestStats { interval: Duration },
+}
 
 /// The stats virtqueue (seed 000) as the operator enables it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

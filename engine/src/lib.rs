@@ -1,14 +1,25 @@
-//! pollblk-engine: everything of pollblk that is not a transport.
+//! pollblk-engine: everything of pollblk that is not a transport's handshake.
 //!
-//! - [`reactor`]: per-core polled threads owning virtqueues and an io_uring each.
-//! - [`virtqueue`]: the device side of split virtqueues.
-//! - [`ring`]: request rings of other transports (Xen blkif), polled like virtqueues.
-//! - [`blk`]: virtio-blk requests, status, features and config space.
-//! - [`backend`]: volumes (null, file).
-//! - [`device`]: a disk as guests see it.
-//! - [`mem`]: guest memory shared by a front end.
-//! - [`stats`]: statistics in KVM's binary stats layout.
-//! - [`clock`]: the nanosecond clock request latencies use.
+//! One request's walk, layer by layer (ARCHITECTURE.md has it file by file):
+//!
+//! - [`reactor`]: per-core polled threads, each with its own io_uring; the loop only: polls
+//!   queues, routes completions, sleeps on kicks, messages and timers.
+//! - [`queue`]: what a reactor polls ([`queue::PolledQueue`]) and the request pipeline every
+//!   ring runs through ([`queue::RequestQueue`]).
+//! - [`ring`]: the trait of request rings; [`virtio`] (split virtqueues, with their
+//!   in-flight records, dirty log and eventfds, and the stats virtqueue) implements it here,
+//!   the Xen blkif ring in its own crate.
+//! - [`request`]: transport-neutral request rules: checks, operation plans, bounce buffers,
+//!   status.
+//! - [`volume`]: between requests and backends: "not now" holds, accounting (and the home of
+//!   limits).
+//! - [`backend`]: volumes (null, file, thin, rbd), shaped like SPDK's bdev table.
+//! - [`thin`]: the thin pool (block map, allocator, metadata journal).
+//! - [`virtqueue`]: the device side of split virtqueues; [`blk`]: virtio-blk requests,
+//!   features and config space; [`device`]: a disk as guests see it.
+//! - [`mem`], [`shm`], [`inflight`], [`dirty_log`], [`guest_stats`]: guest memory and the
+//!   regions front ends share; [`stats`]: statistics in KVM's binary stats layout;
+//!   [`clock`]: the nanosecond clock request latencies use.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -20,9 +31,13 @@ pub mod dirty_log;
 pub mod guest_stats;
 pub mod inflight;
 pub mod mem;
+pub mod queue;
 pub mod reactor;
+pub mod request;
 pub mod ring;
 pub mod shm;
 pub mod stats;
 pub mod thin;
+pub mod virtio;
 pub mod virtqueue;
+pub mod volume;

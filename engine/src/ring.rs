@@ -1,68 +1,76 @@
-//! Request rings other than virtqueues (Xen blkif), served by a reactor like a virtqueue.
+//! The one trait every request ring implements: the split virtqueue (`virtio::VirtioRing`)
+//! and the Xen blkif ring (`pollblk_xen::ring::BlkifRing`); a packed virtqueue or an NBD
+//! connection would be one more implementation.
 //!
-//! A transport crate implements [`RequestRing`]; the reactor polls it, runs the requests it
-//! yields through the same dispatch, backends and statistics as virtio-blk requests, and hands
-//! each one's status back. The ring stays the only place that knows its layout, its
-//! notification scheme and how its buffers are mapped.
+//! A ring decodes requests out of shared memory into a slot's buffers, answers them, makes
+//! answers visible and decides when the peer needs telling. It keeps whatever its transport
+//! needs to answer (a virtqueue's head and status byte, a blkif request's id and operation)
+//! per slot, and its transport's extras (in-flight records, dirty log, call eventfd; event
+//! channels) to itself. It knows nothing of volumes: `queue::RequestQueue` carries each
+//! request from the ring through `request` and `volume` and back.
 
 use crate::blk::Request;
-use crate::device::BlkDevice;
-use crate::stats::sets::QueueStat;
-use crate::stats::Stats;
+use crate::request::Status;
 use crate::virtqueue::{Broken, Segments};
 use std::os::fd::RawFd;
-use std::sync::Arc;
 
-/// One request ring, owned by one reactor (all calls come from its thread).
+/// What publishing answers did about telling the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notified {
+    /// The peer was notified.
+    Sent,
+    /// The peer asked not to be (EVENT_IDX, rsp_event).
+    Suppressed,
+    /// There is no one to notify yet (no call eventfd).
+    Nobody,
+}
+
+/// One request ring, owned by one reactor (every call comes from its thread).
 ///
-/// Requests are identified by the reactor's slot index (below `slots()`): the ring keeps what
-/// it needs to answer (the front end's request id, mapped buffers) per slot.
-pub trait RequestRing: Send {
-    /// Most requests in flight at once (the reactor makes this many slots).
+/// Requests are identified by slot index (below `slots()`): the queue takes a free slot,
+/// the ring fills it with `pop`, and `complete` answers it.
+pub trait Ring: Send {
+    /// Most requests in flight at once (the queue makes this many slots at most).
     fn slots(&self) -> usize;
 
     /// Most buffers one request may carry (each slot's `Segments` capacity).
     fn max_segments(&self) -> usize;
 
-    /// Takes the next request into `slot`: its buffers go into `segs` (cleared first), and
-    /// the request refers to them by index. `Ok(None)` when the ring holds no new request;
-    /// `Err` when the front end broke the ring (the queue stops). A request the ring can
-    /// decode but not serve is returned with `Err(status)` to be answered at once.
+    /// Takes the next request into `slot`: its buffers go into `segs` (cleared first) and the
+    /// request refers to them by index. `Ok(None)`: no new request. `Err`: the peer broke the
+    /// ring (the queue stops; nothing was taken into the slot). `Ok(Some(Err(status)))`: a
+    /// request the ring decoded but refuses, to be answered with `status` at once.
     #[allow(clippy::type_complexity)]
     fn pop(
         &mut self,
         slot: u32,
         segs: &mut Segments,
-    ) -> Result<Option<Result<Request, u8>>, Broken>;
+    ) -> Result<Option<Result<Request, Status>>, Broken>;
 
-    /// Queues the response of the request in `slot` with a virtio-blk status
-    /// (`blk::status`), and releases what the ring held for it.
-    fn respond(&mut self, slot: u32, status: u8);
+    /// Answers the request in `slot` (`written`: data bytes put in its buffers when it
+    /// succeeded) and releases what the ring held for it. Not visible until `publish`.
+    fn complete(&mut self, slot: u32, segs: &Segments, status: Status, written: u32);
 
-    /// Makes queued responses visible to the front end; true if it asked to be notified.
-    fn publish(&mut self) -> bool;
+    /// Makes every answer so far visible to the peer, and notifies it if it wants that.
+    fn publish(&mut self) -> Notified;
 
-    /// Notifies the front end.
-    fn notify(&mut self);
-
-    /// Asks the front end to notify before the reactor sleeps; true if requests arrived in
-    /// the meantime (the reactor must not sleep then).
+    /// Asks the peer to notify before the reactor sleeps; true if requests arrived in the
+    /// meantime (the reactor must not sleep then).
     fn enable_notification(&mut self) -> bool;
 
-    /// Tells the front end notifications are not needed while the reactor polls.
+    /// Tells the peer notifications are not needed while the reactor polls.
     fn disable_notification(&mut self);
 
-    /// A descriptor that polls readable when the front end notifies.
+    /// A descriptor that polls readable when the peer notifies.
     fn kick_fd(&self) -> RawFd;
 
     /// Consumes the notifications that made `kick_fd` readable; returns how many.
     fn ack_kick(&mut self) -> u64;
-}
 
-/// Everything a reactor needs to serve one request ring.
-pub struct RingSetup {
-    pub device: Arc<BlkDevice>,
-    pub ring: Box<dyn RequestRing>,
-    /// Where the ring's counters go (the device's statistics of this queue index).
-    pub stats: Stats<QueueStat>,
+    /// The ring stopped with nothing in flight: where it resumes (a virtqueue's
+    /// last_avail_idx; 0 for rings that keep their position in shared memory).
+    fn detach(&mut self) -> u16;
+
+    /// The queue stopped serving the ring because the peer broke it (`why`).
+    fn broken(&mut self, _why: Broken) {}
 }

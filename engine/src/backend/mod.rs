@@ -75,6 +75,11 @@ pub enum Submitted {
     /// Handed to another thread, which calls `Completer::complete(user_data, result)` exactly
     /// once when it is done; the iovecs stay valid until then.
     Deferred,
+    /// Not now: the backend is out of resources and took nothing (no SQE pushed, nothing
+    /// handed on). The volume layer holds the request and offers the same operation again
+    /// later; it is never failed for this. Not allowed for the operation that follows a
+    /// `Flush { before_next: true }` the backend queued (the two are linked).
+    Busy,
 }
 
 /// Hands completions of deferred operations back to the reactor that submitted them, without

@@ -12,8 +12,8 @@ use crate::abi::{self, state, Abi};
 use crate::platform::{Platform, XenStore};
 use crate::ring::BlkifRing;
 use pollblk_engine::device::BlkDevice;
+use pollblk_engine::queue::RequestQueue;
 use pollblk_engine::reactor::{QueueId, ReactorHandle, StopError};
-use pollblk_engine::ring::RingSetup;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -347,14 +347,9 @@ impl Handshake {
             let ring = BlkifRing::new(mapped, abi, grants, events);
             let reactor = self.reactors[q as usize % self.reactors.len()].clone();
             let id = QueueId::fresh();
-            reactor.attach_ring(
-                id,
-                RingSetup {
-                    device: self.device.clone(),
-                    ring: Box::new(ring),
-                    stats: self.device.queue_stats(q as usize).clone(),
-                },
-            );
+            let stats = self.device.queue_stats(q as usize).clone();
+            let queue = RequestQueue::new(self.device.clone(), ring, stats, true);
+            reactor.attach_queue(id, Box::new(queue));
             self.rings.push(Attached { id, reactor });
         }
         tracing::info!(domid, devid = self.address.devid, queues, ring_pages = pages,

@@ -2,7 +2,7 @@
 //! reactors: each ring is owned by one reactor and polled like a virtqueue.
 //!
 //! - [`abi`]: ring and request layouts of io/blkif.h and io/ring.h, both protocol ABIs.
-//! - [`ring`]: one ring as the engine's [`pollblk_engine::ring::RequestRing`].
+//! - [`ring`]: one ring as the engine's [`pollblk_engine::ring::Ring`].
 //! - [`backend`]: the XenBus handshake of one virtual block device.
 //! - [`platform`]: what the back end needs from Xen (store, grants, event channels).
 //! - [`loopback`]: that platform without a hypervisor, for tests.

@@ -7,8 +7,9 @@
 
 use crate::abi::{self, op, Abi, Body, Segment};
 use crate::platform::{EventChannel, GrantSpace, RingPages};
-use pollblk_engine::blk::{self, status, RequestKind};
-use pollblk_engine::ring::RequestRing;
+use pollblk_engine::blk::{self, RequestKind};
+use pollblk_engine::request::Status;
+use pollblk_engine::ring::{Notified, Ring};
 use pollblk_engine::virtqueue::{Broken, Segments};
 use std::os::fd::RawFd;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
@@ -123,9 +124,9 @@ impl BlkifRing {
         seg: Segment,
         write_to_guest: bool,
         segs: &mut Segments,
-    ) -> Result<(), u8> {
-        let (start, len) = seg.byte_range().ok_or(status::IOERR)?;
-        let page = self.grants.page(seg.gref).ok_or(status::IOERR)?;
+    ) -> Result<(), Status> {
+        let (start, len) = seg.byte_range().ok_or(Status::IoError)?;
+        let page = self.grants.page(seg.gref).ok_or(Status::IoError)?;
         // SAFETY: start + len <= PAGE_SIZE (byte_range): inside the granted page.
         segs.push(unsafe { page.add(start) }, len as u32, write_to_guest);
         Ok(())
@@ -137,10 +138,10 @@ impl BlkifRing {
         slot: u32,
         req: &abi::Request,
         segs: &mut Segments,
-    ) -> Result<blk::Request, u8> {
+    ) -> Result<blk::Request, Status> {
         let data_request = |kind, segs: &Segments, fua| {
             if segs.fault().is_some() {
-                return Err(status::IOERR);
+                return Err(Status::IoError);
             }
             let data_len = segs.iovecs().iter().map(|v| v.iov_len as u64).sum();
             Ok(blk::Request {
@@ -155,13 +156,13 @@ impl BlkifRing {
             (op::READ | op::WRITE | op::FLUSH_DISKCACHE, Body::Direct { count, segs: list }) => {
                 let count = usize::from(count);
                 if count > abi::MAX_DIRECT_SEGMENTS {
-                    return Err(status::IOERR);
+                    return Err(Status::IoError);
                 }
                 if req.operation == op::FLUSH_DISKCACHE && count == 0 {
                     return data_request(RequestKind::Flush, segs, false);
                 }
                 if count == 0 {
-                    return Err(status::IOERR);
+                    return Err(Status::IoError);
                 }
                 let read = req.operation == op::READ;
                 for &seg in &list[..count] {
@@ -185,14 +186,14 @@ impl BlkifRing {
             ) => {
                 let count = usize::from(count);
                 if !matches!(inner, op::READ | op::WRITE) {
-                    return Err(status::UNSUPP);
+                    return Err(Status::Unsupported);
                 }
                 if count == 0 || count > abi::MAX_INDIRECT_SEGMENTS {
-                    return Err(status::IOERR);
+                    return Err(Status::IoError);
                 }
                 let used_pages = count.div_ceil(abi::SEGMENTS_PER_INDIRECT_PAGE);
                 for (p, &gref) in pages[..used_pages].iter().enumerate() {
-                    let page = self.grants.page(gref).ok_or(status::IOERR)?;
+                    let page = self.grants.page(gref).ok_or(Status::IoError)?;
                     let first = p * abi::SEGMENTS_PER_INDIRECT_PAGE;
                     let n = (count - first).min(abi::SEGMENTS_PER_INDIRECT_PAGE);
                     for i in 0..n {
@@ -222,7 +223,7 @@ impl BlkifRing {
                 let max = u64::from(blk::MAX_DWZ_SECTORS);
                 let count = nr_sectors.div_ceil(max) as usize;
                 if count == 0 || count > DISCARD_SEGMENTS {
-                    return Err(status::IOERR);
+                    return Err(Status::IoError);
                 }
                 let mut sector = req.sector;
                 let mut left = nr_sectors;
@@ -231,7 +232,7 @@ impl BlkifRing {
                     chunk[0..8].copy_from_slice(&sector.to_le_bytes());
                     chunk[8..12].copy_from_slice(&(n as u32).to_le_bytes());
                     chunk[12..16].copy_from_slice(&0u32.to_le_bytes());
-                    sector = sector.checked_add(n).ok_or(status::IOERR)?;
+                    sector = sector.checked_add(n).ok_or(Status::IoError)?;
                     left -= n;
                 }
                 let len = count * blk::DWZ_SEGMENT_SIZE;
@@ -245,13 +246,13 @@ impl BlkifRing {
                 })
             }
             // Barriers are not offered (no feature-barrier): blkif.h's answer is EOPNOTSUPP.
-            (op::WRITE_BARRIER, _) => Err(status::UNSUPP),
-            _ => Err(status::UNSUPP),
+            (op::WRITE_BARRIER, _) => Err(Status::Unsupported),
+            _ => Err(Status::Unsupported),
         }
     }
 }
 
-impl RequestRing for BlkifRing {
+impl Ring for BlkifRing {
     fn slots(&self) -> usize {
         self.size as usize
     }
@@ -264,7 +265,7 @@ impl RequestRing for BlkifRing {
         &mut self,
         slot: u32,
         segs: &mut Segments,
-    ) -> Result<Option<Result<blk::Request, u8>>, Broken> {
+    ) -> Result<Option<Result<blk::Request, Status>>, Broken> {
         if self.req_cons == self.seen_prod {
             let prod = self.index(0).load(Ordering::Acquire);
             if prod.wrapping_sub(self.req_cons) > self.size {
@@ -291,18 +292,18 @@ impl RequestRing for BlkifRing {
             tracing::debug!(
                 operation = req.operation,
                 id = req.id,
-                code,
+                ?code,
                 "blkif request refused"
             );
         }
         Ok(Some(decoded))
     }
 
-    fn respond(&mut self, slot: u32, code: u8) {
+    fn complete(&mut self, slot: u32, _: &Segments, code: Status, _: u32) {
         let Pending { id, operation } = self.pending[slot as usize];
         let status = match code {
-            status::OK => abi::RSP_OKAY,
-            status::UNSUPP => abi::RSP_EOPNOTSUPP,
+            Status::Ok => abi::RSP_OKAY,
+            Status::Unsupported => abi::RSP_EOPNOTSUPP,
             _ => abi::RSP_ERROR,
         };
         let bytes = abi::encode_response(id, operation, status);
@@ -314,18 +315,19 @@ impl RequestRing for BlkifRing {
         self.rsp_prod_pvt = self.rsp_prod_pvt.wrapping_add(1);
     }
 
-    fn publish(&mut self) -> bool {
+    fn publish(&mut self) -> Notified {
         // RING_PUSH_RESPONSES_AND_CHECK_NOTIFY.
         let old = self.index(8).load(Ordering::Relaxed);
         let new = self.rsp_prod_pvt;
         self.index(8).store(new, Ordering::Release);
         fence(Ordering::SeqCst);
         let event = self.index(12).load(Ordering::Relaxed);
-        new.wrapping_sub(event) < new.wrapping_sub(old)
-    }
-
-    fn notify(&mut self) {
-        self.events.notify();
+        if new.wrapping_sub(event) < new.wrapping_sub(old) {
+            self.events.notify();
+            Notified::Sent
+        } else {
+            Notified::Suppressed
+        }
     }
 
     fn enable_notification(&mut self) -> bool {
@@ -348,6 +350,11 @@ impl RequestRing for BlkifRing {
 
     fn ack_kick(&mut self) -> u64 {
         self.events.ack()
+    }
+
+    fn detach(&mut self) -> u16 {
+        // The ring's position lives in its shared indexes.
+        0
     }
 }
 
@@ -445,7 +452,7 @@ mod tests {
         b
     }
 
-    fn pop(ring: &mut BlkifRing) -> Result<blk::Request, u8> {
+    fn pop(ring: &mut BlkifRing) -> Result<blk::Request, Status> {
         let mut segs = Segments::with_capacity(abi::MAX_INDIRECT_SEGMENTS);
         ring.pop(0, &mut segs)
             .expect("ring intact")
@@ -473,30 +480,34 @@ mod tests {
     #[test]
     fn malformed_requests_fail_alone() {
         let mut r = ring(Abi::X86_64);
-        let cases: &[(&str, Vec<u8>, u8)] = &[
+        let cases: &[(&str, Vec<u8>, Status)] = &[
             (
                 "first_sect > last_sect",
                 rw(op::READ, 0, &[(1, 5, 2)]),
-                status::IOERR,
+                Status::IoError,
             ),
             (
                 "segment past its page",
                 rw(op::READ, 0, &[(1, 0, 8)]),
-                status::IOERR,
+                Status::IoError,
             ),
             (
                 "unknown grant",
                 rw(op::WRITE, 0, &[(4, 0, 7)]),
-                status::IOERR,
+                Status::IoError,
             ),
-            ("no segments", rw(op::READ, 0, &[]), status::IOERR),
-            ("12 segments", too_many_segments(), status::IOERR),
+            ("no segments", rw(op::READ, 0, &[]), Status::IoError),
+            ("12 segments", too_many_segments(), Status::IoError),
             (
                 "barrier",
                 rw(op::WRITE_BARRIER, 0, &[(1, 0, 7)]),
-                status::UNSUPP,
+                Status::Unsupported,
             ),
-            ("unknown operation", rw(4, 0, &[(1, 0, 7)]), status::UNSUPP),
+            (
+                "unknown operation",
+                rw(4, 0, &[(1, 0, 7)]),
+                Status::Unsupported,
+            ),
         ];
         for (what, bytes, expected) in cases {
             push(&mut r, bytes);
@@ -510,7 +521,7 @@ mod tests {
         push(&mut r, &b);
         assert_eq!(
             pop(&mut r).map(|_| ()),
-            Err(status::IOERR),
+            Err(Status::IoError),
             "257 indirect segments"
         );
         b[2..4].copy_from_slice(&1u16.to_le_bytes());
@@ -518,7 +529,7 @@ mod tests {
         push(&mut r, &b);
         assert_eq!(
             pop(&mut r).map(|_| ()),
-            Err(status::IOERR),
+            Err(Status::IoError),
             "unknown indirect page"
         );
         // The ring still serves a good request.
@@ -547,14 +558,19 @@ mod tests {
         assert_eq!(pop(&mut r).unwrap().kind, RequestKind::Flush);
         // The front end asked to hear about response 1 (rsp_event = rsp_cons + 1).
         r.index(12).store(1, Ordering::Relaxed);
-        r.respond(0, status::OK);
-        assert!(r.publish(), "rsp_event 1 was passed");
+        let segs = Segments::with_capacity(1);
+        r.complete(0, &segs, Status::Ok, 0);
+        assert_eq!(r.publish(), Notified::Sent, "rsp_event 1 was passed");
         let entry = r.entry(0);
         // SAFETY: the test ring's first entry.
         let id = unsafe { std::ptr::read_unaligned(entry as *const u64) };
         assert_eq!(id, 0xabcd, "the id comes back (x86_32 layout decoded)");
-        r.respond(0, status::IOERR);
-        assert!(!r.publish(), "rsp_event not moved: no notification");
+        r.complete(0, &segs, Status::IoError, 0);
+        assert_eq!(
+            r.publish(),
+            Notified::Suppressed,
+            "rsp_event not moved: no notification"
+        );
         // SAFETY: the second entry's status field.
         let status = unsafe { std::ptr::read_unaligned(r.entry(1).add(10) as *const i16) };
         assert_eq!(status, abi::RSP_ERROR);

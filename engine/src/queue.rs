@@ -1,0 +1,376 @@
+//! What a reactor polls ([`PolledQueue`]), what it lends a queue to start I/O ([`IoCtx`]),
+//! and the request pipeline every request ring runs through ([`RequestQueue`]):
+//!
+//! ```text
+//! ring.pop -> RequestSlot::prepare (request) -> VolumeChannel::start (volume) -> backend
+//!   ... completion (reactor) -> RequestQueue::complete -> finish -> ring.complete
+//! ```
+//!
+//! A queue is owned by one reactor from attach to detach; nothing here locks. Request slots,
+//! their buffers and the free list are made when the queue is made: nothing is allocated per
+//! request (except a bounce buffer, a cold path).
+
+use crate::backend::{Backend, Completer, IoOp, Submitted};
+use crate::clock::Clock;
+use crate::device::BlkDevice;
+use crate::request::{RequestSlot, Status, MAX_OPS_PER_REQUEST};
+use crate::ring::{Notified, Ring};
+use crate::stats::sets::QueueStat;
+use crate::stats::Stats;
+use crate::virtqueue::Broken;
+use crate::volume::{Progress, VolumeChannel, IN_BATCH};
+use io_uring::squeue;
+use std::any::Any;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+/// Requests taken from one queue per poll, so one busy queue cannot starve the others.
+pub const AVAIL_BATCH: usize = 64;
+/// Most requests in flight per queue (request slots); beyond it the ring waits.
+pub const MAX_SLOTS_PER_QUEUE: usize = 1024;
+
+/// A queue as its reactor sees it: something to poll, completions to route to it, a kick
+/// descriptor to sleep on, and a time it wants to be polled by (its timer).
+pub trait PolledQueue: Send {
+    /// Takes new work and starts it; true if anything moved (the reactor stays busy).
+    fn poll(&mut self, io: &mut IoCtx<'_>) -> bool;
+
+    /// One operation of the request in `slot` completed with `result` (bytes or -errno) at
+    /// clock time `now`; `uring_user_data` is the CQE's user_data when it came through the
+    /// reactor's io_uring (the backend may look at its bits).
+    fn complete(&mut self, slot: u32, result: i32, now: u64, uring_user_data: Option<u64>);
+
+    /// Makes answers visible to the peer and notifies it; once per reactor iteration.
+    fn publish(&mut self);
+
+    /// A descriptor that polls readable when the peer has new work.
+    fn kick_fd(&self) -> RawFd;
+
+    /// Consumes the notifications behind a readable `kick_fd`.
+    fn ack_kick(&mut self);
+
+    /// Before the reactor sleeps: asks for kicks; true if work arrived meanwhile.
+    fn enable_notification(&mut self) -> bool;
+
+    /// After the reactor wakes: kicks are not needed while it polls.
+    fn disable_notification(&mut self);
+
+    /// Takes new requests or not (SET_VRING_ENABLE).
+    fn set_enabled(&mut self, enabled: bool);
+
+    /// Takes nothing new from now on; what is in flight still completes.
+    fn stop(&mut self);
+
+    /// Requests taken and not answered yet.
+    fn in_flight(&self) -> usize;
+
+    /// The queue leaves its reactor (stopped, nothing in flight): where it resumes.
+    fn detach(&mut self) -> u16;
+
+    /// Clock time by which the queue wants to be polled again even without a kick (a held
+    /// request's retry, a timer of its own); u64::MAX for none.
+    fn deadline(&self) -> u64;
+
+    /// Stops taking requests from a ring the peer broke (`why`); what is in flight still
+    /// completes.
+    fn mark_broken(&mut self, why: Broken);
+
+    /// The queue as its concrete type, for its transport's messages (`virtio::vring_of`).
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// What a reactor lends a queue while polling it: its submission queue, with the guards that
+/// keep the completion queue from overflowing, and its clock.
+pub struct IoCtx<'a> {
+    pub(crate) sq: squeue::SubmissionQueue<'a>,
+    pub(crate) completer: &'a Completer,
+    /// io_uring operations in flight on the reactor (CQ overflow guard).
+    pub(crate) ops_in_flight: &'a mut usize,
+    pub(crate) ops_limit: usize,
+    /// user_data of this queue's I/O, less the slot (`| slot` gives an operation's).
+    pub(crate) io_tag: u64,
+    pub(crate) clock: &'a Clock,
+}
+
+impl IoCtx<'_> {
+    /// Whether a whole request's operations fit in the SQ and, completed, in the CQ.
+    pub fn has_room(&self) -> bool {
+        *self.ops_in_flight + MAX_OPS_PER_REQUEST <= self.ops_limit
+            && self.sq.capacity() - self.sq.len() >= MAX_OPS_PER_REQUEST
+    }
+
+    /// Hands `op` of the request in `slot` to `backend`.
+    pub fn submit(&mut self, backend: &dyn Backend, op: &IoOp, slot: u32) -> Submitted {
+        let submitted = backend.submit(
+            op,
+            self.io_tag | u64::from(slot),
+            &mut self.sq,
+            self.completer,
+        );
+        if submitted == Submitted::Queued {
+            *self.ops_in_flight += 1;
+        }
+        submitted
+    }
+
+    /// The clock's time now (ns).
+    pub fn clock_now(&self) -> u64 {
+        self.clock.now()
+    }
+}
+
+/// The request pipeline of one ring: slots, free list, the volume channel, and the queue's
+/// state (enabled, broken, stopping).
+pub struct RequestQueue<R: Ring + 'static> {
+    ring: R,
+    volume: VolumeChannel,
+    slots: Box<[RequestSlot]>,
+    free_slots: Vec<u32>,
+    in_flight: usize,
+    enabled: bool,
+    broken: bool,
+    stopping: bool,
+    /// Answers given since the last publish.
+    unpublished: bool,
+}
+
+impl<R: Ring + 'static> RequestQueue<R> {
+    /// A queue serving `ring` for `device`, counting into `stats`.
+    pub fn new(
+        device: Arc<BlkDevice>,
+        ring: R,
+        stats: Stats<QueueStat>,
+        enabled: bool,
+    ) -> RequestQueue<R> {
+        let slot_count = ring.slots().min(MAX_SLOTS_PER_QUEUE);
+        assert!(slot_count > 0 && slot_count <= u32::MAX as usize);
+        let segments = ring.max_segments();
+        stats.set(QueueStat::Broken, 0);
+        stats.set(QueueStat::InFlight, 0);
+        RequestQueue {
+            ring,
+            volume: VolumeChannel::new(device, stats),
+            slots: (0..slot_count)
+                .map(|_| RequestSlot::new(segments))
+                .collect(),
+            free_slots: (0..slot_count as u32).rev().collect(),
+            in_flight: 0,
+            enabled,
+            broken: false,
+            stopping: false,
+            unpublished: false,
+        }
+    }
+
+    /// The ring, for its transport's messages.
+    pub fn ring_mut(&mut self) -> &mut R {
+        &mut self.ring
+    }
+
+    fn stats(&self) -> &Stats<QueueStat> {
+        &self.volume.accounting.stats
+    }
+
+    fn takes_requests(&self) -> bool {
+        self.enabled && !self.broken && !self.stopping
+    }
+
+    /// Takes up to a batch of new requests from the ring; true if it took any.
+    fn take_batch(&mut self, io: &mut IoCtx<'_>) -> bool {
+        let mut taken = 0;
+        let mut batch_start = 0;
+        while taken < AVAIL_BATCH
+            && !self.free_slots.is_empty()
+            && io.has_room()
+            && self.volume.held().is_none()
+        {
+            let slot = *self.free_slots.last().expect("checked non-empty");
+            let popped = match self.ring.pop(slot, &mut self.slots[slot as usize].segs) {
+                Ok(Some(popped)) => popped,
+                Ok(None) => break,
+                Err(why) => {
+                    self.mark_broken(why);
+                    break;
+                }
+            };
+            if taken == 0 {
+                batch_start = io.clock_now();
+            }
+            taken += 1;
+            self.free_slots.pop();
+            self.in_flight += 1;
+            self.start(slot, popped, batch_start, io);
+        }
+        if taken == 0 {
+            self.stats().add(QueueStat::PollsIdle, 1);
+            return false;
+        }
+        let stats = self.stats();
+        stats.add(QueueStat::PollsBusy, 1);
+        stats.set(QueueStat::InFlight, self.in_flight as u64);
+        stats.peak(QueueStat::InFlightPeak, self.in_flight as u64);
+        if self.volume.accounting.batch_pending() {
+            let latency = io.clock_now().saturating_sub(batch_start);
+            self.volume.accounting.end_batch(latency);
+        }
+        true
+    }
+
+    /// Checks and plans a request just taken into `slot`, and starts it.
+    fn start(
+        &mut self,
+        slot: u32,
+        popped: Result<crate::blk::Request, Status>,
+        now: u64,
+        io: &mut IoCtx<'_>,
+    ) {
+        let request = &mut self.slots[slot as usize];
+        request.reset(now);
+        let prepared = popped.and_then(|req| request.prepare(self.volume.device(), &req));
+        let progress = match prepared {
+            Ok(()) => self.volume.start(slot, request, io),
+            Err(status) => {
+                request.status = status;
+                Progress::Finished
+            }
+        };
+        if progress == Progress::Finished {
+            self.finish(slot, IN_BATCH);
+        }
+    }
+
+    /// Tries the held request again; true if it went (newer ones may follow).
+    fn retry_held(&mut self, slot: u32, io: &mut IoCtx<'_>) -> bool {
+        if !io.has_room() {
+            return false;
+        }
+        match self.volume.start(slot, &mut self.slots[slot as usize], io) {
+            Progress::Held => false,
+            Progress::InFlight => {
+                self.volume.release_held();
+                true
+            }
+            Progress::Finished => {
+                self.volume.release_held();
+                // Its latency runs from its own start, not this batch's.
+                self.finish(slot, io.clock_now());
+                true
+            }
+        }
+    }
+
+    /// The one place a request ends: counted, bounce data copied back, answered on the
+    /// ring (which writes its status last), slot freed.
+    fn finish(&mut self, slot: u32, end: u64) {
+        let request = &mut self.slots[slot as usize];
+        self.volume.accounting.finished(request, end);
+        if request.release_bounce() {
+            self.volume
+                .accounting
+                .stats
+                .add(QueueStat::BounceBuffers, 1);
+        }
+        self.ring
+            .complete(slot, &request.segs, request.status, request.written);
+        self.unpublished = true;
+        self.in_flight -= 1;
+        self.free_slots.push(slot);
+    }
+}
+
+impl<R: Ring + 'static> PolledQueue for RequestQueue<R> {
+    fn poll(&mut self, io: &mut IoCtx<'_>) -> bool {
+        // A held request goes first, even on a stopping queue: a stop waits for it.
+        let retried = match self.volume.held() {
+            Some(slot) if !self.retry_held(slot, io) => return false,
+            Some(_) => true,
+            None => false,
+        };
+        if !self.takes_requests() {
+            return retried;
+        }
+        self.take_batch(io) | retried
+    }
+
+    fn complete(&mut self, slot: u32, result: i32, now: u64, uring_user_data: Option<u64>) {
+        if let Some(user_data) = uring_user_data {
+            self.volume.device().backend().completed(user_data);
+        }
+        let request = &mut self.slots[slot as usize];
+        assert!(request.ops_pending > 0, "completion of an idle slot");
+        request.record_result(result);
+        request.ops_pending -= 1;
+        if request.ops_pending == 0 && request.all_started() {
+            self.finish(slot, now);
+        }
+    }
+
+    fn publish(&mut self) {
+        if !self.unpublished {
+            return;
+        }
+        self.unpublished = false;
+        let stats = &self.volume.accounting.stats;
+        stats.set(QueueStat::InFlight, self.in_flight as u64);
+        match self.ring.publish() {
+            Notified::Sent => stats.add(QueueStat::NotificationsSent, 1),
+            Notified::Suppressed => stats.add(QueueStat::NotificationsSuppressed, 1),
+            Notified::Nobody => {}
+        }
+    }
+
+    fn kick_fd(&self) -> RawFd {
+        self.ring.kick_fd()
+    }
+
+    fn ack_kick(&mut self) {
+        let kicks = self.ring.ack_kick();
+        self.stats().add(QueueStat::Kicks, kicks);
+    }
+
+    fn enable_notification(&mut self) -> bool {
+        self.takes_requests() && self.ring.enable_notification()
+    }
+
+    fn disable_notification(&mut self) {
+        if self.takes_requests() {
+            self.ring.disable_notification();
+        }
+    }
+
+    fn set_enabled(&mut self, enabled: bool) {
+        self.enabled = enabled;
+    }
+
+    fn stop(&mut self) {
+        self.stopping = true;
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn detach(&mut self) -> u16 {
+        assert_eq!(self.in_flight, 0, "detached with requests in flight");
+        self.stats().set(QueueStat::InFlight, 0);
+        self.ring.detach()
+    }
+
+    fn deadline(&self) -> u64 {
+        self.volume.retry_at()
+    }
+
+    fn mark_broken(&mut self, why: Broken) {
+        if !self.broken {
+            tracing::error!(disk = %self.volume.device().options().name, ?why,
+                "queue broken: it stops until the front end resets it");
+            self.broken = true;
+            self.stats().set(QueueStat::Broken, 1);
+            self.ring.broken(why);
+        }
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
