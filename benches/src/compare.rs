@@ -87,6 +87,8 @@ enum Target {
     PollblkStatsReader,
     /// The `--baseline` pollblk build.
     Baseline,
+    /// The `--baseline` pollblk build serving the thin volume.
+    BaselineThin,
     /// `rbd bench` on the same image: the cluster's own ceiling, no virtualization layer.
     RbdBench,
     Qsd,
@@ -95,6 +97,11 @@ enum Target {
 }
 
 impl Target {
+    /// Whether it serves the thin volume of a Backend::Thin row (else the raw file).
+    fn is_thin(self) -> bool {
+        matches!(self, Target::PollblkThin | Target::BaselineThin)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Target::Pollblk => "pollblk",
@@ -102,6 +109,7 @@ impl Target {
             Target::PollblkThin => "pollblk-thin",
             Target::PollblkStatsReader => "pollblk+reader",
             Target::Baseline => "baseline",
+            Target::BaselineThin => "baseline-thin",
             Target::RbdBench => "rbd-bench",
             Target::Qsd => "qsd",
             Target::HostFio => "host-fio",
@@ -314,6 +322,14 @@ const WORKLOADS: &[Workload] = &[
         metrics: &[Metric::IopsK, Metric::LatP99Us],
     },
     Workload {
+        group: "baseline",
+        backend: Backend::Thin { first_write: false },
+        pattern: Pattern::RandRead,
+        iodepth: 32,
+        targets: &[Target::PollblkThin, Target::BaselineThin],
+        metrics: &[Metric::IopsK, Metric::LatP99Us],
+    },
+    Workload {
         group: "rbd",
         backend: Backend::Rbd,
         pattern: Pattern::RandRead,
@@ -417,7 +433,7 @@ fn prepare_thin(setup: &Setup, first_write: bool, target: Target) -> Result<(), 
         Ok(pool)
     };
     if first_write {
-        if target == Target::PollblkThin {
+        if target.is_thin() {
             make_pool()?;
         } else {
             let f = std::fs::File::create(&raw).map_err(|e| err(&e))?;
@@ -705,89 +721,14 @@ fn start_target(
     socket: &Path,
 ) -> Result<Child, String> {
     let _ = std::fs::remove_file(socket);
-    let size = setup.args.size;
-    let file = setup.file_for(w.backend).display();
-    let sock = socket.display();
     let mut cmd = match target {
         Target::Pollblk
         | Target::PollblkPoll
         | Target::PollblkThin
         | Target::PollblkStatsReader
-        | Target::Baseline => {
-            let backend = match w.backend {
-                Backend::Null { read_zeroes } => {
-                    format!("null,size={size},read-zeroes={}", on_off(read_zeroes))
-                }
-                Backend::File { .. } => format!("file={file}"),
-                Backend::Rbd => format!(
-                    "rbd={},ceph-conf={}",
-                    setup.args.rbd_image,
-                    setup.ceph_conf().display()
-                ),
-                Backend::Thin { first_write } => {
-                    let (raw, pool) = setup.thin_paths(first_write);
-                    if target == Target::PollblkThin {
-                        format!("pool={},volume=v", pool.display())
-                    } else {
-                        format!("file={}", raw.display())
-                    }
-                }
-            };
-            let mode = if target == Target::PollblkPoll {
-                "poll"
-            } else {
-                "adaptive"
-            };
-            let mut cmd = match (target, &setup.args.baseline) {
-                (Target::Baseline, Some(baseline)) => Command::new(baseline),
-                _ => {
-                    let mut cmd = Command::new(&setup.pollblk);
-                    cmd.arg("serve")
-                        .arg("--stats-dir")
-                        .arg(setup.dir.join("stats"));
-                    cmd
-                }
-            };
-            if target == Target::Baseline {
-                cmd.arg("serve");
-            }
-            cmd.current_dir(&setup.dir)
-                .args(["--cores", &setup.args.target_core.to_string()])
-                .args(["--poll-mode", mode, "--export"])
-                .arg(format!(
-                    "vhost-user-blk,socket={sock},{backend},num-queues=1"
-                ));
-            cmd
-        }
-        Target::Qsd => {
-            let blockdev = match w.backend {
-                Backend::Null { read_zeroes } => format!(
-                    "driver=null-co,node-name=disk,size={size},read-zeroes={}",
-                    on_off(read_zeroes)
-                ),
-                Backend::Thin { .. } => unreachable!("thin rows compare pollblk with itself"),
-                Backend::Rbd => {
-                    let (pool, image) = setup.rbd_pool_image();
-                    // cache.direct=on turns librbd's cache off, as pollblk does.
-                    format!(
-                        "driver=rbd,node-name=disk,pool={pool},image={image},conf={},\
-                         cache.direct=on",
-                        setup.ceph_conf().display()
-                    )
-                }
-                Backend::File { .. } => {
-                    format!(
-                        "driver=file,node-name=disk,filename={file},cache.direct=on,aio=io_uring"
-                    )
-                }
-            };
-            let mut cmd = Command::new(&setup.args.qsd);
-            cmd.args(["--blockdev", &blockdev, "--export"]).arg(format!(
-                "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={sock},\
-                 writable=on,num-queues=1"
-            ));
-            cmd
-        }
+        | Target::Baseline
+        | Target::BaselineThin => pollblk_command(setup, w, target, socket),
+        Target::Qsd => qsd_command(setup, w, socket),
         Target::HostFio | Target::RbdBench => unreachable!("not a daemon"),
     };
     let core = setup.args.target_core;
@@ -810,6 +751,100 @@ fn start_target(
     let stdout = child.stdout.take().expect("piped");
     // Drain stdout on a thread so a chatty daemon never blocks on a full pipe.
     std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
+    wait_for_socket(&mut child, target, socket, &log_path)?;
+    Ok(child)
+}
+
+/// The command line of a pollblk target (this build or the baseline).
+fn pollblk_command(setup: &Setup, w: &Workload, target: Target, socket: &Path) -> Command {
+    let size = setup.args.size;
+    let backend = match w.backend {
+        Backend::Null { read_zeroes } => {
+            format!("null,size={size},read-zeroes={}", on_off(read_zeroes))
+        }
+        Backend::File { .. } => format!("file={}", setup.file_for(w.backend).display()),
+        Backend::Rbd => format!(
+            "rbd={},ceph-conf={}",
+            setup.args.rbd_image,
+            setup.ceph_conf().display()
+        ),
+        Backend::Thin { first_write } => {
+            let (raw, pool) = setup.thin_paths(first_write);
+            if target.is_thin() {
+                format!("pool={},volume=v", pool.display())
+            } else {
+                format!("file={}", raw.display())
+            }
+        }
+    };
+    let mode = if target == Target::PollblkPoll {
+        "poll"
+    } else {
+        "adaptive"
+    };
+    let mut cmd = match (target, &setup.args.baseline) {
+        (Target::Baseline | Target::BaselineThin, Some(baseline)) => {
+            let mut cmd = Command::new(baseline);
+            cmd.arg("serve");
+            cmd
+        }
+        _ => {
+            let mut cmd = Command::new(&setup.pollblk);
+            cmd.arg("serve")
+                .arg("--stats-dir")
+                .arg(setup.dir.join("stats"));
+            cmd
+        }
+    };
+    cmd.current_dir(&setup.dir)
+        .args(["--cores", &setup.args.target_core.to_string()])
+        .args(["--poll-mode", mode, "--export"])
+        .arg(format!(
+            "vhost-user-blk,socket={},{backend},num-queues=1",
+            socket.display()
+        ));
+    cmd
+}
+
+/// The command line of qemu-storage-daemon.
+fn qsd_command(setup: &Setup, w: &Workload, socket: &Path) -> Command {
+    let blockdev = match w.backend {
+        Backend::Null { read_zeroes } => format!(
+            "driver=null-co,node-name=disk,size={},read-zeroes={}",
+            setup.args.size,
+            on_off(read_zeroes)
+        ),
+        Backend::Thin { .. } => unreachable!("thin rows compare pollblk with itself"),
+        Backend::Rbd => {
+            let (pool, image) = setup.rbd_pool_image();
+            // cache.direct=on turns librbd's cache off, as pollblk does.
+            format!(
+                "driver=rbd,node-name=disk,pool={pool},image={image},conf={},\
+                 cache.direct=on",
+                setup.ceph_conf().display()
+            )
+        }
+        Backend::File { .. } => format!(
+            "driver=file,node-name=disk,filename={},cache.direct=on,aio=io_uring",
+            setup.file_for(w.backend).display()
+        ),
+    };
+    let mut cmd = Command::new(&setup.args.qsd);
+    cmd.args(["--blockdev", &blockdev, "--export"]).arg(format!(
+        "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},\
+         writable=on,num-queues=1",
+        socket.display()
+    ));
+    cmd
+}
+
+/// Waits up to 10 s until a started daemon's socket accepts.
+fn wait_for_socket(
+    child: &mut Child,
+    target: Target,
+    socket: &Path,
+    log_path: &Path,
+) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::os::unix::net::UnixStream::connect(socket).is_err() {
         if let Ok(Some(status)) = child.try_wait() {
@@ -820,10 +855,11 @@ fn start_target(
             ));
         }
         if Instant::now() > deadline {
-            stop(&mut child);
+            stop(child);
             return Err(format!(
-                "{} did not listen on {sock} in 10 s",
-                target.name()
+                "{} did not listen on {} in 10 s",
+                target.name(),
+                socket.display()
             ));
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -831,7 +867,7 @@ fn start_target(
     // The probe connection above was closed at once; give the daemon a moment to notice it
     // before the real front end connects.
     std::thread::sleep(Duration::from_millis(50));
-    Ok(child)
+    Ok(())
 }
 
 /// `pollblk stats DIR --watch 0.1` (a telemetry agent polling at 10 Hz) on the generator's
@@ -1085,7 +1121,13 @@ fn summarize(workloads: &[&Workload], samples: &[Vec<Vec<Sample>>]) -> Vec<Value
                 .into_iter()
                 .find_map(|name| Some((name, medians.get(name)?.as_f64()?)));
             let raw = medians.get("pollblk").and_then(Value::as_f64);
-            if let (Some((name, variant)), Some(raw)) = (variant, raw) {
+            let baseline_thin = medians.get("baseline-thin").and_then(Value::as_f64);
+            if let (Some((name, variant)), Some(before)) = (variant, baseline_thin) {
+                // The baseline's thin row: this build's thin volume over the baseline's.
+                if before > 0.0 {
+                    ratios.insert(format!("{name}/baseline-thin"), json!(variant / before));
+                }
+            } else if let (Some((name, variant)), Some(raw)) = (variant, raw) {
                 if raw > 0.0 {
                     ratios.insert(format!("{name}/pollblk"), json!(variant / raw));
                 }
@@ -1146,7 +1188,7 @@ fn print_table(rows: &[Value], to_stderr: bool) {
 }
 
 /// Column order of the tables.
-const COLUMNS: [&str; 8] = [
+const COLUMNS: [&str; 9] = [
     "pollblk",
     "qsd",
     "pollblk-poll",
@@ -1154,6 +1196,7 @@ const COLUMNS: [&str; 8] = [
     "pollblk-thin",
     "pollblk+reader",
     "baseline",
+    "baseline-thin",
     "rbd-bench",
 ];
 

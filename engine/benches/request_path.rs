@@ -15,7 +15,12 @@ use pollblk_driver::ring::Buf;
 use pollblk_driver::{DriverQueue, GuestRam};
 use pollblk_engine::backend::{Backend, Completer, IoOp, NullBackend, Submitted};
 use pollblk_engine::blk::{self, RequestKind};
+use pollblk_engine::clock::Clock;
+use pollblk_engine::device::{BlkDevice, DiskOptions, QueueRole};
 use pollblk_engine::mem::{GuestMemory, MmapRegion};
+use pollblk_engine::queue::{IoCtx, PolledQueue};
+use pollblk_engine::stats::Stats;
+use pollblk_engine::virtio::QueueSetup;
 use pollblk_engine::virtqueue::{RingAddrs, Segments, SplitQueue};
 use std::fs::File;
 use std::mem::ManuallyDrop;
@@ -31,6 +36,7 @@ struct Rig {
     driver: DriverQueue,
     device: SplitQueue,
     mem: GuestMemory,
+    addrs: RingAddrs,
     heads: Vec<u16>,
     next: usize,
     segs: Segments,
@@ -82,6 +88,7 @@ impl Rig {
             driver,
             device,
             mem,
+            addrs,
             heads,
             next: 0,
             segs: Segments::with_capacity(blk::SLOT_SEGMENTS),
@@ -172,5 +179,76 @@ fn request_path(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, chain_decoding, request_path);
+/// The reactor's per-request work as it runs it: a `RequestQueue` over the engine's
+/// `VirtioRing` polled through `PolledQueue` (pop, walk, parse, checks and plan, volume
+/// start, null backend, finish with status byte and used entry), then published.
+fn queue_path(c: &mut Criterion) {
+    let mut group = c.benchmark_group("request_path");
+    let mut uring = IoUring::new(256).unwrap();
+    let (tx, _rx) = crossbeam_channel::unbounded();
+    let completer = Completer::new(
+        tx,
+        std::sync::Arc::new(vmm_sys_util::eventfd::EventFd::new(0).unwrap()),
+    );
+    let clock = Clock::get();
+    let mut rig = Rig::new(false, 1);
+    let options = DiskOptions {
+        name: "bench".into(),
+        block_size: 512,
+        readonly: false,
+        serial: String::new(),
+        num_queues: 1,
+        provision: false,
+        guest_stats: None,
+    };
+    let device = Arc::new(BlkDevice::new(
+        options,
+        Arc::new(NullBackend::new(1 << 30, false)),
+    ));
+    let mut queue = QueueSetup {
+        device,
+        mem: Arc::new(rig.mem.clone()),
+        addrs: rig.addrs,
+        size: QUEUE_SIZE,
+        base: 0,
+        event_idx: true,
+        indirect: true,
+        kick: vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+        call: None,
+        err: None,
+        enabled: true,
+        stats: Stats::private(),
+        role: QueueRole::Requests,
+        inflight: None,
+        dirty_log: None,
+    }
+    .into_queue()
+    .unwrap();
+    let mut ops_in_flight = 0;
+    let mut poll_one = |queue: &mut Box<dyn PolledQueue>| {
+        let mut io = IoCtx::new(
+            uring.submission(),
+            &completer,
+            &mut ops_in_flight,
+            1024,
+            1 << 60,
+            &clock,
+        );
+        let took = queue.poll(&mut io);
+        queue.publish();
+        took
+    };
+    // The chains `add` offered once: the queue takes them, and the device is where the
+    // driver is.
+    while poll_one(&mut queue) {}
+    group.bench_function("queue_null_read_4k", |b| {
+        b.iter(|| {
+            rig.offer();
+            assert!(poll_one(&mut queue));
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, chain_decoding, request_path, queue_path);
 criterion_main!(benches);

@@ -92,7 +92,30 @@ pub struct IoCtx<'a> {
     pub(crate) clock: &'a Clock,
 }
 
-impl IoCtx<'_> {
+impl<'a> IoCtx<'a> {
+    /// A context over `sq` (the reactor makes one per queue poll; benchmarks and tests make
+    /// their own). `ops_in_flight` counts io_uring operations started and not reaped, kept
+    /// at most `ops_limit` (the CQ size); `io_tag` is the user_data of the queue's I/O less
+    /// the slot.
+    pub fn new(
+        sq: squeue::SubmissionQueue<'a>,
+        completer: &'a Completer,
+        ops_in_flight: &'a mut usize,
+        ops_limit: usize,
+        io_tag: u64,
+        clock: &'a Clock,
+    ) -> IoCtx<'a> {
+        assert_eq!(io_tag & 0xffff_ffff, 0, "the low 32 bits carry the slot");
+        IoCtx {
+            sq,
+            completer,
+            ops_in_flight,
+            ops_limit,
+            io_tag,
+            clock,
+        }
+    }
+
     /// Whether a whole request's operations fit in the SQ and, completed, in the CQ.
     pub fn has_room(&self) -> bool {
         *self.ops_in_flight + MAX_OPS_PER_REQUEST <= self.ops_limit

@@ -426,14 +426,14 @@ impl Reactor {
         let mut busy = false;
         for (qi, entry) in self.queues.iter_mut().enumerate() {
             let Some(entry) = entry else { continue };
-            let mut io = IoCtx {
-                sq: self.ring.submission(),
-                completer: &self.completer,
-                ops_in_flight: &mut self.ops_in_flight,
-                ops_limit: CQ_ENTRIES as usize,
-                io_tag: TAG_IO | (qi as u64) << 32,
-                clock: &self.clock,
-            };
+            let mut io = IoCtx::new(
+                self.ring.submission(),
+                &self.completer,
+                &mut self.ops_in_flight,
+                CQ_ENTRIES as usize,
+                TAG_IO | (qi as u64) << 32,
+                &self.clock,
+            );
             busy |= entry.queue.poll(&mut io);
         }
         busy

@@ -1,6 +1,7 @@
 //! Xen blkif rings from a hostile front end: arbitrary ring contents (indices, requests of
 //! either ABI, indirect pages) over granted pages, through pollblk-xen's BlkifRing as the
-//! reactor drives it (pop, respond, publish, notification checks).
+//! queue drives it through the engine's `ring::Ring` trait (pop, complete, publish,
+//! notification checks).
 //!
 //! Invariants: every buffer handed to the engine lies inside one granted page (or is the
 //! ring's own discard scratch), a request never carries more buffers than its slot holds,
@@ -10,7 +11,8 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use pollblk_engine::ring::RequestRing;
+use pollblk_engine::request::Status;
+use pollblk_engine::ring::Ring;
 use pollblk_engine::virtqueue::Segments;
 use pollblk_xen::abi::{Abi, PAGE_SIZE};
 use pollblk_xen::platform::{EventChannel, GrantSpace, RingPages};
@@ -26,7 +28,7 @@ struct Input {
     /// Granted pages (1 to 8), filled from these bytes (indirect segment tables live here).
     granted: u8,
     pages: Vec<u8>,
-    /// What the reactor does between pops: respond to the oldest, publish, re-enable.
+    /// What the queue does between pops: answer one, publish, re-enable.
     steps: Vec<Step>,
 }
 
@@ -154,7 +156,7 @@ fuzz_target!(|input: Input| {
             Step::Respond(n) => {
                 if !in_flight.is_empty() {
                     let slot = in_flight.remove(usize::from(*n) % in_flight.len());
-                    ring.respond(slot, pollblk_engine::blk::status::OK);
+                    ring.complete(slot, &segs[slot as usize], Status::Ok, 0);
                     free.push(slot);
                 }
             }

@@ -1,7 +1,8 @@
 //! Descriptor chains and virtio-blk requests from a hostile driver: arbitrary guest memory
 //! regions (count, placement, size, contents), ring addresses, queue size, base index and
-//! features, through the engine's SplitQueue (avail ring, chain walk with indirect tables),
-//! blk::locate_status and blk::parse, then the used ring.
+//! features, through the engine's request ring as the reactor's queues use it
+//! (`virtio::VirtioRing` behind the `ring::Ring` trait: avail ring, chain walk with indirect
+//! tables, status byte, parse), then its answers on the used ring.
 //!
 //! Invariants checked, not only the absence of panics:
 //! - every buffer handed out lies wholly inside one guest memory region;
@@ -15,9 +16,16 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use pollblk_engine::backend::NullBackend;
 use pollblk_engine::blk;
+use pollblk_engine::device::{BlkDevice, DiskOptions, QueueRole};
 use pollblk_engine::mem::{GuestMemory, MmapRegion};
+use pollblk_engine::request::Status;
+use pollblk_engine::ring::Ring;
+use pollblk_engine::stats::Stats;
+use pollblk_engine::virtio::{QueueSetup, VirtioRing};
 use pollblk_engine::virtqueue::{RingAddrs, Segments, SplitQueue};
+use vmm_sys_util::eventfd::EventFd;
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::Arc;
@@ -108,14 +116,8 @@ fuzz_target!(|input: Input| {
         avail: to_user(input.avail),
         used: to_user(input.used),
     };
-    let Ok(mut queue) = SplitQueue::new(
-        &mem,
-        addrs,
-        size,
-        input.base,
-        input.event_idx,
-        input.indirect,
-    ) else {
+    let mem = Arc::new(mem);
+    let Ok(mut ring) = request_ring(&mem, addrs, size, &input) else {
         return;
     };
 
@@ -126,19 +128,16 @@ fuzz_target!(|input: Input| {
             p >= start && p + len <= start + m.len as usize
         })
     };
-    let mut segs = Segments::with_capacity(blk::SLOT_SEGMENTS);
+    let mut segs = Segments::with_capacity(ring.max_segments());
     for _ in 0..2 * u32::from(size) {
-        let head = match queue.pop_avail() {
-            Ok(Some(head)) => head,
+        let popped = match ring.pop(0, &mut segs) {
+            Ok(Some(popped)) => popped,
             Ok(None) | Err(_) => break,
         };
-        if queue.walk_chain(&mem, head, &mut segs).is_err() {
-            break;
-        }
         assert!(segs.iovecs().len() <= blk::SLOT_SEGMENTS);
         let total: u64 = segs.iovecs().iter().map(|v| v.iov_len as u64).sum();
         assert!(total <= u64::from(u32::MAX));
-        let writable_ranges = write_descriptors(&mem, &queue, input.indirect);
+        let writable_ranges = write_descriptors(&mem, ring.split_queue(), input.indirect);
         for (i, v) in segs.iovecs().iter().enumerate() {
             assert!(
                 inside_region(v.iov_base as *const u8, v.iov_len),
@@ -154,33 +153,70 @@ fuzz_target!(|input: Input| {
                 );
             }
         }
-        let mut used_len = 0;
-        if let Some(status) = blk::locate_status(&mut segs) {
+        let status = ring.status_ptr(0);
+        if !status.is_null() {
             assert!(
                 writable_ranges
                     .iter()
                     .any(|&(p, l)| (status as usize) >= p && (status as usize) < p + l),
                 "status byte outside the writable buffers"
             );
-            if let Ok(req) = blk::parse(&mut segs) {
-                assert!(req.data.end <= segs.iovecs().len() && req.data.start <= req.data.end);
-                let sum: u64 = segs.iovecs()[req.data.clone()]
-                    .iter()
-                    .map(|v| v.iov_len as u64)
-                    .sum();
-                assert_eq!(sum, req.data_len);
-            }
-            // SAFETY: checked above to lie in a writable guest buffer.
-            unsafe { std::ptr::write_volatile(status, blk::status::IOERR) };
-            used_len = 1;
         }
-        queue.push_used(head, used_len);
-        queue.publish_used();
-        let _ = queue.needs_notification();
+        if let Ok(req) = &popped {
+            assert!(!status.is_null(), "a request with nowhere to put its status");
+            assert!(req.data.end <= segs.iovecs().len() && req.data.start <= req.data.end);
+            let sum: u64 = segs.iovecs()[req.data.clone()]
+                .iter()
+                .map(|v| v.iov_len as u64)
+                .sum();
+            assert_eq!(sum, req.data_len);
+        }
+        ring.complete(0, &segs, Status::IoError, 0);
+        let _ = ring.publish();
     }
-    let _ = queue.enable_notification();
-    queue.disable_notification();
+    let _ = ring.enable_notification();
+    ring.disable_notification();
 });
+
+/// The engine's request ring over the fuzzer's rings, as a vhost-user queue would get it.
+fn request_ring(
+    mem: &Arc<GuestMemory>,
+    addrs: RingAddrs,
+    size: u16,
+    input: &Input,
+) -> Result<VirtioRing, pollblk_engine::virtqueue::Broken> {
+    let options = DiskOptions {
+        name: "fuzz".into(),
+        block_size: 512,
+        readonly: false,
+        serial: String::new(),
+        num_queues: 1,
+        provision: false,
+        guest_stats: None,
+    };
+    let device = Arc::new(BlkDevice::new(
+        options,
+        Arc::new(NullBackend::new(1 << 20, false)),
+    ));
+    QueueSetup {
+        device,
+        mem: mem.clone(),
+        addrs,
+        size,
+        base: input.base,
+        event_idx: input.event_idx,
+        indirect: input.indirect,
+        kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        call: None,
+        err: None,
+        enabled: true,
+        stats: Stats::private(),
+        role: QueueRole::Requests,
+        inflight: None,
+        dirty_log: None,
+    }
+    .into_ring()
+}
 
 /// Host ranges of every descriptor marked WRITE in the queue's table and in any indirect
 /// table it names: where the device may write (a superset of one chain's buffers).

@@ -57,6 +57,40 @@ pub struct QueueSetup {
 impl QueueSetup {
     /// The polled queue this virtqueue becomes; fails if its rings are not in guest memory.
     pub fn into_queue(self) -> Result<Box<dyn PolledQueue>, Broken> {
+        let (vring, mut setup) = self.into_vring()?;
+        Ok(match setup.role {
+            QueueRole::Requests => {
+                let ring = setup.request_ring(vring);
+                Box::new(RequestQueue::new(
+                    setup.device,
+                    ring,
+                    setup.stats,
+                    setup.enabled,
+                ))
+            }
+            QueueRole::GuestStats { interval } => {
+                let protocol = GuestStatsVq::new(setup.device.disk_stats().clone(), interval);
+                let disk = setup.device.options().name.clone();
+                Box::new(GuestStatsQueue::new(
+                    vring,
+                    protocol,
+                    disk,
+                    setup.stats,
+                    setup.enabled,
+                ))
+            }
+        })
+    }
+
+    /// The request ring of a request virtqueue, without a queue around it (fuzzing, tests).
+    pub fn into_ring(self) -> Result<VirtioRing, Broken> {
+        assert_eq!(self.role, QueueRole::Requests);
+        let (vring, mut setup) = self.into_vring()?;
+        Ok(setup.request_ring(vring))
+    }
+
+    /// Maps the rings and takes the eventfds; the rest of the setup is left.
+    fn into_vring(self) -> Result<(Vring, Rest), Broken> {
         let split = SplitQueue::new(
             &self.mem,
             self.addrs,
@@ -65,7 +99,6 @@ impl QueueSetup {
             self.event_idx,
             self.indirect,
         )?;
-        let disk = self.device.options().name.clone();
         let vring = Vring::new(
             split,
             self.mem,
@@ -75,30 +108,39 @@ impl QueueSetup {
             self.err,
             self.dirty_log,
         );
-        Ok(match self.role {
-            QueueRole::Requests => {
-                let slots = usize::from(self.size).min(MAX_SLOTS_PER_QUEUE);
-                let ring = VirtioRing::new(vring, disk, slots, self.inflight, self.base);
-                self.stats
-                    .add(QueueStat::Resubmitted, ring.resubmissions() as u64);
-                Box::new(RequestQueue::new(
-                    self.device,
-                    ring,
-                    self.stats,
-                    self.enabled,
-                ))
-            }
-            QueueRole::GuestStats { interval } => {
-                let protocol = GuestStatsVq::new(self.device.disk_stats().clone(), interval);
-                Box::new(GuestStatsQueue::new(
-                    vring,
-                    protocol,
-                    disk,
-                    self.stats,
-                    self.enabled,
-                ))
-            }
-        })
+        let rest = Rest {
+            device: self.device,
+            size: self.size,
+            base: self.base,
+            enabled: self.enabled,
+            stats: self.stats,
+            role: self.role,
+            inflight: self.inflight,
+        };
+        Ok((vring, rest))
+    }
+}
+
+/// What a QueueSetup holds beside its vring.
+struct Rest {
+    device: Arc<BlkDevice>,
+    size: u16,
+    base: u16,
+    enabled: bool,
+    stats: Stats<QueueStat>,
+    role: QueueRole,
+    inflight: Option<InflightQueue>,
+}
+
+impl Rest {
+    /// The request ring over `vring`; counts the requests it resubmits.
+    fn request_ring(&mut self, vring: Vring) -> VirtioRing {
+        let slots = usize::from(self.size).min(MAX_SLOTS_PER_QUEUE);
+        let disk = self.device.options().name.clone();
+        let ring = VirtioRing::new(vring, disk, slots, self.inflight.take(), self.base);
+        self.stats
+            .add(QueueStat::Resubmitted, ring.resubmissions() as u64);
+        ring
     }
 }
 

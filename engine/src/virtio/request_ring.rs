@@ -81,6 +81,16 @@ impl VirtioRing {
         self.resubmit.len()
     }
 
+    /// The split ring underneath (its descriptor table, for checks from outside: fuzzing).
+    pub fn split_queue(&self) -> &crate::virtqueue::SplitQueue {
+        &self.vring.queue
+    }
+
+    /// Where the status byte of the request in `slot` goes (null: nowhere), once popped.
+    pub fn status_ptr(&self, slot: u32) -> *const u8 {
+        self.status[slot as usize]
+    }
+
     /// The vring, for the transport's messages.
     pub fn vring_mut(&mut self) -> &mut Vring {
         &mut self.vring
