@@ -4,7 +4,8 @@
 //! touches the data path except through the engine's pause/resume and the transports.
 
 use crate::daemon::{Daemon, DaemonError};
-use crate::{config, export, logging, stats_cmd};
+use crate::{config, export, logging, stats_view};
+use pollblk_engine::wait::readable_or_shutdown;
 use serde_json::{json, Map, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -35,23 +36,6 @@ mod code {
     /// A front end uses the disk.
     pub const IN_USE: i64 = -32002;
 }
-
-/// The methods, for `rpc_get_methods`.
-const METHODS: &[&str] = &[
-    "export_add",
-    "export_remove",
-    "export_list",
-    "export_resize",
-    "queue_pause",
-    "queue_resume",
-    "stats_get",
-    "stats_fd",
-    "pool_status",
-    "volume_create",
-    "volume_delete",
-    "log_level",
-    "rpc_get_methods",
-];
 
 struct RpcError {
     code: i64,
@@ -222,27 +206,7 @@ impl Control {
 }
 
 fn accept_loop(listener: &UnixListener, shutdown: &EventFd, shared: &Arc<Shared>) {
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: shutdown.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: polls two valid descriptors in a local array.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if rc < 0 {
-            continue; // EINTR
-        }
-        if fds[1].revents != 0 {
-            return;
-        }
+    while readable_or_shutdown(listener.as_raw_fd(), shutdown) {
         let Ok((stream, _)) = listener.accept() else {
             continue;
         };
@@ -434,158 +398,244 @@ impl<'a> Params<'a> {
 
 type CallResult = Result<(Value, Option<std::fs::File>), RpcError>;
 
+/// One method of the socket: its name, the parameters it takes, and what runs it.
+struct Method {
+    name: &'static str,
+    params: &'static [&'static str],
+    run: fn(&Shared, &Params) -> CallResult,
+}
+
+const METHODS: [Method; 13] = [
+    Method {
+        name: "export_add",
+        params: &["spec", "name"],
+        run: export_add,
+    },
+    Method {
+        name: "export_remove",
+        params: &["name", "force", "wait"],
+        run: export_remove,
+    },
+    Method {
+        name: "export_list",
+        params: &[],
+        run: export_list,
+    },
+    Method {
+        name: "export_resize",
+        params: &["name", "size"],
+        run: export_resize,
+    },
+    Method {
+        name: "queue_pause",
+        params: &["name", "queue"],
+        run: queue_pause,
+    },
+    Method {
+        name: "queue_resume",
+        params: &["name", "queue"],
+        run: queue_resume,
+    },
+    Method {
+        name: "stats_get",
+        params: &["name"],
+        run: stats_get,
+    },
+    Method {
+        name: "stats_fd",
+        params: &["name", "queue"],
+        run: stats_fd,
+    },
+    Method {
+        name: "pool_status",
+        params: &["pool"],
+        run: pool_status,
+    },
+    Method {
+        name: "volume_create",
+        params: &["pool", "volume", "size"],
+        run: volume_create,
+    },
+    Method {
+        name: "volume_delete",
+        params: &["pool", "volume"],
+        run: volume_delete,
+    },
+    Method {
+        name: "log_level",
+        params: &["level"],
+        run: log_level,
+    },
+    Method {
+        name: "rpc_get_methods",
+        params: &[],
+        run: rpc_get_methods,
+    },
+];
+
+fn method_names() -> Vec<&'static str> {
+    METHODS.iter().map(|m| m.name).collect()
+}
+
 fn call(shared: &Shared, method: &str, params: &Map<String, Value>) -> CallResult {
-    let value = |v: Value| Ok((v, None));
-    match method {
-        "export_add" => {
-            let p = Params::new(params, &["spec", "name"])?;
-            let mut daemon = shared.daemon();
-            let name = daemon.add(p.str("spec")?, p.opt_str("name")?)?;
-            let described = daemon.describe(daemon.disk(&name)?);
-            shared.save(&daemon)?;
-            value(described)
-        }
-        "export_remove" => {
-            let p = Params::new(params, &["name", "force", "wait"])?;
-            let name = p.str("name")?;
-            let force = p.bool("force")?;
-            let wait = Duration::from_secs(p.opt_u64("wait")?.unwrap_or(0));
-            if wait > MAX_REMOVE_WAIT {
-                return Err(invalid(format!(
-                    "wait: at most {} s",
-                    MAX_REMOVE_WAIT.as_secs()
-                )));
-            }
-            let deadline = Instant::now() + wait;
-            loop {
-                let mut daemon = shared.daemon();
-                match daemon.remove(name, force) {
-                    Err(DaemonError::InUse(_)) if Instant::now() < deadline => {}
-                    result => {
-                        result?;
-                        shared.save(&daemon)?;
-                        return value(json!({ "removed": name }));
-                    }
-                }
-                drop(daemon);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        "export_list" => {
-            Params::new(params, &[])?;
-            let daemon = shared.daemon();
-            let disks: Vec<Value> = daemon.disks().iter().map(|d| daemon.describe(d)).collect();
-            value(json!(disks))
-        }
-        "export_resize" => {
-            let p = Params::new(params, &["name", "size"])?;
-            let name = p.str("name")?;
-            let size = p.size("size")?;
-            let mut daemon = shared.daemon();
-            let notified = daemon.grow(name, size)?;
-            shared.save(&daemon)?;
-            value(json!({ "name": name, "size_bytes": size, "front_end_notified": notified }))
-        }
-        "queue_pause" => {
-            let p = Params::new(params, &["name", "queue"])?;
-            let paused = shared.daemon().pause(p.str("name")?, p.queue()?)?;
-            let paused: Vec<Value> = paused
-                .into_iter()
-                .map(|(queue, at)| json!({ "queue": queue, "avail_idx": at }))
-                .collect();
-            value(json!(paused))
-        }
-        "queue_resume" => {
-            let p = Params::new(params, &["name", "queue"])?;
-            let resumed = shared.daemon().resume(p.str("name")?, p.queue()?)?;
-            value(json!({ "resumed": resumed }))
-        }
-        "stats_get" => {
-            let p = Params::new(params, &["name"])?;
-            let files = {
-                let daemon = shared.daemon();
-                match p.opt_str("name")? {
-                    Some(name) => daemon.stats_files(name)?,
-                    None => vec![daemon.stats_dir().to_owned()],
-                }
-            };
-            value(stats_cmd::snapshot(&files).map_err(failed)?)
-        }
-        "stats_fd" => {
-            let p = Params::new(params, &["name", "queue"])?;
-            let name = p.str("name")?;
-            let path = shared.daemon().stats_file(name, p.queue()?)?;
-            let file = std::fs::File::open(&path)
-                .map_err(|e| failed(format!("{}: {e}", path.display())))?;
-            Ok((json!({ "name": name, "file": path }), Some(file)))
-        }
-        "pool_status" => {
-            let p = Params::new(params, &["pool"])?;
-            let dir = Path::new(p.str("pool")?);
-            let open = shared.daemon().open_pool(dir);
-            let status = match open {
-                Some(pool) => pool.status(),
-                None => pollblk_engine::thin::Pool::inspect(dir)
-                    .map_err(|e| not_found_or_failed(dir, e))?,
-            };
-            value(crate::pool_cmd::status_value(&status))
-        }
-        "volume_create" | "volume_delete" => {
-            let create = method == "volume_create";
-            let known: &'static [&'static str] = if create {
-                &["pool", "volume", "size"]
-            } else {
-                &["pool", "volume"]
-            };
-            let p = Params::new(params, known)?;
-            let dir = Path::new(p.str("pool")?);
-            let volume = p.str("volume")?;
-            let daemon = shared.daemon();
-            if !create {
-                if let Some(disk) = daemon.volume_exported(dir, volume) {
-                    return Err(RpcError {
-                        code: code::IN_USE,
-                        message: format!(
-                            "volume {volume} is exported as {disk}: export_remove it first"
-                        ),
-                    });
-                }
-            }
-            // The daemon's own handle if it has the pool open (the pool's lock is held).
-            let pool = match daemon.open_pool(dir) {
-                Some(pool) => pool,
-                None => Arc::new(
-                    pollblk_engine::thin::Pool::open(dir)
-                        .map_err(|e| not_found_or_failed(dir, e))?,
-                ),
-            };
-            let done = if create {
-                pool.volume_create(volume, p.size("size")?).map(|_| ())
-            } else {
-                pool.volume_delete(volume)
-            };
-            done.map_err(|e| failed(format!("pool {}: {e}", dir.display())))?;
-            value(json!({ "pool": dir, "volume": volume }))
-        }
-        "log_level" => {
-            let p = Params::new(params, &["level"])?;
-            let level = p.str("level")?;
-            shared.log.set_level(level).map_err(invalid)?;
-            tracing::info!(level, "log level changed");
-            value(json!({ "level": level }))
-        }
-        "rpc_get_methods" => {
-            Params::new(params, &[])?;
-            value(json!(METHODS))
-        }
-        other => Err(RpcError {
+    let Some(m) = METHODS.iter().find(|m| m.name == method) else {
+        return Err(RpcError {
             code: code::METHOD_NOT_FOUND,
             message: format!(
-                "no method {other:?}; the methods are: {}",
-                METHODS.join(", ")
+                "no method {method:?}; the methods are: {}",
+                method_names().join(", ")
             ),
-        }),
+        });
+    };
+    let p = Params::new(params, m.params)?;
+    (m.run)(shared, &p)
+}
+
+fn value(v: Value) -> CallResult {
+    Ok((v, None))
+}
+
+fn export_add(shared: &Shared, p: &Params) -> CallResult {
+    let mut daemon = shared.daemon();
+    let name = daemon.add(p.str("spec")?, p.opt_str("name")?)?;
+    let described = daemon.describe(daemon.disk(&name)?);
+    shared.save(&daemon)?;
+    value(described)
+}
+
+/// Removes a disk; with `wait`, retries a disk still in use until the wait runs out.
+fn export_remove(shared: &Shared, p: &Params) -> CallResult {
+    let name = p.str("name")?;
+    let force = p.bool("force")?;
+    let wait = Duration::from_secs(p.opt_u64("wait")?.unwrap_or(0));
+    if wait > MAX_REMOVE_WAIT {
+        return Err(invalid(format!(
+            "wait: at most {} s",
+            MAX_REMOVE_WAIT.as_secs()
+        )));
     }
+    let deadline = Instant::now() + wait;
+    loop {
+        let mut daemon = shared.daemon();
+        match daemon.remove(name, force) {
+            Err(DaemonError::InUse(_)) if Instant::now() < deadline => {}
+            result => {
+                result?;
+                shared.save(&daemon)?;
+                return value(json!({ "removed": name }));
+            }
+        }
+        drop(daemon);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn export_list(shared: &Shared, _: &Params) -> CallResult {
+    let daemon = shared.daemon();
+    let disks: Vec<Value> = daemon.disks().iter().map(|d| daemon.describe(d)).collect();
+    value(json!(disks))
+}
+
+fn export_resize(shared: &Shared, p: &Params) -> CallResult {
+    let name = p.str("name")?;
+    let size = p.size("size")?;
+    let mut daemon = shared.daemon();
+    let notified = daemon.grow(name, size)?;
+    shared.save(&daemon)?;
+    value(json!({ "name": name, "size_bytes": size, "front_end_notified": notified }))
+}
+
+fn queue_pause(shared: &Shared, p: &Params) -> CallResult {
+    let paused = shared.daemon().pause(p.str("name")?, p.queue()?)?;
+    let paused: Vec<Value> = paused
+        .into_iter()
+        .map(|(queue, at)| json!({ "queue": queue, "avail_idx": at }))
+        .collect();
+    value(json!(paused))
+}
+
+fn queue_resume(shared: &Shared, p: &Params) -> CallResult {
+    let resumed = shared.daemon().resume(p.str("name")?, p.queue()?)?;
+    value(json!({ "resumed": resumed }))
+}
+
+fn stats_get(shared: &Shared, p: &Params) -> CallResult {
+    let files = {
+        let daemon = shared.daemon();
+        match p.opt_str("name")? {
+            Some(name) => daemon.stats_files(name)?,
+            None => vec![daemon.stats_dir().to_owned()],
+        }
+    };
+    value(stats_view::snapshot(&files).map_err(failed)?)
+}
+
+fn stats_fd(shared: &Shared, p: &Params) -> CallResult {
+    let name = p.str("name")?;
+    let path = shared.daemon().stats_file(name, p.queue()?)?;
+    let file =
+        std::fs::File::open(&path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
+    Ok((json!({ "name": name, "file": path }), Some(file)))
+}
+
+fn pool_status(shared: &Shared, p: &Params) -> CallResult {
+    let dir = Path::new(p.str("pool")?);
+    let open = shared.daemon().open_pool(dir);
+    let status = match open {
+        Some(pool) => pool.status(),
+        None => {
+            pollblk_engine::thin::Pool::inspect(dir).map_err(|e| not_found_or_failed(dir, e))?
+        }
+    };
+    value(crate::pool_view::status_value(&status))
+}
+
+/// The pool in `dir`: the daemon's own handle if it has it open (the pool's lock is held).
+fn pool_of(daemon: &Daemon, dir: &Path) -> Result<Arc<pollblk_engine::thin::Pool>, RpcError> {
+    match daemon.open_pool(dir) {
+        Some(pool) => Ok(pool),
+        None => pollblk_engine::thin::Pool::open(dir)
+            .map(Arc::new)
+            .map_err(|e| not_found_or_failed(dir, e)),
+    }
+}
+
+fn volume_create(shared: &Shared, p: &Params) -> CallResult {
+    let dir = Path::new(p.str("pool")?);
+    let volume = p.str("volume")?;
+    // Under the daemon's lock, as every change of what it serves.
+    let daemon = shared.daemon();
+    let pool = pool_of(&daemon, dir)?;
+    pool.volume_create(volume, p.size("size")?)
+        .map_err(|e| failed(format!("pool {}: {e}", dir.display())))?;
+    value(json!({ "pool": dir, "volume": volume }))
+}
+
+fn volume_delete(shared: &Shared, p: &Params) -> CallResult {
+    let dir = Path::new(p.str("pool")?);
+    let volume = p.str("volume")?;
+    let daemon = shared.daemon();
+    if let Some(disk) = daemon.volume_exported(dir, volume) {
+        return Err(RpcError {
+            code: code::IN_USE,
+            message: format!("volume {volume} is exported as {disk}: export_remove it first"),
+        });
+    }
+    pool_of(&daemon, dir)?
+        .volume_delete(volume)
+        .map_err(|e| failed(format!("pool {}: {e}", dir.display())))?;
+    value(json!({ "pool": dir, "volume": volume }))
+}
+
+fn log_level(shared: &Shared, p: &Params) -> CallResult {
+    let level = p.str("level")?;
+    shared.log.set_level(level).map_err(invalid)?;
+    tracing::info!(level, "log level changed");
+    value(json!({ "level": level }))
+}
+
+fn rpc_get_methods(_: &Shared, _: &Params) -> CallResult {
+    value(json!(method_names()))
 }
 
 fn not_found_or_failed(dir: &Path, e: pollblk_engine::thin::ThinError) -> RpcError {

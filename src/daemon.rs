@@ -3,13 +3,14 @@
 //! run time, always under its mutex (control-plane only: the data path never takes it).
 
 use crate::export::{self, Export, Transport, Volume};
+use crate::frontend::{Frontend, Refused};
 use pollblk_engine::backend::{Backend, FileBackend, NullBackend, ThinBackend};
 use pollblk_engine::device::{BlkDevice, DeviceStats, DiskOptions, GuestStatsOptions};
 use pollblk_engine::reactor::ReactorHandle;
 use pollblk_engine::stats::sets::PoolStat;
 use pollblk_engine::stats::StatsDir;
 use pollblk_engine::thin::Pool;
-use pollblk_vhost_user::{QueueState, Server};
+use pollblk_vhost_user::Server;
 use pollblk_xen::backend::{Vbd, VbdAddress};
 use pollblk_xen::loopback::Loopback;
 use std::collections::HashMap;
@@ -20,38 +21,6 @@ use std::time::Duration;
 /// Longest disk name: it is also the default serial (GET_ID holds 20 bytes).
 const MAX_NAME: usize = 20;
 
-/// A disk's front-end side while the daemon runs.
-enum Frontend {
-    VhostUser(Server),
-    Xen(Vbd),
-}
-
-impl Frontend {
-    /// Disconnects the front end, draining its queues.
-    fn stop(self) {
-        match self {
-            Frontend::VhostUser(server) => server.stop(),
-            Frontend::Xen(vbd) => drop(vbd),
-        }
-    }
-
-    fn connected(&self) -> bool {
-        match self {
-            Frontend::VhostUser(server) => server.connected(),
-            Frontend::Xen(vbd) => vbd.connected(),
-        }
-    }
-
-    fn vhost_user(&self, name: &str, what: &str) -> Result<&Server, DaemonError> {
-        match self {
-            Frontend::VhostUser(server) => Ok(server),
-            Frontend::Xen(_) => Err(DaemonError::Invalid(format!(
-                "{name} is a Xen disk: {what} is supported for vhost-user disks only"
-            ))),
-        }
-    }
-}
-
 /// One served disk.
 pub struct Disk {
     pub name: String,
@@ -59,7 +28,7 @@ pub struct Disk {
     pub spec: String,
     export: Export,
     device: Arc<BlkDevice>,
-    frontend: Frontend,
+    frontend: Box<dyn Frontend>,
 }
 
 /// Why an operation on the daemon failed; the control socket maps these to error codes.
@@ -274,13 +243,7 @@ impl Daemon {
     pub fn remove(&mut self, name: &str, force: bool) -> Result<(), DaemonError> {
         let disk = self.disk(name)?;
         if disk.frontend.connected() && !force {
-            let how = match &disk.export.transport {
-                Transport::VhostUser { .. } => {
-                    "detach it first (QEMU: device_del, then chardev-remove once \
-                     DEVICE_DELETED arrives; libvirt: virsh detach-device)"
-                }
-                _ => "detach it first (xl block-detach)",
-            };
+            let how = disk.frontend.detach_hint();
             return Err(DaemonError::InUse(format!(
                 "{name} is in use by a front end on {}: {how}, or remove it with force=true",
                 disk.export.transport
@@ -319,8 +282,9 @@ impl Daemon {
     /// whether a front end was told.
     pub fn grow(&mut self, name: &str, size_bytes: u64) -> Result<bool, DaemonError> {
         let disk = self.disk(name)?;
-        // Only vhost-user front ends hear of a new size (blkif's "sectors" key is not rewritten).
-        disk.frontend.vhost_user(name, "resizing")?;
+        disk.frontend
+            .resizes()
+            .map_err(|e| DaemonError::Invalid(format!("{name}: resizing is {}", e.0)))?;
         disk.device
             .grow(size_bytes)
             .map_err(|e| DaemonError::Invalid(format!("{name}: {e}")))?;
@@ -331,9 +295,9 @@ impl Daemon {
                 disk.spec = with_size(&disk.spec, size_bytes);
             }
         }
-        let server = self.disk(name)?.frontend.vhost_user(name, "resizing")?;
-        server
-            .config_changed()
+        self.disk(name)?
+            .frontend
+            .announce_resize()
             .map_err(|e| DaemonError::Failed(format!("{name} grew, but {e}")))
     }
 
@@ -343,37 +307,23 @@ impl Daemon {
         name: &str,
         queue: Option<usize>,
     ) -> Result<Vec<(usize, u16)>, DaemonError> {
-        let server = self
-            .disk(name)?
-            .frontend
-            .vhost_user(name, "pausing queues")?;
-        server.pause(queue).map_err(DaemonError::Invalid)
+        let frontend = &self.disk(name)?.frontend;
+        frontend
+            .pause(queue)
+            .map_err(|e| refused(name, "pausing queues", e))
     }
 
     /// Resumes queue `queue` (or all paused ones) of `name`; returns the queues resumed.
     pub fn resume(&self, name: &str, queue: Option<usize>) -> Result<Vec<usize>, DaemonError> {
-        let server = self
-            .disk(name)?
-            .frontend
-            .vhost_user(name, "resuming queues")?;
-        let resumed = server.resume(queue).map_err(DaemonError::Invalid)?;
-        Ok(resumed.into_iter().map(|(q, ())| q).collect())
+        let frontend = &self.disk(name)?.frontend;
+        frontend
+            .resume(queue)
+            .map_err(|e| refused(name, "resuming queues", e))
     }
 
     /// What `export_list` shows of one disk.
     pub fn describe(&self, disk: &Disk) -> serde_json::Value {
-        let queues: Vec<serde_json::Value> = match &disk.frontend {
-            Frontend::VhostUser(server) => server
-                .queue_states()
-                .into_iter()
-                .map(|s| match s {
-                    QueueState::Idle => serde_json::json!("idle"),
-                    QueueState::Running => serde_json::json!("running"),
-                    QueueState::Paused(at) => serde_json::json!({ "paused": at }),
-                })
-                .collect(),
-            Frontend::Xen(_) => Vec::new(),
-        };
+        let queues = disk.frontend.queue_states();
         serde_json::json!({
             "name": disk.name,
             "spec": disk.spec,
@@ -530,7 +480,7 @@ impl Daemon {
         &mut self,
         export: &Export,
         device: &Arc<BlkDevice>,
-    ) -> Result<Frontend, DaemonError> {
+    ) -> Result<Box<dyn Frontend>, DaemonError> {
         let failed = |e: String| DaemonError::Failed(e);
         let reactors = self.reactors.clone();
         let vbd = |platform: Arc<dyn pollblk_xen::platform::Platform>, domid, devid, toolstack| {
@@ -542,13 +492,13 @@ impl Daemon {
                 reactors.clone(),
                 toolstack,
             )
-            .map(Frontend::Xen)
+            .map(|vbd| Box::new(vbd) as Box<dyn Frontend>)
             .map_err(|e| failed(format!("{}: {e}", export.transport)))
         };
         match &export.transport {
             Transport::VhostUser { socket } => {
                 Server::start(socket, device.clone(), self.reactors.clone())
-                    .map(Frontend::VhostUser)
+                    .map(|server| Box::new(server) as Box<dyn Frontend>)
                     .map_err(|e| failed(e.to_string()))
             }
             Transport::XenLoopback { dir, domid, devid } => {
@@ -584,6 +534,14 @@ impl Daemon {
             #[cfg(not(feature = "xen"))]
             Transport::Xen { .. } => unreachable!("xen-blkif parses only with the xen feature"),
         }
+    }
+}
+
+/// A pause or resume the disk's transport refused.
+fn refused(name: &str, what: &str, why: Refused) -> DaemonError {
+    match why {
+        Refused::Unsupported(e) => DaemonError::Invalid(format!("{name}: {what} is {}", e.0)),
+        Refused::Invalid(e) => DaemonError::Invalid(e),
     }
 }
 

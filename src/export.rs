@@ -128,292 +128,316 @@ fn parse_on_off(key: &str, value: &str) -> Result<bool, String> {
     }
 }
 
+/// Every option an export takes; `null` is the one without a value.
+const KNOWN_OPTIONS: [&str; 22] = [
+    "socket",
+    "dir",
+    "domid",
+    "devid",
+    "file",
+    "null",
+    "size",
+    "read-zeroes",
+    "latency-ns",
+    "pool",
+    "volume",
+    "rbd",
+    "ceph-conf",
+    "client",
+    "rbd-timeout",
+    "num-queues",
+    "readonly",
+    "block-size",
+    "serial",
+    "provision",
+    "guest-stats",
+    "guest-stats-bit",
+];
+
+/// The `key=value` options of a spec, checked for known keys and present values up front;
+/// the parsers of the transport, the volume and the disk each read their own.
+struct Options<'a> {
+    parts: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Options<'a> {
+    fn parse(parts: impl Iterator<Item = &'a str>) -> Result<Options<'a>, String> {
+        let mut checked = Vec::new();
+        for part in parts {
+            let (key, value) = part.split_once('=').unwrap_or((part, ""));
+            let known = KNOWN_OPTIONS.contains(&key) && (key != "null" || value.is_empty());
+            if !known {
+                return Err(format!("unknown export option {part:?}"));
+            }
+            if key != "null" && value.is_empty() {
+                return Err(format!("{key} needs a value ({key}=...)"));
+            }
+            checked.push((key, value));
+        }
+        Ok(Options { parts: checked })
+    }
+
+    /// The value of `key` (the last one given).
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.parts
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+            .map(|&(_, v)| v)
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn path(&self, key: &str) -> Option<PathBuf> {
+        self.get(key).map(PathBuf::from)
+    }
+
+    fn on_off(&self, key: &str) -> Result<Option<bool>, String> {
+        self.get(key).map(|v| parse_on_off(key, v)).transpose()
+    }
+
+    /// A number in `range`, or an error saying what was expected.
+    fn number<T>(
+        &self,
+        key: &str,
+        range: std::ops::RangeInclusive<T>,
+        expected: &str,
+    ) -> Result<Option<T>, String>
+    where
+        T: std::str::FromStr + PartialOrd,
+    {
+        self.get(key)
+            .map(|v| {
+                v.parse::<T>()
+                    .ok()
+                    .filter(|n| range.contains(n))
+                    .ok_or_else(|| format!("{key}={v}: expected {expected}"))
+            })
+            .transpose()
+    }
+
+    /// Fails with `why` if any of `keys` was given.
+    fn refuse(&self, keys: &[&str], why: &str) -> Result<(), String> {
+        match keys.iter().any(|k| self.has(k)) {
+            true => Err(why.to_string()),
+            false => Ok(()),
+        }
+    }
+}
+
+/// The export types this build serves.
+fn check_kind(kind: &str) -> Result<(), String> {
+    match kind {
+        "vhost-user-blk" | "xen-blkif-loopback" => Ok(()),
+        "xen-blkif" if cfg!(feature = "xen") => Ok(()),
+        "xen-blkif" => Err(
+            "xen-blkif (real Xen) needs a pollblk built with the xen feature \
+             (cargo build --features xen, with libxen-dev); without a hypervisor \
+             use xen-blkif-loopback,dir=PATH,..."
+                .into(),
+        ),
+        other => Err(format!(
+            "unknown export type {other:?}: the supported types are vhost-user-blk \
+             and xen-blkif-loopback"
+        )),
+    }
+}
+
+/// `vhost-user-blk,socket=PATH`.
+fn vhost_user_transport(opts: &Options) -> Result<Transport, String> {
+    opts.refuse(
+        &["dir", "domid", "devid"],
+        "dir=, domid= and devid= go with the Xen exports",
+    )?;
+    let socket = opts.path("socket").ok_or("socket=PATH is required")?;
+    Ok(Transport::VhostUser { socket })
+}
+
+/// `xen-blkif-loopback,dir=PATH,domid=N,devid=N` and `xen-blkif,domid=N,devid=N`.
+fn xen_transport(kind: &str, opts: &Options) -> Result<Transport, String> {
+    opts.refuse(
+        &["socket"],
+        "socket= goes with vhost-user-blk, not with the Xen exports",
+    )?;
+    opts.refuse(
+        &["guest-stats", "provision"],
+        "guest-stats= and provision= are virtio-blk features: not for Xen",
+    )?;
+    let domid = opts
+        .number("domid", 1..=0x7fef, "1 to 32751")?
+        .ok_or("domid=N (the front end's domain) is required")?;
+    let devid = opts
+        .number("devid", 0..=u32::MAX, "a device number")?
+        .ok_or("devid=N (the virtual device number) is required")?;
+    match (kind, opts.path("dir")) {
+        ("xen-blkif", None) => Ok(Transport::Xen { domid, devid }),
+        ("xen-blkif", Some(_)) => Err("dir= goes with xen-blkif-loopback".into()),
+        (_, dir) => Ok(Transport::XenLoopback {
+            dir: dir.ok_or("dir=PATH (where the loopback store's socket goes) is required")?,
+            domid,
+            devid,
+        }),
+    }
+}
+
+/// The volume: exactly one of file=, null, pool=+volume=, rbd=.
+fn parse_volume(opts: &Options, block_size: u32) -> Result<Volume, String> {
+    if !opts.has("rbd") {
+        opts.refuse(
+            &["ceph-conf", "client", "rbd-timeout"],
+            "ceph-conf=, client= and rbd-timeout= go with rbd=POOL/IMAGE",
+        )?;
+    }
+    if !opts.has("null") {
+        opts.refuse(
+            &["read-zeroes", "latency-ns"],
+            "read-zeroes= and latency-ns= go with null",
+        )?;
+    }
+    if opts.has("file") && opts.has("null") {
+        return Err("give either file=PATH or null, not both".into());
+    }
+    let thin = opts.has("pool") || opts.has("volume");
+    let kinds = [opts.has("file"), opts.has("null"), thin, opts.has("rbd")];
+    if kinds.iter().filter(|&&given| given).count() > 1 {
+        return Err(
+            "give one volume: file=PATH, null, pool=DIR,volume=NAME or rbd=POOL/IMAGE".into(),
+        );
+    }
+    if !opts.has("null") {
+        opts.refuse(
+            &["size"],
+            "size= goes with null; a file's size is its length",
+        )?;
+    }
+    match kinds {
+        [true, ..] => Ok(Volume::File(opts.path("file").expect("given"))),
+        [_, true, ..] => null_volume(opts, block_size),
+        [_, _, true, _] => thin_volume(opts),
+        [.., true] => rbd_volume(opts),
+        _ => Err("a volume is required: file=PATH, null or pool=DIR,volume=NAME".into()),
+    }
+}
+
+/// `null,size=BYTES[,read-zeroes=on|off][,latency-ns=N]`.
+fn null_volume(opts: &Options, block_size: u32) -> Result<Volume, String> {
+    let size_bytes = parse_size(opts.get("size").ok_or("null needs size=BYTES")?)?;
+    if size_bytes == 0 || size_bytes % u64::from(block_size) != 0 {
+        return Err(format!(
+            "size {size_bytes} is not a non-zero multiple of the block size {block_size}"
+        ));
+    }
+    Ok(Volume::Null {
+        size_bytes,
+        read_zeroes: opts.on_off("read-zeroes")?.unwrap_or(true),
+        latency_ns: opts
+            .number("latency-ns", 0..=60_000_000_000, "0 to 60e9")?
+            .unwrap_or(0),
+    })
+}
+
+/// `pool=DIR,volume=NAME`.
+fn thin_volume(opts: &Options) -> Result<Volume, String> {
+    match (opts.path("pool"), opts.get("volume")) {
+        (Some(pool), Some(volume)) => Ok(Volume::Thin {
+            pool,
+            volume: volume.to_string(),
+        }),
+        _ => Err("pool=DIR and volume=NAME go together".into()),
+    }
+}
+
+/// `rbd=POOL/IMAGE[,ceph-conf=PATH][,client=NAME][,rbd-timeout=SECS]`.
+fn rbd_volume(opts: &Options) -> Result<Volume, String> {
+    let value = opts.get("rbd").expect("given");
+    let (pool, image) = value
+        .split_once('/')
+        .filter(|(p, i)| !p.is_empty() && !i.is_empty() && !i.contains('/'))
+        .ok_or_else(|| format!("rbd={value}: expected POOL/IMAGE"))?;
+    Ok(Volume::Rbd(RbdVolume {
+        pool: pool.to_string(),
+        image: image.to_string(),
+        conf: opts.path("ceph-conf"),
+        client: opts.get("client").map(str::to_string),
+        timeout_secs: opts
+            .number("rbd-timeout", 1..=3600, "1 to 3600 seconds")?
+            .unwrap_or(DEFAULT_RBD_TIMEOUT_SECS),
+    }))
+}
+
+/// `block-size=512|4096`.
+fn parse_block_size(opts: &Options) -> Result<u32, String> {
+    match opts.get("block-size") {
+        None | Some("512") => Ok(512),
+        Some("4096") => Ok(4096),
+        Some(value) => Err(format!("block-size={value}: expected 512 or 4096")),
+    }
+}
+
+/// `serial=ID`: the GET_ID answer.
+fn parse_serial(opts: &Options) -> Result<Option<String>, String> {
+    match opts.get("serial") {
+        Some(id) if id.len() > 20 || !id.is_ascii() => {
+            Err(format!("serial={id}: at most 20 ASCII characters"))
+        }
+        id => Ok(id.map(str::to_string)),
+    }
+}
+
+/// `guest-stats=on[,guest-stats-bit=N]`: the stats virtqueue's feature bit, if offered.
+fn parse_guest_stats(opts: &Options) -> Result<Option<u32>, String> {
+    let expected = format!(
+        "{} to {} (unassigned device feature bits)",
+        GUEST_STATS_BITS.start(),
+        GUEST_STATS_BITS.end()
+    );
+    let bit = opts.number("guest-stats-bit", GUEST_STATS_BITS, &expected)?;
+    let on = opts.on_off("guest-stats")?.unwrap_or(false);
+    if bit.is_some() && !on {
+        return Err("guest-stats-bit= goes with guest-stats=on".into());
+    }
+    Ok(on.then(|| bit.unwrap_or(pollblk_engine::device::GuestStatsOptions::DEFAULT_FEATURE_BIT)))
+}
+
 impl std::str::FromStr for Export {
     type Err = String;
 
     fn from_str(spec: &str) -> Result<Export, String> {
         let mut parts = spec.split(',');
         let kind = parts.next().expect("split yields at least one part");
-        match kind {
-            "vhost-user-blk" | "xen-blkif-loopback" => {}
-            "xen-blkif" if cfg!(feature = "xen") => {}
-            "xen-blkif" => {
-                return Err(
-                    "xen-blkif (real Xen) needs a pollblk built with the xen feature \
-                     (cargo build --features xen, with libxen-dev); without a hypervisor \
-                     use xen-blkif-loopback,dir=PATH,..."
-                        .into(),
-                )
-            }
-            other => {
-                return Err(format!(
-                    "unknown export type {other:?}: the supported types are vhost-user-blk \
-                     and xen-blkif-loopback"
-                ))
-            }
-        }
-        let mut socket = None;
-        let mut dir = None;
-        let mut domid = None;
-        let mut devid = None;
-        let mut file = None;
-        let mut null = false;
-        let mut size = None;
-        let mut read_zeroes = None;
-        let mut latency_ns = None;
-        let mut pool = None;
-        let mut pool_volume = None;
-        let mut num_queues = None;
-        let mut readonly = false;
-        let mut block_size = 512;
-        let mut serial = None;
-        let mut provision = false;
-        let mut guest_stats = false;
-        let mut guest_stats_bit = None;
-        let mut rbd = None;
-        let mut ceph_conf = None;
-        let mut client = None;
-        let mut rbd_timeout = None;
-        for part in parts {
-            let (key, value) = part.split_once('=').unwrap_or((part, ""));
-            let need_value = || {
-                if value.is_empty() {
-                    Err(format!("{key} needs a value ({key}=...)"))
-                } else {
-                    Ok(value)
-                }
-            };
-            match key {
-                "socket" => socket = Some(PathBuf::from(need_value()?)),
-                "dir" => dir = Some(PathBuf::from(need_value()?)),
-                "domid" => {
-                    domid = Some(
-                        need_value()?
-                            .parse::<u32>()
-                            .ok()
-                            .filter(|d| (1..0x7ff0).contains(d))
-                            .ok_or_else(|| format!("domid={value}: expected 1 to 32751"))?,
-                    )
-                }
-                "devid" => {
-                    devid = Some(
-                        need_value()?
-                            .parse::<u32>()
-                            .map_err(|_| format!("devid={value}: expected a device number"))?,
-                    )
-                }
-                "file" => file = Some(PathBuf::from(need_value()?)),
-                "null" if value.is_empty() => null = true,
-                "size" => size = Some(parse_size(need_value()?)?),
-                "read-zeroes" => read_zeroes = Some(parse_on_off(key, need_value()?)?),
-                "latency-ns" => {
-                    latency_ns = Some(
-                        need_value()?
-                            .parse::<u64>()
-                            .ok()
-                            .filter(|n| *n <= 60_000_000_000)
-                            .ok_or_else(|| format!("latency-ns={value}: expected 0 to 60e9"))?,
-                    )
-                }
-                "pool" => pool = Some(PathBuf::from(need_value()?)),
-                "volume" => pool_volume = Some(need_value()?.to_string()),
-                "num-queues" => {
-                    num_queues = need_value()?
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=MAX_NUM_QUEUES).contains(n))
-                        .map(Some)
-                        .ok_or_else(|| {
-                            format!("num-queues={value}: expected 1 to {MAX_NUM_QUEUES}")
-                        })?
-                }
-                "readonly" => readonly = parse_on_off(key, need_value()?)?,
-                "provision" => provision = parse_on_off(key, need_value()?)?,
-                "rbd" => {
-                    let (pool, image) = need_value()?
-                        .split_once('/')
-                        .filter(|(p, i)| !p.is_empty() && !i.is_empty() && !i.contains('/'))
-                        .ok_or_else(|| format!("rbd={value}: expected POOL/IMAGE"))?;
-                    rbd = Some((pool.to_string(), image.to_string()));
-                }
-                "ceph-conf" => ceph_conf = Some(PathBuf::from(need_value()?)),
-                "client" => client = Some(need_value()?.to_string()),
-                "rbd-timeout" => {
-                    rbd_timeout = Some(
-                        need_value()?
-                            .parse::<u64>()
-                            .ok()
-                            .filter(|s| (1..=3600).contains(s))
-                            .ok_or_else(|| {
-                                format!("rbd-timeout={value}: expected 1 to 3600 seconds")
-                            })?,
-                    )
-                }
-                "guest-stats" => guest_stats = parse_on_off(key, need_value()?)?,
-                "guest-stats-bit" => {
-                    guest_stats_bit = Some(
-                        need_value()?
-                            .parse()
-                            .ok()
-                            .filter(|b| GUEST_STATS_BITS.contains(b))
-                            .ok_or_else(|| {
-                                format!(
-                                    "guest-stats-bit={value}: expected {} to {} (unassigned \
-                                     device feature bits)",
-                                    GUEST_STATS_BITS.start(),
-                                    GUEST_STATS_BITS.end()
-                                )
-                            })?,
-                    )
-                }
-                "block-size" => {
-                    block_size = match need_value()? {
-                        "512" => 512,
-                        "4096" => 4096,
-                        _ => return Err(format!("block-size={value}: expected 512 or 4096")),
-                    }
-                }
-                "serial" => {
-                    let id = need_value()?;
-                    if id.len() > 20 || !id.is_ascii() {
-                        return Err(format!("serial={id}: at most 20 ASCII characters"));
-                    }
-                    serial = Some(id.to_string());
-                }
-                _ => return Err(format!("unknown export option {part:?}")),
-            }
-        }
-        let transport = if kind == "vhost-user-blk" {
-            if dir.is_some() || domid.is_some() || devid.is_some() {
-                return Err("dir=, domid= and devid= go with the Xen exports".into());
-            }
-            Transport::VhostUser {
-                socket: socket.ok_or("socket=PATH is required")?,
-            }
-        } else {
-            if socket.is_some() {
-                return Err("socket= goes with vhost-user-blk, not with the Xen exports".into());
-            }
-            if guest_stats || provision {
-                return Err(
-                    "guest-stats= and provision= are virtio-blk features: not for Xen".into(),
-                );
-            }
-            let domid = domid.ok_or("domid=N (the front end's domain) is required")?;
-            let devid = devid.ok_or("devid=N (the virtual device number) is required")?;
-            match (kind, dir) {
-                ("xen-blkif", None) => Transport::Xen { domid, devid },
-                ("xen-blkif", Some(_)) => return Err("dir= goes with xen-blkif-loopback".into()),
-                (_, dir) => Transport::XenLoopback {
-                    dir: dir
-                        .ok_or("dir=PATH (where the loopback store's socket goes) is required")?,
-                    domid,
-                    devid,
-                },
-            }
+        check_kind(kind)?;
+        let opts = Options::parse(parts)?;
+        let transport = match kind {
+            "vhost-user-blk" => vhost_user_transport(&opts)?,
+            _ => xen_transport(kind, &opts)?,
         };
-        let num_queues = num_queues.unwrap_or(match transport {
+        let default_queues = match transport {
             Transport::VhostUser { .. } => DEFAULT_NUM_QUEUES,
             Transport::XenLoopback { .. } | Transport::Xen { .. } => DEFAULT_XEN_QUEUES,
-        });
-        if guest_stats_bit.is_some() && !guest_stats {
-            return Err("guest-stats-bit= goes with guest-stats=on".into());
-        }
-        if rbd.is_none() && (ceph_conf.is_some() || client.is_some() || rbd_timeout.is_some()) {
-            return Err("ceph-conf=, client= and rbd-timeout= go with rbd=POOL/IMAGE".into());
-        }
-        if let Some((rbd_pool, rbd_image)) = rbd {
-            if file.is_some()
-                || null
-                || size.is_some()
-                || read_zeroes.is_some()
-                || pool.is_some()
-                || pool_volume.is_some()
-            {
-                return Err(
-                    "give one volume: file=PATH, null, pool=DIR,volume=NAME or rbd=POOL/IMAGE"
-                        .into(),
-                );
-            }
-            if provision {
-                return Err("provision=on: RBD images cannot reserve space".into());
-            }
-            rbd = Some((rbd_pool, rbd_image));
-        }
-        let guest_stats_bit = guest_stats.then(|| {
-            guest_stats_bit
-                .unwrap_or(pollblk_engine::device::GuestStatsOptions::DEFAULT_FEATURE_BIT)
-        });
-        if let Some((pool, image)) = rbd {
-            return Ok(Export {
-                transport,
-                volume: Volume::Rbd(RbdVolume {
-                    pool,
-                    image,
-                    conf: ceph_conf,
-                    client,
-                    timeout_secs: rbd_timeout.unwrap_or(DEFAULT_RBD_TIMEOUT_SECS),
-                }),
-                num_queues,
-                readonly,
-                block_size,
-                serial,
-                provision,
-                guest_stats_bit,
-            });
-        }
-        if pool.is_some() != pool_volume.is_some() {
-            return Err("pool=DIR and volume=NAME go together".into());
-        }
-        if let (Some(pool), Some(volume)) = (pool, pool_volume) {
-            if file.is_some() || null || size.is_some() || read_zeroes.is_some() {
-                return Err("give one volume: file=PATH, null or pool=DIR,volume=NAME".into());
-            }
-            return Ok(Export {
-                transport,
-                volume: Volume::Thin { pool, volume },
-                num_queues,
-                readonly,
-                block_size,
-                serial,
-                provision,
-                guest_stats_bit,
-            });
-        }
-        let volume = match (file, null, size) {
-            (Some(path), false, None) => Volume::File(path),
-            (Some(_), false, Some(_)) => {
-                return Err("size= goes with null; a file's size is its length".into())
-            }
-            (None, true, Some(size_bytes)) => Volume::Null {
-                size_bytes,
-                read_zeroes: read_zeroes.unwrap_or(true),
-                latency_ns: latency_ns.unwrap_or(0),
-            },
-            (None, true, None) => return Err("null needs size=BYTES".into()),
-            (Some(_), true, _) => return Err("give either file=PATH or null, not both".into()),
-            (None, false, _) => {
-                return Err("a volume is required: file=PATH, null or pool=DIR,volume=NAME".into())
-            }
         };
-        if (read_zeroes.is_some() || latency_ns.is_some()) && !matches!(volume, Volume::Null { .. })
-        {
-            return Err("read-zeroes= and latency-ns= go with null".into());
-        }
-        if let Volume::Null { size_bytes, .. } = volume {
-            if size_bytes == 0 || size_bytes % u64::from(block_size) != 0 {
-                return Err(format!(
-                    "size {size_bytes} is not a non-zero multiple of the block size {block_size}"
-                ));
-            }
+        let num_queues = opts
+            .number(
+                "num-queues",
+                1..=MAX_NUM_QUEUES,
+                &format!("1 to {MAX_NUM_QUEUES}"),
+            )?
+            .unwrap_or(default_queues);
+        let block_size = parse_block_size(&opts)?;
+        let provision = opts.on_off("provision")?.unwrap_or(false);
+        let guest_stats_bit = parse_guest_stats(&opts)?;
+        let volume = parse_volume(&opts, block_size)?;
+        if provision && matches!(volume, Volume::Rbd(_)) {
+            return Err("provision=on: RBD images cannot reserve space".into());
         }
         Ok(Export {
             transport,
             volume,
             num_queues,
-            readonly,
+            readonly: opts.on_off("readonly")?.unwrap_or(false),
             block_size,
-            serial,
+            serial: parse_serial(&opts)?,
             provision,
             guest_stats_bit,
         })

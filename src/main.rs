@@ -1,15 +1,28 @@
-//! pollblk: the command line. Everything else lives in the engine and transport crates.
+//! pollblk: the daemon and its command line. The data path lives in the engine and
+//! transport crates; this crate is the host service around them:
+//!
+//! - this file: the CLI (`serve`, `pool`, `stats`, `rpc`) and starting a daemon
+//!   (settings from flags and the config file, reactors, signals, sd_notify);
+//! - `export`: the `--export` grammar; `config`: the TOML config file (and --persist);
+//! - `daemon`: the served disks (volumes opened, transports started through `frontend`);
+//! - `control`: the JSON-RPC control socket; `rpc_cmd`: its command-line client;
+//! - `stats_cmd` / `stats_view`, `pool_cmd` / `pool_view`: the `stats` and `pool` commands,
+//!   and the views of statistics and pools they share with the control socket;
+//! - `logging`, `notify`: logs and systemd readiness.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod config;
 mod control;
 mod daemon;
 mod export;
+mod frontend;
 mod logging;
 mod notify;
 mod pool_cmd;
+mod pool_view;
 mod rpc_cmd;
 mod stats_cmd;
+mod stats_view;
 
 use clap::{Parser, Subcommand};
 use daemon::Daemon;

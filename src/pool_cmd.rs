@@ -1,8 +1,9 @@
 //! `pollblk pool ...`: create and inspect thin pools offline (a pool in use by a running
 //! daemon is locked and refused).
 
+use crate::pool_view::{status_text, status_value};
 use clap::Subcommand;
-use pollblk_engine::thin::{self, Pool, PoolStatus, DEFAULT_BLOCK_SIZE};
+use pollblk_engine::thin::{self, Pool, DEFAULT_BLOCK_SIZE};
 use std::path::PathBuf;
 
 #[derive(Subcommand)]
@@ -126,40 +127,4 @@ pub fn run(command: PoolCommand) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// A pool's status as JSON (`pollblk pool status --json`, the control socket's pool_status).
-pub fn status_value(s: &PoolStatus) -> serde_json::Value {
-    let volumes: Vec<serde_json::Value> = s
-        .volumes
-        .iter()
-        .map(|v| {
-            serde_json::json!({
-                "name": v.name,
-                "size_bytes": v.size_bytes,
-                "mapped_bytes": v.mapped_bytes,
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "block_size": s.block_size,
-        "size_bytes": s.size_bytes,
-        "used_bytes": s.used_bytes,
-        "free_bytes": s.free_bytes,
-        "volumes": volumes,
-    })
-}
-
-fn status_text(s: &PoolStatus) -> String {
-    let mut out = format!(
-        "block size {}, size {}, used {}, free {}\n",
-        s.block_size, s.size_bytes, s.used_bytes, s.free_bytes
-    );
-    for v in &s.volumes {
-        out += &format!(
-            "  volume {}: size {}, mapped {}\n",
-            v.name, v.size_bytes, v.mapped_bytes
-        );
-    }
-    out
 }

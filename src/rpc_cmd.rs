@@ -71,7 +71,7 @@ pub fn run(args: RpcArgs) -> Result<(), String> {
     let mut result = reply.get("result").cloned().unwrap_or(Value::Null);
     if let Some(file) = file {
         // stats_fd: show what the descriptor reads.
-        result["stats"] = crate::stats_cmd::snapshot_file(file)?;
+        result["stats"] = crate::stats_view::snapshot_file(file)?;
     }
     println!(
         "{}",

@@ -19,7 +19,8 @@
 //!   features and config space; [`device`]: a disk as guests see it.
 //! - [`mem`], [`shm`], [`inflight`], [`dirty_log`], [`guest_stats`]: guest memory and the
 //!   regions front ends share; [`stats`]: statistics in KVM's binary stats layout;
-//!   [`clock`]: the nanosecond clock request latencies use.
+//!   [`clock`]: the nanosecond clock request latencies use; [`wait`]: the control plane's
+//!   blocking waits.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -41,3 +42,4 @@ pub mod thin;
 pub mod virtio;
 pub mod virtqueue;
 pub mod volume;
+pub mod wait;

@@ -4,8 +4,9 @@ use crate::backend_channel;
 use crate::handler::{BlkHandler, QueueState};
 use pollblk_engine::device::BlkDevice;
 use pollblk_engine::reactor::ReactorHandle;
+use pollblk_engine::wait::readable_or_shutdown;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -213,30 +214,6 @@ impl Drop for Server {
     }
 }
 
-/// Waits until `fd` is readable; false if the shutdown eventfd fired first.
-fn wait_readable(fd: RawFd, shutdown: &EventFd) -> bool {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: shutdown.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: polls two valid descriptors in a local array.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-            continue;
-        }
-        return fds[1].revents == 0;
-    }
-}
-
 fn accept_loop(
     listener: UnixListener,
     shutdown: &EventFd,
@@ -245,7 +222,7 @@ fn accept_loop(
     reactors: Vec<ReactorHandle>,
 ) {
     let name = device.options().name.clone();
-    while wait_readable(listener.as_raw_fd(), shutdown) {
+    while readable_or_shutdown(listener.as_raw_fd(), shutdown) {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -275,7 +252,7 @@ fn serve_connection(
 ) {
     let fd = stream.as_raw_fd();
     let mut endpoint = BackendReqHandler::from_stream(stream, handler.clone());
-    while wait_readable(fd, shutdown) {
+    while readable_or_shutdown(fd, shutdown) {
         match backend_channel::take_from(fd) {
             Ok(Some(channel)) => {
                 handler.lock().unwrap().set_backend_channel(channel);
