@@ -21,7 +21,7 @@ done
 cargo build --release --quiet -p pollblk -p pollblk-bench
 dir=$(mktemp -d)
 trap 'kill "$daemon" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"' EXIT
-cc -O2 -o "$dir/blkfront" tests/xen/blkfront.c
+cc -O2 -fno-strict-aliasing -o "$dir/blkfront" tests/xen/blkfront.c
 
 volume=null,size=1G,read-zeroes=off
 (cd "$dir" && exec taskset -c 0 "$OLDPWD/target/release/pollblk" serve --cores 0 \

@@ -50,8 +50,9 @@ pub enum Broken {
     AvailIdxJump { avail_idx: u16, last_avail_idx: u16 },
     /// An avail ring entry names a descriptor past the table.
     HeadOutOfRange(u16),
-    /// A request ring's producer index ran more than the ring's size ahead of the consumer.
-    ProducerOverrun { produced: u32, consumed: u32 },
+    /// A request ring's producer index ran more than the ring's size ahead of the responses
+    /// (Xen's RING_REQUEST_PROD_OVERFLOW).
+    ProducerOverrun { produced: u32, answered: u32 },
     /// A descriptor's next field points past its table.
     NextOutOfRange(u16),
     /// The chain is longer than its table: a loop.

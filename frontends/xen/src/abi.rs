@@ -82,7 +82,7 @@ impl Abi {
     }
 
     /// Offset of `id` in read/write/discard requests; the fields after it follow packed.
-    fn id_offset(self) -> usize {
+    pub(crate) fn id_offset(self) -> usize {
         match self {
             Abi::X86_64 => 8,
             Abi::X86_32 => 4,

@@ -6,7 +6,9 @@
 //! when the front end is Initialised (or Connected) it maps the rings and goes Connected; a
 //! front end Closing or Closed makes it disconnect and follow; a front end Initialising again
 //! after Closed makes it offer the device again (InitWait). A front end asking for more than
-//! was offered gets the reason in the back end's `error` key and the back end goes Closing.
+//! was offered is refused as Linux's xenbus_dev_fatal refuses: "ERRNO reason" in
+//! `error/<backend path>/error` (and the reason alone in the back end's own `error` key),
+//! then the back end goes Closing.
 
 use crate::abi::{self, state, Abi};
 use crate::platform::{Platform, XenStore};
@@ -41,6 +43,39 @@ impl VbdAddress {
 
     pub fn frontend_dir(&self) -> String {
         format!("/local/domain/{}/device/vbd/{}", self.domid, self.devid)
+    }
+
+    /// Where xenbus_dev_fatal reports a dom0 back end's failure: `error/<nodename>/error`,
+    /// relative to the back end's domain.
+    pub fn error_key(&self) -> String {
+        format!(
+            "/local/domain/0/error/backend/vbd/{}/{}/error",
+            self.domid, self.devid
+        )
+    }
+}
+
+/// Why a front end was refused: an errno for xenbus_dev_fatal's "%i " and the reason.
+struct Refusal {
+    errno: i32,
+    why: String,
+}
+
+impl Refusal {
+    /// The front end asked for something this back end does not offer.
+    fn invalid(why: String) -> Refusal {
+        Refusal {
+            errno: libc::EINVAL,
+            why,
+        }
+    }
+
+    /// Its rings or channels could not be set up.
+    fn io(why: String) -> Refusal {
+        Refusal {
+            errno: libc::EIO,
+            why,
+        }
     }
 }
 
@@ -152,6 +187,13 @@ impl Handshake {
             store.write(&self.fe("backend-id"), "0")?;
             store.write(&self.be("frontend"), &self.address.frontend_dir())?;
             store.write(&self.be("frontend-id"), &self.address.domid.to_string())?;
+            // The toolstack's access mode, which blkback serves read-only without a 'w'.
+            let mode = if self.device.options().readonly {
+                "r"
+            } else {
+                "w"
+            };
+            store.write(&self.be("mode"), mode)?;
         }
         self.set_state(state::INITIALISING)?;
         let store = self.platform.store();
@@ -235,19 +277,15 @@ impl Handshake {
             return Ok(());
         }
         match (front, self.state) {
-            (state::INITIALISED | state::CONNECTED, state::INIT_WAIT) => match self
-                .connect()
-                .and_then(|()| self.write_disk_info().map_err(|e| e.to_string()))
-            {
-                Ok(()) => self.set_state(state::CONNECTED),
-                Err(why) => {
-                    self.disconnect();
-                    tracing::warn!(domid = self.address.domid, devid = self.address.devid,
-                            %why, "blkif front end refused");
-                    self.store().write(&self.be("error"), &why)?;
-                    self.set_state(state::CLOSING)
+            (state::INITIALISED | state::CONNECTED, state::INIT_WAIT) => {
+                match self.connect().and_then(|()| {
+                    self.write_disk_info()
+                        .map_err(|e| Refusal::io(e.to_string()))
+                }) {
+                    Ok(()) => self.set_state(state::CONNECTED),
+                    Err(refusal) => self.refuse(refusal),
                 }
-            },
+            }
             (state::CLOSING, s) if s != state::CLOSING && s != state::CLOSED => {
                 self.disconnect();
                 self.set_state(state::CLOSING)
@@ -268,83 +306,132 @@ impl Handshake {
                     return self.set_state(state::CLOSING);
                 }
                 self.store().remove(&self.be("error"))?;
+                self.store().remove(&self.address.error_key())?;
                 self.set_state(state::INIT_WAIT)
             }
             _ => Ok(()),
         }
     }
 
+    /// Tells the front end why it is refused, as xenbus_dev_fatal does, and goes Closing.
+    fn refuse(&mut self, refusal: Refusal) -> io::Result<()> {
+        self.disconnect();
+        let Refusal { errno, why } = refusal;
+        tracing::warn!(domid = self.address.domid, devid = self.address.devid, %why,
+            "blkif front end refused");
+        self.store()
+            .write(&self.address.error_key(), &format!("{errno} {why}"))?;
+        self.store().write(&self.be("error"), &why)?;
+        self.set_state(state::CLOSING)
+    }
+
     /// A front-end key as a number.
-    fn fe_number(&self, key: &str) -> Result<Option<u32>, String> {
+    fn fe_number(&self, key: &str) -> Result<Option<u32>, Refusal> {
         match self
             .store()
             .read(&self.fe(key))
-            .map_err(|e| e.to_string())?
+            .map_err(|e| Refusal::io(e.to_string()))?
         {
             None => Ok(None),
             Some(v) => v
                 .trim()
                 .parse()
                 .map(Some)
-                .map_err(|_| format!("{key}={v:?} is not a number")),
+                .map_err(|_| Refusal::invalid(format!("{key}={v:?} is not a number"))),
         }
     }
 
-    /// Maps every ring the front end set up and hands them to the reactors.
-    fn connect(&mut self) -> Result<(), String> {
+    /// A toolstack's `mode` without 'w' asks for a read-only disk (blkback's rule); a
+    /// writable export is not quietly served writable against it.
+    fn check_mode(&self) -> Result<(), Refusal> {
+        let mode = self
+            .store()
+            .read(&self.be("mode"))
+            .map_err(|e| Refusal::io(e.to_string()))?;
+        match mode {
+            Some(mode) if !mode.contains('w') && !self.device.options().readonly => {
+                Err(Refusal::invalid(format!(
+                    "the toolstack's mode is {mode:?} (read-only) but the disk is exported \
+                     writable: export it with readonly=on"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// What the front end asks for, checked against what was offered: (queues, ring page
+    /// order, ABI).
+    fn negotiate(&self) -> Result<(u32, u32, Abi), Refusal> {
+        self.check_mode()?;
         let max_queues = u32::from(self.device.options().num_queues);
         let queues = self.fe_number("multi-queue-num-queues")?.unwrap_or(1);
         if queues == 0 || queues > max_queues {
-            return Err(format!(
+            return Err(Refusal::invalid(format!(
                 "multi-queue-num-queues={queues}: this back end offers 1 to {max_queues}"
-            ));
+            )));
         }
         let order = self.fe_number("ring-page-order")?.unwrap_or(0);
         if order > abi::MAX_RING_PAGE_ORDER {
-            return Err(format!(
+            return Err(Refusal::invalid(format!(
                 "ring-page-order={order}: this back end offers at most {}",
                 abi::MAX_RING_PAGE_ORDER
-            ));
+            )));
         }
         if self.platform.needs_persistent_grants()
             && self.fe_number("feature-persistent")? != Some(1)
         {
-            return Err("this back end needs feature-persistent=1 from the front end".into());
+            return Err(Refusal::invalid(
+                "this back end needs feature-persistent=1 from the front end".into(),
+            ));
         }
         let protocol = self
             .store()
             .read(&self.fe("protocol"))
-            .map_err(|e| e.to_string())?;
-        let abi = Abi::from_protocol(protocol.as_deref())?;
-        let domid = self.address.domid;
-        let pages = 1usize << order;
-        for q in 0..queues {
-            // One queue: the keys at the top; more: under queue-N (blkif.h).
-            let prefix = if queues == 1 {
-                String::new()
+            .map_err(|e| Refusal::io(e.to_string()))?;
+        let abi = Abi::from_protocol(protocol.as_deref()).map_err(Refusal::invalid)?;
+        Ok((queues, order, abi))
+    }
+
+    /// Maps ring `q` (under `prefix`) and its event channel: the ring, ready to attach.
+    fn map_ring(&self, q: u32, queues: u32, order: u32, abi: Abi) -> Result<BlkifRing, Refusal> {
+        // One queue: the keys at the top; more: under queue-N (blkif.h).
+        let prefix = if queues == 1 {
+            String::new()
+        } else {
+            format!("queue-{q}/")
+        };
+        let missing = |key: &str| Refusal::invalid(format!("{key} is missing"));
+        let mut refs = Vec::with_capacity(1 << order);
+        for k in 0..1u32 << order {
+            let key = if order == 0 {
+                format!("{prefix}ring-ref")
             } else {
-                format!("queue-{q}/")
+                format!("{prefix}ring-ref{k}")
             };
-            let mut refs = Vec::with_capacity(pages);
-            for k in 0..pages {
-                let key = if order == 0 {
-                    format!("{prefix}ring-ref")
-                } else {
-                    format!("{prefix}ring-ref{k}")
-                };
-                refs.push(self.fe_number(&key)?.ok_or(format!("{key} is missing"))?);
-            }
-            let key = format!("{prefix}event-channel");
-            let port = self.fe_number(&key)?.ok_or(format!("{key} is missing"))?;
-            let mut grants = self.platform.grants(domid).map_err(|e| e.to_string())?;
-            let mapped = grants
-                .map_ring(&refs)
-                .map_err(|e| format!("mapping ring {q}: {e}"))?;
-            let events = self
-                .platform
-                .bind(domid, port)
-                .map_err(|e| format!("binding event channel {port}: {e}"))?;
-            let ring = BlkifRing::new(mapped, abi, grants, events);
+            refs.push(self.fe_number(&key)?.ok_or_else(|| missing(&key))?);
+        }
+        let key = format!("{prefix}event-channel");
+        let port = self.fe_number(&key)?.ok_or_else(|| missing(&key))?;
+        let domid = self.address.domid;
+        let mut grants = self
+            .platform
+            .grants(domid)
+            .map_err(|e| Refusal::io(e.to_string()))?;
+        let mapped = grants
+            .map_ring(&refs)
+            .map_err(|e| Refusal::io(format!("mapping ring {q}: {e}")))?;
+        let events = self
+            .platform
+            .bind(domid, port)
+            .map_err(|e| Refusal::io(format!("binding event channel {port}: {e}")))?;
+        Ok(BlkifRing::new(mapped, abi, grants, events))
+    }
+
+    /// Maps every ring the front end set up and hands them to the reactors.
+    fn connect(&mut self) -> Result<(), Refusal> {
+        let (queues, order, abi) = self.negotiate()?;
+        for q in 0..queues {
+            let ring = self.map_ring(q, queues, order, abi)?;
             let reactor = self.reactors[q as usize % self.reactors.len()].clone();
             let id = QueueId::fresh();
             let stats = self.device.queue_stats(q as usize).clone();
@@ -352,6 +439,7 @@ impl Handshake {
             reactor.attach_queue(id, Box::new(queue));
             self.rings.push(Attached { id, reactor });
         }
+        let (domid, pages) = (self.address.domid, 1 << order);
         tracing::info!(domid, devid = self.address.devid, queues, ring_pages = pages,
             abi = ?abi, disk = %self.device.options().name, "blkif front end connected");
         Ok(())

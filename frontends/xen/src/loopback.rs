@@ -9,7 +9,8 @@
 //!   end); the answer `ok PORT` is the port to write as event-channel.
 //!
 //! A front end whose connection ends is treated like a destroyed domain: its devices' state
-//! keys go to Closed, so the back end tears their rings down.
+//! keys go to Closed, so the back end tears their rings down, and its keys are removed as a
+//! toolstack removes them (each device keeps `backend`, `backend-id` and `state`).
 
 use crate::abi::{self, PAGE_SIZE};
 use crate::platform::{EventChannel, GrantSpace, Platform, RingPages, XenStore};
@@ -324,17 +325,35 @@ impl Loopback {
             }
         }
         if let Some(domid) = domid {
-            // The domain is gone: its devices close, its grants and channels go.
-            let dir = format!("/local/domain/{domid}/device/vbd");
-            for (path, _) in self.store.list(&dir) {
-                // /local/domain/D/device/vbd/N/state: the device's own state key.
-                if path.ends_with("/state") && path.matches('/').count() == 7 {
-                    let _ = self.store.write(&path, &abi::state::CLOSED.to_string());
-                }
-            }
-            self.domains().remove(&domid);
-            self.domain_left.notify_all();
+            self.depart(domid);
         }
+    }
+
+    /// A domain is gone (its connection ended), as a toolstack destroys one: its devices'
+    /// state goes to Closed (the back ends tear their rings down), then its keys go, all but
+    /// each device's `backend`, `backend-id` and `state`, which the toolstack's device
+    /// entries keep for the next domain of that id; its grants and channels go.
+    fn depart(&self, domid: u32) {
+        let devices = format!("/local/domain/{domid}/device/vbd");
+        for (path, _) in self.store.list(&devices) {
+            // /local/domain/D/device/vbd/N/state: the device's own state key.
+            if path.ends_with("/state") && path.matches('/').count() == 7 {
+                let _ = self.store.write(&path, &abi::state::CLOSED.to_string());
+            }
+        }
+        let toolstack_key = |path: &str| {
+            let rest = path.strip_prefix(&devices).unwrap_or("");
+            let parts: Vec<&str> = rest.split('/').collect();
+            // ["", N, key]: a device's own key.
+            parts.len() == 3 && matches!(parts[2], "backend" | "backend-id" | "state")
+        };
+        for (path, _) in self.store.list(&format!("/local/domain/{domid}")) {
+            if !toolstack_key(&path) {
+                let _ = self.store.remove(&path);
+            }
+        }
+        self.domains().remove(&domid);
+        self.domain_left.notify_all();
     }
 
     fn handle(
@@ -344,62 +363,22 @@ impl Loopback {
         domid: &mut Option<u32>,
     ) -> Result<String, String> {
         let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
-        let path_value = || {
-            let (path, value) = rest.split_once(' ').unwrap_or((rest, ""));
-            if !path.starts_with('/') || path.len() > 1024 {
-                return Err(format!("bad path {path:?}"));
-            }
-            Ok((path, value))
-        };
-        let domain = |domid: &Option<u32>| domid.ok_or_else(|| "say hello DOMID first".to_string());
         match cmd {
-            "hello" => {
-                let id: u32 = rest.parse().map_err(|_| format!("bad domid {rest:?}"))?;
-                if id == 0 {
-                    return Err("domain 0 is the back end".into());
-                }
-                if domid.is_some() {
-                    return Err("hello twice".into());
-                }
-                // One connection per domain: a domain has one grant table and one set of
-                // event channels. A domain id is reused only once its last connection is torn
-                // down, which can lag the front end's exit a little.
-                let (mut domains, _) = self
-                    .domain_left
-                    .wait_timeout_while(self.domains(), DOMAIN_TEARDOWN_WAIT, |d| {
-                        d.contains_key(&id)
-                    })
-                    .unwrap_or_else(|e| e.into_inner());
-                if domains.contains_key(&id) {
-                    return Err(format!("domain {id} is already connected"));
-                }
-                domains.insert(id, Domain::default());
-                *domid = Some(id);
-                Ok("ok".into())
-            }
+            "hello" => self.hello(rest, domid),
             "write" => {
-                let (path, value) = path_value()?;
-                // A front end writes only its own domain's keys, and only so many.
-                let own = format!("/local/domain/{}/", domain(domid)?);
-                if !path.starts_with(&own) {
-                    return Err(format!("{path}: a domain writes only under {own}"));
-                }
-                if self.store.list(own.trim_end_matches('/')).len() >= MAX_DOMAIN_KEYS {
-                    return Err("this domain has too many keys".into());
-                }
-                self.store.write(path, value).map_err(|e| e.to_string())?;
-                Ok("ok".into())
+                let (path, value) = path_value(rest)?;
+                self.write_own(path, value, own_dir(domid)?)
             }
             "read" => {
-                let (path, _) = path_value()?;
+                let (path, _) = path_value(rest)?;
                 Ok(match self.store.read(path).map_err(|e| e.to_string())? {
                     Some(v) => format!("ok {v}"),
                     None => "enoent".into(),
                 })
             }
             "rm" => {
-                let (path, _) = path_value()?;
-                let own = format!("/local/domain/{}/", domain(domid)?);
+                let (path, _) = path_value(rest)?;
+                let own = own_dir(domid)?;
                 if !path.starts_with(&own) {
                     return Err(format!("{path}: a domain removes only under {own}"));
                 }
@@ -407,60 +386,125 @@ impl Loopback {
                 Ok("ok".into())
             }
             "wait" => {
-                let (path, value) = path_value()?;
-                let mut seen = 0;
-                loop {
-                    if self.store.read(path).ok().flatten().as_deref() == Some(value) {
-                        return Ok("ok".into());
-                    }
-                    if conn.hung_up() {
-                        return Err("the front end went away".into());
-                    }
-                    seen = self
-                        .store
-                        .wait_change(path, seen, Duration::from_secs(1))
-                        .map_err(|e| e.to_string())?;
-                }
+                let (path, value) = path_value(rest)?;
+                self.wait(path, value, conn)
             }
-            "grants" => {
-                let id = domain(domid)?;
-                let fd = conn.take_fd().ok_or("grants needs a memfd (SCM_RIGHTS)")?;
-                let grants = MemfdGrants::new(File::from(fd)).map_err(|e| e.to_string())?;
-                let pages = grants.pages;
-                self.domains().entry(id).or_default().grants = Some(Arc::new(grants));
-                Ok(format!("ok {pages}"))
-            }
-            "evtchn" => {
-                let id = domain(domid)?;
-                let (Some(to_back), Some(to_front)) = (conn.take_fd(), conn.take_fd()) else {
-                    return Err("evtchn needs two eventfds (SCM_RIGHTS)".into());
-                };
-                for fd in [&to_back, &to_front] {
-                    checked_eventfd(fd).map_err(|e| e.to_string())?;
-                }
-                // SAFETY: checked to be eventfds (made non-blocking); we own them now.
-                let (to_back, to_front) = unsafe {
-                    use std::os::fd::IntoRawFd;
-                    (
-                        EventFd::from_raw_fd(to_back.into_raw_fd()),
-                        EventFd::from_raw_fd(to_front.into_raw_fd()),
-                    )
-                };
-                let mut domains = self.domains();
-                let domain = domains.entry(id).or_default();
-                if domain.channels.len() >= MAX_CHANNELS {
-                    return Err("too many event channels".into());
-                }
-                domain.next_port += 1;
-                let port = domain.next_port;
-                domain
-                    .channels
-                    .insert(port, (Arc::new(to_back), Arc::new(to_front)));
-                Ok(format!("ok {port}"))
-            }
+            "grants" => self.grants_from(conn, domain_of(domid)?),
+            "evtchn" => self.channel_from(conn, domain_of(domid)?),
             _ => Err(format!("unknown command {cmd:?}")),
         }
     }
+
+    /// `hello DOMID`: the connection speaks for that domain from now on.
+    fn hello(&self, rest: &str, domid: &mut Option<u32>) -> Result<String, String> {
+        let id: u32 = rest.parse().map_err(|_| format!("bad domid {rest:?}"))?;
+        if id == 0 {
+            return Err("domain 0 is the back end".into());
+        }
+        if domid.is_some() {
+            return Err("hello twice".into());
+        }
+        // One connection per domain: a domain has one grant table and one set of event
+        // channels. A domain id is reused only once its last connection is torn down, which
+        // can lag the front end's exit a little.
+        let (mut domains, _) = self
+            .domain_left
+            .wait_timeout_while(self.domains(), DOMAIN_TEARDOWN_WAIT, |d| {
+                d.contains_key(&id)
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        if domains.contains_key(&id) {
+            return Err(format!("domain {id} is already connected"));
+        }
+        domains.insert(id, Domain::default());
+        *domid = Some(id);
+        Ok("ok".into())
+    }
+
+    /// `write PATH VALUE`: a front end writes only its own domain's keys, and only so many.
+    fn write_own(&self, path: &str, value: &str, own: String) -> Result<String, String> {
+        if !path.starts_with(&own) {
+            return Err(format!("{path}: a domain writes only under {own}"));
+        }
+        if self.store.list(own.trim_end_matches('/')).len() >= MAX_DOMAIN_KEYS {
+            return Err("this domain has too many keys".into());
+        }
+        self.store.write(path, value).map_err(|e| e.to_string())?;
+        Ok("ok".into())
+    }
+
+    /// `wait PATH VALUE`: blocks until PATH holds VALUE (or the front end hangs up).
+    fn wait(&self, path: &str, value: &str, conn: &mut Connection) -> Result<String, String> {
+        let mut seen = 0;
+        loop {
+            if self.store.read(path).ok().flatten().as_deref() == Some(value) {
+                return Ok("ok".into());
+            }
+            if conn.hung_up() {
+                return Err("the front end went away".into());
+            }
+            seen = self
+                .store
+                .wait_change(path, seen, Duration::from_secs(1))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+
+    /// `grants` with a memfd: page N of it is grant ref N.
+    fn grants_from(&self, conn: &mut Connection, id: u32) -> Result<String, String> {
+        let fd = conn.take_fd().ok_or("grants needs a memfd (SCM_RIGHTS)")?;
+        let grants = MemfdGrants::new(File::from(fd)).map_err(|e| e.to_string())?;
+        let pages = grants.pages;
+        self.domains().entry(id).or_default().grants = Some(Arc::new(grants));
+        Ok(format!("ok {pages}"))
+    }
+
+    /// `evtchn` with two eventfds (to the back end, to the front end): a new port.
+    fn channel_from(&self, conn: &mut Connection, id: u32) -> Result<String, String> {
+        let (Some(to_back), Some(to_front)) = (conn.take_fd(), conn.take_fd()) else {
+            return Err("evtchn needs two eventfds (SCM_RIGHTS)".into());
+        };
+        for fd in [&to_back, &to_front] {
+            checked_eventfd(fd).map_err(|e| e.to_string())?;
+        }
+        // SAFETY: checked to be eventfds (made non-blocking); we own them now.
+        let (to_back, to_front) = unsafe {
+            use std::os::fd::IntoRawFd;
+            (
+                EventFd::from_raw_fd(to_back.into_raw_fd()),
+                EventFd::from_raw_fd(to_front.into_raw_fd()),
+            )
+        };
+        let mut domains = self.domains();
+        let domain = domains.entry(id).or_default();
+        if domain.channels.len() >= MAX_CHANNELS {
+            return Err("too many event channels".into());
+        }
+        domain.next_port += 1;
+        let port = domain.next_port;
+        domain
+            .channels
+            .insert(port, (Arc::new(to_back), Arc::new(to_front)));
+        Ok(format!("ok {port}"))
+    }
+}
+
+/// A request's `PATH [VALUE]`.
+fn path_value(rest: &str) -> Result<(&str, &str), String> {
+    let (path, value) = rest.split_once(' ').unwrap_or((rest, ""));
+    if !path.starts_with('/') || path.len() > 1024 {
+        return Err(format!("bad path {path:?}"));
+    }
+    Ok((path, value))
+}
+
+fn domain_of(domid: &Option<u32>) -> Result<u32, String> {
+    domid.ok_or_else(|| "say hello DOMID first".to_string())
+}
+
+/// The directory a connection's domain owns.
+fn own_dir(domid: &Option<u32>) -> Result<String, String> {
+    Ok(format!("/local/domain/{}/", domain_of(domid)?))
 }
 
 impl Platform for Loopback {
@@ -489,6 +533,12 @@ impl Platform for Loopback {
             to_back: to_back.try_clone()?,
             to_front: to_front.try_clone()?,
         }))
+    }
+
+    /// Loopback grants are mapped once, for as long as the front end's memfd lives: they
+    /// are persistent by construction, as on real Xen, and front ends must say so.
+    fn needs_persistent_grants(&self) -> bool {
+        true
     }
 }
 
@@ -647,5 +697,44 @@ mod tests {
         // A live connection still owns its domain id.
         let third = UnixStream::connect(loopback.socket()).unwrap();
         assert_eq!(say(&third, "hello 1"), "err domain 1 is already connected");
+    }
+
+    #[test]
+    fn a_departed_domain_leaves_only_the_toolstack_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let loopback = Loopback::start(dir.path()).unwrap();
+        let device = "/local/domain/1/device/vbd/51712";
+        let store = loopback.store_handle();
+        store
+            .write(
+                &format!("{device}/backend"),
+                "/local/domain/0/backend/vbd/1/51712",
+            )
+            .unwrap();
+        let first = UnixStream::connect(loopback.socket()).unwrap();
+        assert_eq!(say(&first, "hello 1"), "ok");
+        for line in [
+            format!("write {device}/state 4"),
+            format!("write {device}/multi-queue-num-queues 2"),
+            format!("write {device}/queue-1/event-channel 2"),
+            "write /local/domain/1/name guest".to_string(),
+        ] {
+            assert_eq!(say(&first, &line), "ok");
+        }
+        drop(first);
+        // The next domain of that id waits for the teardown, then finds what a toolstack
+        // leaves: not the old front end's layout (a front end with fewer queues that does
+        // not clean up after its predecessor would be refused otherwise).
+        let second = UnixStream::connect(loopback.socket()).unwrap();
+        assert_eq!(say(&second, "hello 1"), "ok");
+        let read = |key: &str| say(&second, &format!("read {key}"));
+        assert_eq!(read(&format!("{device}/multi-queue-num-queues")), "enoent");
+        assert_eq!(read(&format!("{device}/queue-1/event-channel")), "enoent");
+        assert_eq!(read("/local/domain/1/name"), "enoent");
+        assert_eq!(
+            read(&format!("{device}/backend")),
+            "ok /local/domain/0/backend/vbd/1/51712"
+        );
+        assert_eq!(read(&format!("{device}/state")), "ok 6");
     }
 }

@@ -132,49 +132,22 @@ impl BlkifRing {
         Ok(())
     }
 
-    /// Turns a copied request into the engine's request, its buffers into `segs`.
+    /// Turns a copied request into the engine's request, its buffers into `segs`. What is
+    /// refused, and with which status, follows xen-blkback (README's Xen table).
     fn decode(
         &mut self,
         slot: u32,
         req: &abi::Request,
         segs: &mut Segments,
     ) -> Result<blk::Request, Status> {
-        let data_request = |kind, segs: &Segments, fua| {
-            if segs.fault().is_some() {
-                return Err(Status::IoError);
-            }
-            let data_len = segs.iovecs().iter().map(|v| v.iov_len as u64).sum();
-            Ok(blk::Request {
-                kind,
-                sector: req.sector,
-                data: 0..segs.iovecs().len(),
-                data_len,
-                fua,
-            })
-        };
         match (req.operation, req.body) {
             (op::READ | op::WRITE | op::FLUSH_DISKCACHE, Body::Direct { count, segs: list }) => {
-                let count = usize::from(count);
-                if count > abi::MAX_DIRECT_SEGMENTS {
-                    return Err(Status::IoError);
-                }
-                if req.operation == op::FLUSH_DISKCACHE && count == 0 {
-                    return data_request(RequestKind::Flush, segs, false);
-                }
-                if count == 0 {
-                    return Err(Status::IoError);
-                }
-                let read = req.operation == op::READ;
-                for &seg in &list[..count] {
-                    self.push_segment(seg, read, segs)?;
-                }
-                // FLUSH_DISKCACHE with data is Linux blkfront's preflush + FUA write.
-                let kind = if read {
-                    RequestKind::In
-                } else {
-                    RequestKind::Out
-                };
-                data_request(kind, segs, req.operation == op::FLUSH_DISKCACHE)
+                self.decode_direct(
+                    req,
+                    &list[..usize::from(count).min(list.len())],
+                    count,
+                    segs,
+                )
             }
             (
                 op::INDIRECT,
@@ -183,73 +156,147 @@ impl BlkifRing {
                     count,
                     pages,
                 },
-            ) => {
-                let count = usize::from(count);
-                if !matches!(inner, op::READ | op::WRITE) {
-                    return Err(Status::Unsupported);
-                }
-                if count == 0 || count > abi::MAX_INDIRECT_SEGMENTS {
-                    return Err(Status::IoError);
-                }
-                let used_pages = count.div_ceil(abi::SEGMENTS_PER_INDIRECT_PAGE);
-                for (p, &gref) in pages[..used_pages].iter().enumerate() {
-                    let page = self.grants.page(gref).ok_or(Status::IoError)?;
-                    let first = p * abi::SEGMENTS_PER_INDIRECT_PAGE;
-                    let n = (count - first).min(abi::SEGMENTS_PER_INDIRECT_PAGE);
-                    for i in 0..n {
-                        let mut raw = [0u8; 8];
-                        for (k, byte) in raw.iter_mut().enumerate() {
-                            // SAFETY: i * 8 + k < PAGE_SIZE: inside the granted page, which
-                            // the front end may change: copied once, volatile.
-                            *byte = unsafe { std::ptr::read_volatile(page.add(i * 8 + k)) };
-                        }
-                        self.indirect[first + i] = Segment::decode(&raw);
-                    }
-                }
-                let read = inner == op::READ;
-                for i in 0..count {
-                    self.push_segment(self.indirect[i], read, segs)?;
-                }
-                let kind = if read {
-                    RequestKind::In
-                } else {
-                    RequestKind::Out
-                };
-                data_request(kind, segs, false)
-            }
+            ) => self.decode_indirect(req, inner, count, &pages, segs),
             (op::DISCARD, Body::Discard { nr_sectors, .. }) => {
-                // The secure flag is ignored: discard-secure is not offered (blkif.h).
-                let raw = &mut self.discard[slot as usize];
-                let max = u64::from(blk::MAX_DWZ_SECTORS);
-                let count = nr_sectors.div_ceil(max) as usize;
-                if count == 0 || count > DISCARD_SEGMENTS {
-                    return Err(Status::IoError);
-                }
-                let mut sector = req.sector;
-                let mut left = nr_sectors;
-                for chunk in raw.chunks_exact_mut(blk::DWZ_SEGMENT_SIZE).take(count) {
-                    let n = left.min(max);
-                    chunk[0..8].copy_from_slice(&sector.to_le_bytes());
-                    chunk[8..12].copy_from_slice(&(n as u32).to_le_bytes());
-                    chunk[12..16].copy_from_slice(&0u32.to_le_bytes());
-                    sector = sector.checked_add(n).ok_or(Status::IoError)?;
-                    left -= n;
-                }
-                let len = count * blk::DWZ_SEGMENT_SIZE;
-                segs.push(raw.as_mut_ptr(), len as u32, false);
-                Ok(blk::Request {
-                    kind: RequestKind::Discard,
-                    sector: 0,
-                    data: 0..1,
-                    data_len: len as u64,
-                    fua: false,
-                })
+                self.decode_discard(slot, req.sector, nr_sectors, segs)
             }
-            // Barriers are not offered (no feature-barrier): blkif.h's answer is EOPNOTSUPP.
-            (op::WRITE_BARRIER, _) => Err(Status::Unsupported),
+            // Barriers are not offered (no feature-barrier): blkif.h's answer is EOPNOTSUPP,
+            // as for any operation the back end does not know (blkback's dispatch_other_io).
             _ => Err(Status::Unsupported),
         }
     }
+
+    /// READ, WRITE and FLUSH_DISKCACHE with up to 11 segments in the request.
+    fn decode_direct(
+        &mut self,
+        req: &abi::Request,
+        list: &[Segment],
+        count: u8,
+        segs: &mut Segments,
+    ) -> Result<blk::Request, Status> {
+        if usize::from(count) > abi::MAX_DIRECT_SEGMENTS {
+            return Err(Status::IoError);
+        }
+        if req.operation == op::FLUSH_DISKCACHE && count == 0 {
+            return data_request(RequestKind::Flush, req.sector, segs, false);
+        }
+        if count == 0 {
+            return Err(Status::IoError);
+        }
+        let read = req.operation == op::READ;
+        for &seg in list {
+            self.push_segment(seg, read, segs)?;
+        }
+        // FLUSH_DISKCACHE with data is Linux blkfront's preflush + FUA write.
+        let fua = req.operation == op::FLUSH_DISKCACHE;
+        data_request(rw_kind(read), req.sector, segs, fua)
+    }
+
+    /// INDIRECT: READ or WRITE with up to 256 segments in granted pages, copied out once.
+    fn decode_indirect(
+        &mut self,
+        req: &abi::Request,
+        inner: u8,
+        count: u16,
+        pages: &[u32],
+        segs: &mut Segments,
+    ) -> Result<blk::Request, Status> {
+        let count = usize::from(count);
+        // blkback answers an indirect request of any other operation with ERROR ("Invalid
+        // indirect operation"), not EOPNOTSUPP.
+        if !matches!(inner, op::READ | op::WRITE) {
+            return Err(Status::IoError);
+        }
+        if count == 0 || count > abi::MAX_INDIRECT_SEGMENTS {
+            return Err(Status::IoError);
+        }
+        let used_pages = count.div_ceil(abi::SEGMENTS_PER_INDIRECT_PAGE);
+        for (p, &gref) in pages[..used_pages].iter().enumerate() {
+            let page = self.grants.page(gref).ok_or(Status::IoError)?;
+            let first = p * abi::SEGMENTS_PER_INDIRECT_PAGE;
+            let n = (count - first).min(abi::SEGMENTS_PER_INDIRECT_PAGE);
+            for i in 0..n {
+                let mut raw = [0u8; 8];
+                for (k, byte) in raw.iter_mut().enumerate() {
+                    // SAFETY: i * 8 + k < PAGE_SIZE: inside the granted page, which the front
+                    // end may change: copied once, volatile.
+                    *byte = unsafe { std::ptr::read_volatile(page.add(i * 8 + k)) };
+                }
+                self.indirect[first + i] = Segment::decode(&raw);
+            }
+        }
+        let read = inner == op::READ;
+        for i in 0..count {
+            self.push_segment(self.indirect[i], read, segs)?;
+        }
+        data_request(rw_kind(read), req.sector, segs, false)
+    }
+
+    /// DISCARD of `nr_sectors` at `sector`, handed on as virtio-blk discard segments (each
+    /// at most MAX_DWZ_SECTORS). Zero sectors is one empty segment: done, OKAY, as current
+    /// Linux back ends answer.
+    fn decode_discard(
+        &mut self,
+        slot: u32,
+        sector: u64,
+        nr_sectors: u64,
+        segs: &mut Segments,
+    ) -> Result<blk::Request, Status> {
+        // The secure flag is ignored: discard-secure is not offered (blkif.h).
+        let raw = &mut self.discard[slot as usize];
+        let max = u64::from(blk::MAX_DWZ_SECTORS);
+        let count = nr_sectors.div_ceil(max).max(1) as usize;
+        if count > DISCARD_SEGMENTS {
+            return Err(Status::IoError);
+        }
+        let mut sector = sector;
+        let mut left = nr_sectors;
+        for chunk in raw.chunks_exact_mut(blk::DWZ_SEGMENT_SIZE).take(count) {
+            let n = left.min(max);
+            chunk[0..8].copy_from_slice(&sector.to_le_bytes());
+            chunk[8..12].copy_from_slice(&(n as u32).to_le_bytes());
+            chunk[12..16].copy_from_slice(&0u32.to_le_bytes());
+            sector = sector.checked_add(n).ok_or(Status::IoError)?;
+            left -= n;
+        }
+        let len = count * blk::DWZ_SEGMENT_SIZE;
+        segs.push(raw.as_mut_ptr(), len as u32, false);
+        Ok(blk::Request {
+            kind: RequestKind::Discard,
+            sector: 0,
+            data: 0..1,
+            data_len: len as u64,
+            fua: false,
+        })
+    }
+}
+
+fn rw_kind(read: bool) -> RequestKind {
+    if read {
+        RequestKind::In
+    } else {
+        RequestKind::Out
+    }
+}
+
+/// A request over every buffer in `segs`.
+fn data_request(
+    kind: RequestKind,
+    sector: u64,
+    segs: &Segments,
+    fua: bool,
+) -> Result<blk::Request, Status> {
+    if segs.fault().is_some() {
+        return Err(Status::IoError);
+    }
+    let data_len = segs.iovecs().iter().map(|v| v.iov_len as u64).sum();
+    Ok(blk::Request {
+        kind,
+        sector,
+        data: 0..segs.iovecs().len(),
+        data_len,
+        fua,
+    })
 }
 
 impl Ring for BlkifRing {
@@ -268,10 +315,12 @@ impl Ring for BlkifRing {
     ) -> Result<Option<Result<blk::Request, Status>>, Broken> {
         if self.req_cons == self.seen_prod {
             let prod = self.index(0).load(Ordering::Acquire);
-            if prod.wrapping_sub(self.req_cons) > self.size {
+            // RING_REQUEST_PROD_OVERFLOW: requests taken but not answered still own their
+            // entries until their responses are written, so the bound is the responses.
+            if prod.wrapping_sub(self.rsp_prod_pvt) > self.size {
                 return Err(Broken::ProducerOverrun {
                     produced: prod,
-                    consumed: self.req_cons,
+                    answered: self.rsp_prod_pvt,
                 });
             }
             self.seen_prod = prod;
@@ -282,9 +331,15 @@ impl Ring for BlkifRing {
         let copy = self.copy_request(self.req_cons);
         self.req_cons = self.req_cons.wrapping_add(1);
         let req = abi::decode(self.abi, &copy);
+        // The answer carries the operation the front end checks it against: an indirect
+        // request's inner one (blkfront's blkif_interrupt; blkback answers so too).
+        let operation = match req.body {
+            Body::Indirect { op: inner, .. } => inner,
+            _ => req.operation,
+        };
         self.pending[slot as usize] = Pending {
             id: req.id,
-            operation: req.operation,
+            operation,
         };
         segs.clear();
         let decoded = self.decode(slot, &req, segs);
@@ -574,5 +629,107 @@ mod tests {
         // SAFETY: the second entry's status field.
         let status = unsafe { std::ptr::read_unaligned(r.entry(1).add(10) as *const i16) };
         assert_eq!(status, abi::RSP_ERROR);
+    }
+
+    /// An INDIRECT request of `abi` with inner operation `inner`, `count` segments listed
+    /// in granted page `page` (all zeroes: gref 0, sectors 0 to 0).
+    fn indirect(abi: Abi, inner: u8, count: u16, page: u32) -> Vec<u8> {
+        let mut b = vec![0u8; abi.entry_size()];
+        b[0] = op::INDIRECT;
+        b[1] = inner;
+        b[2..4].copy_from_slice(&count.to_le_bytes());
+        let id_at = abi.id_offset();
+        b[id_at..id_at + 8].copy_from_slice(&0x5eedu64.to_le_bytes());
+        // Indirect page grefs follow id, sector, handle and padding (blkif.h).
+        let grefs = id_at + 16 + 4;
+        b[grefs..grefs + 4].copy_from_slice(&page.to_le_bytes());
+        b
+    }
+
+    /// The operation and status of response `n` (0 is the first the ring wrote).
+    fn response(ring: &BlkifRing, n: u32) -> (u8, i16) {
+        let entry = ring.entry(n);
+        // SAFETY: the test ring's entry n: 12 bytes of response.
+        unsafe {
+            (
+                std::ptr::read(entry.add(8)),
+                std::ptr::read_unaligned(entry.add(10) as *const i16),
+            )
+        }
+    }
+
+    /// Pops one request into slot 0 and answers it with what the engine made of it.
+    fn answer(ring: &mut BlkifRing) -> Result<blk::Request, Status> {
+        let mut segs = Segments::with_capacity(abi::MAX_INDIRECT_SEGMENTS);
+        let popped = ring.pop(0, &mut segs).unwrap().unwrap();
+        let status = popped.as_ref().map(|_| Status::Ok).unwrap_or_else(|s| *s);
+        ring.complete(0, &segs, status, 0);
+        popped
+    }
+
+    #[test]
+    fn indirect_answers_carry_the_inner_operation() {
+        // Linux blkfront fails the disk when a response's operation is not the request's
+        // (for INDIRECT, its indirect_op): on success and on every error.
+        for abi in [Abi::X86_64, Abi::X86_32] {
+            let mut r = ring(abi);
+            push(&mut r, &indirect(abi, op::READ, 1, 2));
+            assert_eq!(answer(&mut r).unwrap().kind, RequestKind::In, "{abi:?}");
+            push(&mut r, &indirect(abi, op::WRITE, 1, 2));
+            assert_eq!(answer(&mut r).unwrap().kind, RequestKind::Out, "{abi:?}");
+            push(&mut r, &indirect(abi, op::WRITE, 257, 2));
+            assert_eq!(answer(&mut r), Err(Status::IoError), "{abi:?}");
+            push(&mut r, &indirect(abi, op::READ, 1, 9));
+            assert_eq!(
+                answer(&mut r),
+                Err(Status::IoError),
+                "{abi:?}: unknown page"
+            );
+            let expected = [
+                (op::READ, abi::RSP_OKAY),
+                (op::WRITE, abi::RSP_OKAY),
+                (op::WRITE, abi::RSP_ERROR),
+                (op::READ, abi::RSP_ERROR),
+            ];
+            for (n, want) in expected.into_iter().enumerate() {
+                assert_eq!(response(&r, n as u32), want, "{abi:?} response {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_indirect_flush_or_discard_is_an_error_as_blkback_answers() {
+        let mut r = ring(Abi::X86_64);
+        for (n, inner) in [op::FLUSH_DISKCACHE, op::DISCARD].into_iter().enumerate() {
+            push(&mut r, &indirect(Abi::X86_64, inner, 1, 2));
+            assert_eq!(answer(&mut r), Err(Status::IoError));
+            assert_eq!(response(&r, n as u32), (inner, abi::RSP_ERROR));
+        }
+    }
+
+    #[test]
+    fn a_discard_of_no_sectors_succeeds() {
+        let mut r = ring(Abi::X86_64);
+        let mut b = vec![0u8; 112];
+        b[0] = op::DISCARD;
+        b[16..24].copy_from_slice(&8u64.to_le_bytes());
+        push(&mut r, &b);
+        let req = pop(&mut r).expect("a zero-sector discard is done, not refused");
+        assert_eq!((req.kind, req.data_len), (RequestKind::Discard, 16));
+    }
+
+    #[test]
+    fn a_producer_past_the_unanswered_requests_breaks_it() {
+        // One request taken and not answered still owns its entry: a producer a whole ring
+        // past it has overwritten it (RING_REQUEST_PROD_OVERFLOW is against rsp_prod_pvt).
+        let mut r = ring(Abi::X86_64);
+        push(&mut r, &rw(op::READ, 0, &[(1, 0, 7)]));
+        let mut segs = Segments::with_capacity(16);
+        r.pop(0, &mut segs).unwrap().unwrap().unwrap();
+        r.index(0).store(r.size() + 1, Ordering::Release);
+        assert!(matches!(
+            r.pop(1, &mut segs),
+            Err(Broken::ProducerOverrun { .. })
+        ));
     }
 }
