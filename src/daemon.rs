@@ -394,32 +394,12 @@ impl Daemon {
         result
     }
 
-    fn open_device(&mut self, name: &str, export: &Export) -> Result<Arc<BlkDevice>, DaemonError> {
+    /// The volume of `export`, opened.
+    fn open_volume(&mut self, export: &Export) -> Result<Arc<dyn Backend>, DaemonError> {
         let failed = DaemonError::Failed;
-        let backend: Arc<dyn Backend> = match &export.volume {
+        Ok(match &export.volume {
             Volume::Thin { pool, volume } => {
-                let key = pool
-                    .canonicalize()
-                    .map_err(|e| failed(format!("pool {}: {e}", pool.display())))?;
-                let opened = match self.pools.get(&key) {
-                    Some(p) => p.clone(),
-                    None => {
-                        let p = Arc::new(
-                            Pool::open(&key)
-                                .map_err(|e| failed(format!("pool {}: {e}", pool.display())))?,
-                        );
-                        let stats = self
-                            .stats_dir
-                            .create::<PoolStat>(&pool_stats_name(&key, self.pools_opened))
-                            .map_err(|e| {
-                                failed(format!("statistics of pool {}: {e}", pool.display()))
-                            })?;
-                        p.publish_stats(stats);
-                        self.pools_opened += 1;
-                        self.pools.insert(key, p.clone());
-                        p
-                    }
-                };
+                let opened = self.pool(pool)?;
                 Arc::new(
                     ThinBackend::open(opened, volume)
                         .map_err(|e| failed(format!("pool {}: {e}", pool.display())))?,
@@ -447,7 +427,33 @@ impl Daemon {
                 .map_err(|e| failed(format!("null latency thread: {e}")))?,
             ),
             Volume::Rbd(rbd) => open_rbd(rbd, export.readonly).map_err(failed)?,
-        };
+        })
+    }
+
+    /// The thin pool in `dir`: this daemon's open one, or opened now (its statistics
+    /// published) and kept for every disk of its volumes.
+    fn pool(&mut self, dir: &Path) -> Result<Arc<Pool>, DaemonError> {
+        let failed = |e: String| DaemonError::Failed(format!("pool {}: {e}", dir.display()));
+        let key = dir.canonicalize().map_err(|e| failed(e.to_string()))?;
+        if let Some(pool) = self.pools.get(&key) {
+            return Ok(pool.clone());
+        }
+        let pool = Arc::new(Pool::open(&key).map_err(|e| failed(e.to_string()))?);
+        let stats = self
+            .stats_dir
+            .create::<PoolStat>(&pool_stats_name(&key, self.pools_opened))
+            .map_err(|e| {
+                DaemonError::Failed(format!("statistics of pool {}: {e}", dir.display()))
+            })?;
+        pool.publish_stats(stats);
+        self.pools_opened += 1;
+        self.pools.insert(key, pool.clone());
+        Ok(pool)
+    }
+
+    fn open_device(&mut self, name: &str, export: &Export) -> Result<Arc<BlkDevice>, DaemonError> {
+        let failed = DaemonError::Failed;
+        let backend = self.open_volume(export)?;
         let size = backend.info().size_bytes;
         if size == 0 || !size.is_multiple_of(u64::from(export.block_size)) {
             return Err(DaemonError::Invalid(format!(

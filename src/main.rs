@@ -244,6 +244,37 @@ struct Settings {
     persist: Option<PathBuf>,
 }
 
+/// The disks to serve: the config file's (checked), then the command line's, or the built-in
+/// default for `pollblk serve` with nothing said.
+fn export_entries(
+    file: &config::Config,
+    specs: Vec<String>,
+    config: &Option<PathBuf>,
+    control: &Option<PathBuf>,
+) -> Result<Vec<config::ExportEntry>, String> {
+    let mut exports = file.exports()?;
+    for entry in &exports {
+        entry.spec.parse::<export::Export>().map_err(|e| {
+            let path = config.as_deref().unwrap_or(Path::new(""));
+            format!("{}: [[export]]: {e}", path.display())
+        })?;
+    }
+    exports.extend(
+        specs
+            .into_iter()
+            .map(|spec| config::ExportEntry { name: None, spec }),
+    );
+    // The built-in disk is for `pollblk serve` with nothing said; a daemon given a
+    // control socket or a config is managed, and starts with what it was given.
+    if exports.is_empty() && config.is_none() && control.is_none() {
+        exports.push(config::ExportEntry {
+            name: Some("disk0".into()),
+            spec: default_export()?,
+        });
+    }
+    Ok(exports)
+}
+
 fn settings(args: ServeArgs) -> Result<Settings, String> {
     if args.persist && !args.exports.is_empty() {
         // They would be saved to the file and, at the next start, served twice.
@@ -259,31 +290,9 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
         Some(path) => config::load(path)?,
         None => config::Config::default(),
     };
-    let in_file = |key: &str, e: String| {
-        format!(
-            "{}: {key}: {e}",
-            args.config.as_deref().unwrap_or(Path::new("")).display()
-        )
-    };
-    let mut exports = file.exports()?;
-    for spec in &exports {
-        spec.spec
-            .parse::<export::Export>()
-            .map_err(|e| in_file("[[export]]", e))?;
-    }
-    exports.extend(
-        args.exports
-            .into_iter()
-            .map(|spec| config::ExportEntry { name: None, spec }),
-    );
-    // The built-in disk is for `pollblk serve` with nothing said; a daemon given a
-    // control socket or a config is managed, and starts with what it was given.
-    if exports.is_empty() && args.config.is_none() && args.control.is_none() {
-        exports.push(config::ExportEntry {
-            name: Some("disk0".into()),
-            spec: default_export()?,
-        });
-    }
+    let config_path = args.config.clone().unwrap_or_default();
+    let in_file = |key: &str, e: String| format!("{}: {key}: {e}", config_path.display());
+    let exports = export_entries(&file, args.exports, &args.config, &args.control)?;
     let group = |key: &str, value: &Option<toml::Value>| -> Result<Option<u32>, String> {
         value
             .as_ref()
@@ -350,13 +359,7 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
 fn serve(args: ServeArgs) -> Result<(), String> {
     let settings = settings(args)?;
     let log = logging::init(settings.log_level.as_deref(), settings.log_format)?;
-    let available = all_cores();
-    let cores = settings.cores.clone().unwrap_or_else(|| available.clone());
-    if let Some(core) = cores.iter().find(|c| !available.contains(c)) {
-        return Err(format!(
-            "--cores: core {core} is not available to this process (available: {available:?})"
-        ));
-    }
+    let cores = checked_cores(&settings)?;
     if let Some(dir) = settings
         .control
         .parent()
@@ -371,22 +374,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("--stats-dir {}: {e}", settings.stats_dir.display()))?;
     let reactors = Reactors::start(&cores, settings.poll, Some(&stats_dir))
         .map_err(|e| format!("starting reactors: {e}"))?;
-    let handles: Vec<_> = (0..reactors.len())
-        .map(|i| reactors.for_queue(i).clone())
-        .collect();
-    let mut daemon = Daemon::new(handles, stats_dir, settings.guest_interval);
-    for entry in &settings.exports {
-        if let Err(e) = daemon.add(&entry.spec, entry.name.as_deref()) {
-            let _ = daemon.shutdown();
+    let daemon = match start_disks(&settings, &reactors, stats_dir) {
+        Ok(daemon) => daemon,
+        Err(e) => {
             reactors.shutdown();
-            return Err(e.into());
+            return Err(e);
         }
-    }
-    let stats_path = daemon.stats_dir().to_owned();
-    let first = daemon
-        .disks()
-        .first()
-        .map(|d| (d.spec.clone(), d.name.clone()));
+    };
     let shared = Arc::new(control::Shared {
         daemon: Mutex::new(daemon),
         persist: settings.persist.clone(),
@@ -401,20 +395,78 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 return Err(e);
             }
         };
-    if settings.exports.len() == 1 && settings.exports[0].name.as_deref() == Some("disk0") {
-        if let Some((spec, _)) = first.filter(|(spec, _)| spec.ends_with("volume=disk0")) {
-            if let Ok(export::Export {
-                transport: export::Transport::VhostUser { socket },
-                num_queues,
-                ..
-            }) = spec.parse()
-            {
-                println!(
-                    "pollblk: serving {DEFAULT_DIR}/pool, volume disk0 on {}\nAttach a guest with:\n{}",
-                    socket.display(),
-                    qemu_command_line(&socket, num_queues)
-                );
-            }
+    announce(&settings, &shared, &control, &reactors, &cores);
+    let signal = wait_for_signal(&signals);
+    tracing::info!(signal, "shutting down");
+    notify::notify("STOPPING=1");
+    control.stop();
+    let result = shared
+        .daemon
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .shutdown();
+    reactors.shutdown();
+    result
+}
+
+/// The cores to run reactors on: --cores, or every core this process may use.
+fn checked_cores(settings: &Settings) -> Result<Vec<usize>, String> {
+    let available = all_cores();
+    let cores = settings.cores.clone().unwrap_or_else(|| available.clone());
+    match cores.iter().find(|c| !available.contains(c)) {
+        Some(core) => Err(format!(
+            "--cores: core {core} is not available to this process (available: {available:?})"
+        )),
+        None => Ok(cores),
+    }
+}
+
+/// A daemon serving every configured disk; on an error none is left served.
+fn start_disks(
+    settings: &Settings,
+    reactors: &Reactors,
+    stats_dir: StatsDir,
+) -> Result<Daemon, String> {
+    let handles: Vec<_> = (0..reactors.len())
+        .map(|i| reactors.for_queue(i).clone())
+        .collect();
+    let mut daemon = Daemon::new(handles, stats_dir, settings.guest_interval);
+    for entry in &settings.exports {
+        if let Err(e) = daemon.add(&entry.spec, entry.name.as_deref()) {
+            let _ = daemon.shutdown();
+            return Err(e.into());
+        }
+    }
+    Ok(daemon)
+}
+
+/// Tells the operator (and systemd) what is served and how to reach it.
+fn announce(
+    settings: &Settings,
+    shared: &control::Shared,
+    control: &control::Control,
+    reactors: &Reactors,
+    cores: &[usize],
+) {
+    let (stats_path, first) = {
+        let daemon = shared.daemon.lock().unwrap_or_else(|e| e.into_inner());
+        let first = daemon.disks().first().map(|d| d.spec.clone());
+        (daemon.stats_dir().to_owned(), first)
+    };
+    let default_only =
+        settings.exports.len() == 1 && settings.exports[0].name.as_deref() == Some("disk0");
+    if let Some(spec) = first.filter(|spec| default_only && spec.ends_with("volume=disk0")) {
+        if let Ok(export::Export {
+            transport: export::Transport::VhostUser { socket },
+            num_queues,
+            ..
+        }) = spec.parse()
+        {
+            println!(
+                "pollblk: serving {DEFAULT_DIR}/pool, volume disk0 on {}\nAttach a guest with:\n{}",
+                socket.display(),
+                qemu_command_line(&socket, num_queues)
+            );
         }
     }
     println!(
@@ -434,19 +486,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         "READY=1\nSTATUS=serving {} disk(s)",
         settings.exports.len()
     ));
-
-    let signal = wait_for_signal(&signals);
-    tracing::info!(signal, "shutting down");
-    notify::notify("STOPPING=1");
-    control.stop();
-    let result = shared
-        .daemon
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .shutdown();
-    reactors.shutdown();
-    result
 }
+
 /// The cores this process may run on (its affinity mask), in order.
 fn all_cores() -> Vec<usize> {
     // SAFETY: sched_getaffinity fills the zeroed set for this process.

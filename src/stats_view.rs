@@ -225,24 +225,29 @@ fn shown_of<'a>(row: &Row<'a>) -> impl Iterator<Item = (&'a Desc, Shown)> + 'a {
     })
 }
 
-/// Per-disk totals over the queues of pollblk's files (ids `.../DISK/queue-N`), for the top
-/// of a --watch report: what an operator scans first.
-fn disk_summary(rows: &[Row<'_>], secs: f64) -> String {
-    struct Disk {
-        name: String,
-        v: [f64; 8],
-    }
-    const NAMES: [&str; 8] = [
-        "read_ops",
-        "write_ops",
-        "read_sectors",
-        "write_sectors",
-        "read_time",
-        "write_time",
-        "errors_ioerr",
-        "in_flight",
-    ];
-    let mut disks: Vec<Disk> = Vec::new();
+/// Queue statistics summed per disk in a --watch report, in this order.
+const SUMMED: [&str; 8] = [
+    "read_ops",
+    "write_ops",
+    "read_sectors",
+    "write_sectors",
+    "read_time",
+    "write_time",
+    "errors_ioerr",
+    "in_flight",
+];
+/// Index in SUMMED of the one gauge (summed as it stands, not as a change).
+const IN_FLIGHT: usize = 7;
+
+/// One disk's sums over its queues: changes over the interval, and the gauge as it stands.
+struct DiskTotals {
+    name: String,
+    v: [f64; SUMMED.len()],
+}
+
+/// Sums the queues of pollblk's files (ids `.../DISK/queue-N`) per disk.
+fn sum_per_disk(rows: &[Row<'_>]) -> Vec<DiskTotals> {
+    let mut disks: Vec<DiskTotals> = Vec::new();
     for (source, now, before) in rows {
         let id = source.reader.id();
         let mut parts = id.rsplit('/');
@@ -255,19 +260,19 @@ fn disk_summary(rows: &[Row<'_>], secs: f64) -> String {
         let at = match disks.iter().position(|d| d.name == disk) {
             Some(at) => at,
             None => {
-                disks.push(Disk {
+                disks.push(DiskTotals {
                     name: disk.to_string(),
-                    v: [0.0; 8],
+                    v: [0.0; SUMMED.len()],
                 });
                 disks.len() - 1
             }
         };
         for desc in source.reader.descs() {
-            let Some(k) = NAMES.iter().position(|n| *n == desc.name) else {
+            let Some(k) = SUMMED.iter().position(|n| *n == desc.name) else {
                 continue;
             };
             let raw = now.of(desc).first().copied().unwrap_or(0);
-            let value = if k == 7 {
+            let value = if k == IN_FLIGHT {
                 raw as f64
             } else {
                 let then = before.map_or(0, |(b, _)| b.of(desc).first().copied().unwrap_or(0));
@@ -276,6 +281,13 @@ fn disk_summary(rows: &[Row<'_>], secs: f64) -> String {
             disks[at].v[k] += value;
         }
     }
+    disks
+}
+
+/// Per-disk totals over the queues, for the top of a --watch report: what an operator scans
+/// first.
+fn disk_summary(rows: &[Row<'_>], secs: f64) -> String {
+    let disks = sum_per_disk(rows);
     if disks.is_empty() {
         return String::new();
     }
@@ -303,7 +315,7 @@ fn disk_summary(rows: &[Row<'_>], secs: f64) -> String {
             v[3] * 512.0 / secs / 1e6,
             lat(v[4], v[0]),
             lat(v[5], v[1]),
-            v[7],
+            v[IN_FLIGHT],
             v[6] / secs
         );
     }

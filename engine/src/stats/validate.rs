@@ -24,50 +24,7 @@ pub fn validate(r: &StatsReader) -> Vec<String> {
     }
     let mut ranges = Vec::new();
     for (i, d) in r.descs().iter().enumerate() {
-        let name = &d.name;
-        match d.stat_type() {
-            None => problems.push(format!("{name}: unknown type in flags {:#x}", d.flags)),
-            Some(StatType::LinearHist) if d.bucket_size == 0 => {
-                problems.push(format!("{name}: linear histogram with bucket_size 0"))
-            }
-            Some(t) if t != StatType::LinearHist && d.bucket_size != 0 => problems.push(format!(
-                "{name}: bucket_size {} on a non-linear-histogram",
-                d.bucket_size
-            )),
-            Some(_) => {}
-        }
-        match d.unit() {
-            None => problems.push(format!("{name}: unknown unit in flags {:#x}", d.flags)),
-            Some(Unit::None | Unit::Bytes | Unit::Cycles) if d.exponent < 0 => problems.push(
-                format!("{name}: negative exponent {} for its unit", d.exponent),
-            ),
-            Some(Unit::Seconds) if d.exponent > 0 => problems.push(format!(
-                "{name}: positive exponent {} for seconds",
-                d.exponent
-            )),
-            Some(Unit::Boolean) if d.exponent != 0 => {
-                problems.push(format!("{name}: exponent {} for a boolean", d.exponent))
-            }
-            Some(_) => {}
-        }
-        if Base::from_flags(d.flags).is_none() {
-            problems.push(format!("{name}: unknown base in flags {:#x}", d.flags));
-        }
-        if d.flags >> 12 != 0 {
-            problems.push(format!("{name}: reserved flag bits set ({:#x})", d.flags));
-        }
-        if !r.name_terminated(i) {
-            problems.push(format!("{name}: name fills name_size without a NUL"));
-        }
-        if name.is_empty() {
-            problems.push(format!("descriptor {i} has no name"));
-        }
-        if d.size == 0 {
-            problems.push(format!("{name}: size 0"));
-        }
-        if d.offset % 8 != 0 {
-            problems.push(format!("{name}: offset {} is not 8-aligned", d.offset));
-        }
+        check_descriptor(r, i, &mut problems);
         ranges.push((
             u64::from(d.offset),
             u64::from(d.offset) + 8 * u64::from(d.size),
@@ -95,6 +52,56 @@ pub fn validate(r: &StatsReader) -> Vec<String> {
         }
     }
     problems
+}
+
+/// The per-descriptor checks of kvm_binary_stats_test on descriptor `i`.
+fn check_descriptor(r: &StatsReader, i: usize, problems: &mut Vec<String>) {
+    let d = &r.descs()[i];
+    let name = &d.name;
+    match d.stat_type() {
+        None => problems.push(format!("{name}: unknown type in flags {:#x}", d.flags)),
+        Some(StatType::LinearHist) if d.bucket_size == 0 => {
+            problems.push(format!("{name}: linear histogram with bucket_size 0"))
+        }
+        Some(t) if t != StatType::LinearHist && d.bucket_size != 0 => problems.push(format!(
+            "{name}: bucket_size {} on a non-linear-histogram",
+            d.bucket_size
+        )),
+        Some(_) => {}
+    }
+    match d.unit() {
+        None => problems.push(format!("{name}: unknown unit in flags {:#x}", d.flags)),
+        Some(Unit::None | Unit::Bytes | Unit::Cycles) if d.exponent < 0 => problems.push(format!(
+            "{name}: negative exponent {} for its unit",
+            d.exponent
+        )),
+        Some(Unit::Seconds) if d.exponent > 0 => problems.push(format!(
+            "{name}: positive exponent {} for seconds",
+            d.exponent
+        )),
+        Some(Unit::Boolean) if d.exponent != 0 => {
+            problems.push(format!("{name}: exponent {} for a boolean", d.exponent))
+        }
+        Some(_) => {}
+    }
+    if Base::from_flags(d.flags).is_none() {
+        problems.push(format!("{name}: unknown base in flags {:#x}", d.flags));
+    }
+    if d.flags >> 12 != 0 {
+        problems.push(format!("{name}: reserved flag bits set ({:#x})", d.flags));
+    }
+    if !r.name_terminated(i) {
+        problems.push(format!("{name}: name fills name_size without a NUL"));
+    }
+    if name.is_empty() {
+        problems.push(format!("descriptor {i} has no name"));
+    }
+    if d.size == 0 {
+        problems.push(format!("{name}: size 0"));
+    }
+    if !d.offset.is_multiple_of(8) {
+        problems.push(format!("{name}: offset {} is not 8-aligned", d.offset));
+    }
 }
 
 /// Reads the whole file with sequential read() calls from offset 0 and compares header, id
