@@ -251,38 +251,31 @@ fn a_linux_like_front_end_after_one_with_more_queues_is_served() {
     );
 }
 
-#[test]
-fn a_readonly_disk_serves_reads_and_refuses_every_write_on_both_abis() {
+/// Both front ends in `mode`, one after the other, on a disk exported with `extra`.
+fn both_abis_pass(extra: &str, mode: &str) {
     let dir = tempfile::tempdir().unwrap();
     let Some(fronts) = front_ends(dir.path()) else {
         return;
     };
     let store = dir.path().join("xs");
     let file = image(dir.path(), "disk.img", 64 << 20);
-    let args = export_with(&store, 1, 51712, &file, ",readonly=on");
+    let args = export_with(&store, 1, 51712, &file, extra);
     let _daemon = Daemon::start(dir.path(), &args);
     for front in &fronts {
-        let (code, out) = run(front, &store, 1, 51712, 2, 1, "readonly");
+        let (code, out) = run(front, &store, 1, 51712, 2, 1, mode);
         assert_eq!(code, 0, "{}: {out}", front.display());
         assert!(out.contains(": ok"), "{out}");
     }
 }
 
 #[test]
+fn a_readonly_disk_serves_reads_and_refuses_every_write_on_both_abis() {
+    both_abis_pass(",readonly=on", "readonly");
+}
+
+#[test]
 fn a_4k_disk_serves_aligned_requests_and_refuses_others_on_both_abis() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(fronts) = front_ends(dir.path()) else {
-        return;
-    };
-    let store = dir.path().join("xs");
-    let file = image(dir.path(), "disk.img", 64 << 20);
-    let args = export_with(&store, 1, 51712, &file, ",block-size=4096");
-    let _daemon = Daemon::start(dir.path(), &args);
-    for front in &fronts {
-        let (code, out) = run(front, &store, 1, 51712, 2, 1, "4k");
-        assert_eq!(code, 0, "{}: {out}", front.display());
-        assert!(out.contains(": ok"), "{out}");
-    }
+    both_abis_pass(",block-size=4096", "4k");
 }
 
 #[test]

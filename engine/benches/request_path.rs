@@ -192,15 +192,7 @@ fn queue_path(c: &mut Criterion) {
     );
     let clock = Clock::get();
     let mut rig = Rig::new(false, 1);
-    let options = DiskOptions {
-        name: "bench".into(),
-        block_size: 512,
-        readonly: false,
-        serial: String::new(),
-        num_queues: 1,
-        provision: false,
-        guest_stats: None,
-    };
+    let options = DiskOptions::named("bench", 1);
     let device = Arc::new(BlkDevice::new(
         options,
         Arc::new(NullBackend::new(1 << 30, false)),

@@ -84,6 +84,22 @@ pub struct DiskOptions {
     pub guest_stats: Option<GuestStatsOptions>,
 }
 
+impl DiskOptions {
+    /// A writable disk of 512-byte blocks named `name` (its serial too), with `num_queues`
+    /// queues and no experimental feature: what the other fields say unless told otherwise.
+    pub fn named(name: &str, num_queues: u16) -> DiskOptions {
+        DiskOptions {
+            name: name.to_string(),
+            block_size: 512,
+            readonly: false,
+            serial: name.to_string(),
+            num_queues,
+            provision: false,
+            guest_stats: None,
+        }
+    }
+}
+
 /// A disk served to guests.
 pub struct BlkDevice {
     options: DiskOptions,

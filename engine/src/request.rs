@@ -433,13 +433,8 @@ mod tests {
 
     fn device(readonly: bool) -> BlkDevice {
         let options = DiskOptions {
-            name: "t".into(),
-            block_size: 512,
             readonly,
-            serial: "s".into(),
-            num_queues: 1,
-            provision: false,
-            guest_stats: None,
+            ..DiskOptions::named("t", 1)
         };
         BlkDevice::new(options, Arc::new(NullBackend::new(1 << 20, true)))
     }

@@ -99,15 +99,7 @@ impl Rig {
         let mem = Arc::new(GuestMemory::new(vec![Arc::new(region)]).unwrap());
         let backend = Arc::new(HoldingBackend::default());
         let device = Arc::new(BlkDevice::new(
-            DiskOptions {
-                name: "held".into(),
-                block_size: 512,
-                readonly: false,
-                serial: "held".into(),
-                num_queues: 1,
-                provision: false,
-                guest_stats: None,
-            },
+            DiskOptions::named("held", 1),
             backend.clone(),
         ));
         Rig {

@@ -185,15 +185,7 @@ fn request_ring(
     size: u16,
     input: &Input,
 ) -> Result<VirtioRing, pollblk_engine::virtqueue::Broken> {
-    let options = DiskOptions {
-        name: "fuzz".into(),
-        block_size: 512,
-        readonly: false,
-        serial: String::new(),
-        num_queues: 1,
-        provision: false,
-        guest_stats: None,
-    };
+    let options = DiskOptions::named("fuzz", 1);
     let device = Arc::new(BlkDevice::new(
         options,
         Arc::new(NullBackend::new(1 << 20, false)),

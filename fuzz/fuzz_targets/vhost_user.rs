@@ -70,15 +70,7 @@ fn rig() -> &'static (Arc<BlkDevice>, Vec<ReactorHandle>, Reactors) {
         let handles = (0..reactors.len())
             .map(|i| reactors.for_queue(i).clone())
             .collect();
-        let options = DiskOptions {
-            name: "fuzz".into(),
-            block_size: 512,
-            readonly: false,
-            serial: "fuzz".into(),
-            num_queues: 4,
-            provision: false,
-            guest_stats: None,
-        };
+        let options = DiskOptions::named("fuzz", 4);
         let device = Arc::new(BlkDevice::new(
             options,
             Arc::new(NullBackend::new(1 << 20, true)),

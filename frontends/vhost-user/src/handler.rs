@@ -637,15 +637,7 @@ mod tests {
 
     fn handler() -> (BlkHandler, Reactors) {
         let reactors = Reactors::start(&[0], PollConfig::default(), None).unwrap();
-        let options = DiskOptions {
-            name: "t".into(),
-            block_size: 512,
-            readonly: false,
-            serial: "t".into(),
-            num_queues: 1,
-            provision: false,
-            guest_stats: None,
-        };
+        let options = DiskOptions::named("t", 1);
         let device = Arc::new(BlkDevice::new(
             options,
             Arc::new(NullBackend::new(1 << 20, true)),
