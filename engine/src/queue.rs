@@ -397,3 +397,186 @@ impl<R: Ring + 'static> PolledQueue for RequestQueue<R> {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The pipeline with a scripted ring and a backend that says "not now".
+    use super::*;
+    use crate::backend::{BackendInfo, NullBackend};
+    use crate::blk::{Request, RequestKind};
+    use crate::device::DiskOptions;
+    use crate::virtqueue::Segments;
+    use std::collections::VecDeque;
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// Hands out FLUSH requests numbered 0, 1, 2...; records the order they are answered in.
+    struct ScriptRing {
+        next: u32,
+        last: u32,
+        taken: [u32; 8],
+        answered: Vec<(u32, Status)>,
+        kick: EventFd,
+    }
+
+    impl Ring for ScriptRing {
+        fn slots(&self) -> usize {
+            8
+        }
+        fn max_segments(&self) -> usize {
+            1
+        }
+        fn pop(
+            &mut self,
+            slot: u32,
+            segs: &mut Segments,
+        ) -> Result<Option<Result<Request, Status>>, Broken> {
+            if self.next == self.last {
+                return Ok(None);
+            }
+            segs.clear();
+            self.taken[slot as usize] = self.next;
+            self.next += 1;
+            Ok(Some(Ok(Request {
+                kind: RequestKind::Flush,
+                sector: 0,
+                data: 0..0,
+                data_len: 0,
+                fua: false,
+            })))
+        }
+        fn complete(&mut self, slot: u32, _: &Segments, status: Status, _: u32) {
+            self.answered.push((self.taken[slot as usize], status));
+        }
+        fn publish(&mut self) -> Notified {
+            Notified::Nobody
+        }
+        fn enable_notification(&mut self) -> bool {
+            false
+        }
+        fn disable_notification(&mut self) {}
+        fn kick_fd(&self) -> RawFd {
+            self.kick.as_raw_fd()
+        }
+        fn ack_kick(&mut self) -> u64 {
+            0
+        }
+        fn detach(&mut self) -> u16 {
+            0
+        }
+    }
+
+    /// A null volume that answers "not now" to its first `busy` operations.
+    struct BusyBackend {
+        inner: NullBackend,
+        busy: AtomicU32,
+    }
+
+    impl Backend for BusyBackend {
+        fn info(&self) -> BackendInfo {
+            self.inner.info()
+        }
+        fn submit(
+            &self,
+            op: &IoOp,
+            user_data: u64,
+            sq: &mut squeue::SubmissionQueue<'_>,
+            completer: &Completer,
+        ) -> Submitted {
+            let left = self.busy.load(Ordering::Relaxed);
+            if left > 0 {
+                self.busy.store(left - 1, Ordering::Relaxed);
+                return Submitted::Busy;
+            }
+            self.inner.submit(op, user_data, sq, completer)
+        }
+        fn sync_all(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_request_the_backend_refuses_waits_and_nothing_overtakes_it() {
+        let backend = Arc::new(BusyBackend {
+            inner: NullBackend::new(1 << 20, true),
+            busy: AtomicU32::new(2),
+        });
+        let device = Arc::new(BlkDevice::new(DiskOptions::named("t", 1), backend.clone()));
+        let ring = ScriptRing {
+            next: 0,
+            last: 3,
+            taken: [0; 8],
+            answered: Vec::new(),
+            kick: EventFd::new(0).unwrap(),
+        };
+        let mut queue = RequestQueue::new(device, ring, Stats::private(), true);
+        let mut uring = io_uring::IoUring::new(64).unwrap();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let completer = Completer::new(tx, Arc::new(EventFd::new(0).unwrap()));
+        let clock = Clock::get();
+        let mut ops = 0;
+        let mut poll = |queue: &mut RequestQueue<ScriptRing>| {
+            let mut io = IoCtx::new(
+                uring.submission(),
+                &completer,
+                &mut ops,
+                64,
+                1 << 60,
+                &clock,
+            );
+            queue.poll(&mut io)
+        };
+        // Request 0 is refused: held, not failed; 1 and 2 stay in the ring behind it.
+        poll(&mut queue);
+        assert!(queue.ring.answered.is_empty());
+        assert_eq!((queue.in_flight(), queue.ring.next), (1, 1));
+        assert_ne!(queue.deadline(), u64::MAX, "a held request sets a timer");
+        // Refused again: still nothing moves, nothing is polled as progress.
+        assert!(!poll(&mut queue));
+        assert!(queue.ring.answered.is_empty());
+        // The backend takes it now: it goes first, then the rest, in order, all OK.
+        assert!(poll(&mut queue));
+        assert_eq!(
+            queue.ring.answered,
+            [(0, Status::Ok), (1, Status::Ok), (2, Status::Ok)]
+        );
+        assert_eq!((queue.in_flight(), queue.deadline()), (0, u64::MAX));
+    }
+
+    #[test]
+    fn a_stopping_queue_still_releases_its_held_request() {
+        let backend = Arc::new(BusyBackend {
+            inner: NullBackend::new(1 << 20, true),
+            busy: AtomicU32::new(1),
+        });
+        let device = Arc::new(BlkDevice::new(DiskOptions::named("t", 1), backend));
+        let ring = ScriptRing {
+            next: 0,
+            last: 2,
+            taken: [0; 8],
+            answered: Vec::new(),
+            kick: EventFd::new(0).unwrap(),
+        };
+        let mut queue = RequestQueue::new(device, ring, Stats::private(), true);
+        let mut uring = io_uring::IoUring::new(64).unwrap();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let completer = Completer::new(tx, Arc::new(EventFd::new(0).unwrap()));
+        let clock = Clock::get();
+        let mut ops = 0;
+        let mut io = IoCtx::new(
+            uring.submission(),
+            &completer,
+            &mut ops,
+            64,
+            1 << 60,
+            &clock,
+        );
+        queue.poll(&mut io);
+        queue.stop();
+        // The held request completes (a stop waits for it); request 1 is not taken.
+        queue.poll(&mut io);
+        assert_eq!(queue.ring.answered, [(0, Status::Ok)]);
+        assert_eq!((queue.in_flight(), queue.ring.next), (0, 1));
+    }
+}
