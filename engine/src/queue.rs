@@ -406,7 +406,6 @@ mod tests {
     use crate::blk::{Request, RequestKind};
     use crate::device::DiskOptions;
     use crate::virtqueue::Segments;
-    use std::collections::VecDeque;
     use std::os::fd::AsRawFd;
     use std::sync::atomic::{AtomicU32, Ordering};
     use vmm_sys_util::eventfd::EventFd;

@@ -12,7 +12,7 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use pollblk_engine::request::Status;
-use pollblk_engine::ring::Ring;
+use pollblk_engine::ring::Ring as _;
 use pollblk_engine::virtqueue::Segments;
 use pollblk_xen::abi::{Abi, PAGE_SIZE};
 use pollblk_xen::platform::{EventChannel, GrantSpace, RingPages};
