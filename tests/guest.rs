@@ -119,7 +119,9 @@ fn run_guest_with(
         // The guest keeps writing and verifying for 40 s after its size-based fio passes, so
         // every step of the chaos (three restarts, each waited on for I/O) lands while it
         // does I/O: a fast guest finished before the third restart and left nothing to serve.
-        guest.arg("--reconnect").args(["--append", "pollblk.runtime=40"]);
+        guest
+            .arg("--reconnect")
+            .args(["--append", "pollblk.runtime=40"]);
     }
     let mut guest = guest.spawn().expect("run run-guest.sh");
     if let Some(chaos) = chaos {

@@ -3,6 +3,7 @@
 
 mod blkio_queues;
 mod compare;
+mod idle;
 mod lean;
 mod load;
 mod report;
@@ -67,6 +68,13 @@ struct LoadArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Also hold idle front ends on these sockets (`{}` is replaced by 0 to
+    /// --idle-count - 1): each started, one read served, then quiet for the whole run.
+    #[arg(long, value_name = "PATTERN", requires = "idle_count")]
+    idle_sockets: Option<String>,
+    /// How many idle front ends --idle-sockets holds.
+    #[arg(long, value_name = "N", requires = "idle_sockets")]
+    idle_count: Option<usize>,
 }
 
 /// Parses a byte count with an optional binary suffix (k, m, g).
@@ -104,6 +112,10 @@ fn run_load(args: LoadArgs) -> Result<bool, String> {
         runtime: seconds(args.runtime, "--runtime")?,
         ramp: seconds(args.ramp, "--ramp")?,
         target_pid: args.target_pid,
+    };
+    let _idle = match (&args.idle_sockets, args.idle_count) {
+        (Some(pattern), Some(count)) => Some(idle::connect(pattern, count)?),
+        _ => None,
     };
     let result = load::run(&spec, args.driver)?;
     if args.json {

@@ -170,6 +170,19 @@ pub struct Request {
     pub fua: bool,
 }
 
+impl Default for Request {
+    /// An empty FLUSH: what a request slot holds before its first request.
+    fn default() -> Request {
+        Request {
+            kind: RequestKind::Flush,
+            sector: 0,
+            data: 0..0,
+            data_len: 0,
+            fua: false,
+        }
+    }
+}
+
 /// Location of the status byte, found before anything else so every error can be reported.
 pub fn locate_status(segs: &mut Segments) -> Option<*mut u8> {
     let readable = segs.readable_count();
@@ -186,6 +199,13 @@ pub fn locate_status(segs: &mut Segments) -> Option<*mut u8> {
 
 /// Parses the header and data of a chain whose status byte was already taken off.
 pub fn parse(segs: &mut Segments) -> Result<Request, ParseError> {
+    let mut request = Request::default();
+    parse_into(segs, &mut request)?;
+    Ok(request)
+}
+
+/// `parse`, into `out` (the reactor's path: the request stays in its slot).
+pub fn parse_into(segs: &mut Segments, out: &mut Request) -> Result<(), ParseError> {
     if let Some(fault) = segs.fault() {
         return Err(ParseError::Buffers(fault));
     }
@@ -222,13 +242,12 @@ pub fn parse(segs: &mut Segments) -> Result<Request, ParseError> {
         .iter()
         .map(|v| v.iov_len as u64)
         .sum();
-    Ok(Request {
-        kind,
-        sector,
-        data,
-        data_len,
-        fua: false,
-    })
+    out.kind = kind;
+    out.sector = sector;
+    out.data = data;
+    out.data_len = data_len;
+    out.fua = false;
+    Ok(())
 }
 
 /// Copies `out.len()` bytes off the front of `iov`, shrinking it in place; returns the index

@@ -11,10 +11,11 @@
 //! request (except a bounce buffer, a cold path).
 
 use crate::backend::{Backend, Completer, IoOp, Submitted};
+use crate::blk::Request;
 use crate::clock::Clock;
 use crate::device::BlkDevice;
-use crate::request::{RequestSlot, Status, MAX_OPS_PER_REQUEST};
-use crate::ring::{Notified, Ring};
+use crate::request::{RequestSlot, MAX_OPS_PER_REQUEST};
+use crate::ring::{Notified, Popped, Ring};
 use crate::stats::sets::QueueStat;
 use crate::stats::Stats;
 use crate::virtqueue::Broken;
@@ -148,6 +149,8 @@ pub struct RequestQueue<R: Ring + 'static> {
     ring: R,
     volume: VolumeChannel,
     slots: Box<[RequestSlot]>,
+    /// Per slot, the request the ring decoded into it.
+    requests: Box<[Request]>,
     free_slots: Vec<u32>,
     in_flight: usize,
     enabled: bool,
@@ -176,6 +179,7 @@ impl<R: Ring + 'static> RequestQueue<R> {
             slots: (0..slot_count)
                 .map(|_| RequestSlot::new(segments))
                 .collect(),
+            requests: (0..slot_count).map(|_| Request::default()).collect(),
             free_slots: (0..slot_count as u32).rev().collect(),
             in_flight: 0,
             enabled,
@@ -208,9 +212,13 @@ impl<R: Ring + 'static> RequestQueue<R> {
             && self.volume.held().is_none()
         {
             let slot = *self.free_slots.last().expect("checked non-empty");
-            let popped = match self.ring.pop(slot, &mut self.slots[slot as usize].segs) {
-                Ok(Some(popped)) => popped,
-                Ok(None) => break,
+            let (segs, request) = (
+                &mut self.slots[slot as usize].segs,
+                &mut self.requests[slot as usize],
+            );
+            let popped = match self.ring.pop(slot, segs, request) {
+                Ok(Popped::Nothing) => break,
+                Ok(popped) => popped,
                 Err(why) => {
                     self.mark_broken(why);
                     break;
@@ -240,16 +248,13 @@ impl<R: Ring + 'static> RequestQueue<R> {
     }
 
     /// Checks and plans a request just taken into `slot`, and starts it.
-    fn start(
-        &mut self,
-        slot: u32,
-        popped: Result<crate::blk::Request, Status>,
-        now: u64,
-        io: &mut IoCtx<'_>,
-    ) {
+    fn start(&mut self, slot: u32, popped: Popped, now: u64, io: &mut IoCtx<'_>) {
         let request = &mut self.slots[slot as usize];
         request.reset(now);
-        let prepared = popped.and_then(|req| request.prepare(self.volume.device(), &req));
+        let prepared = match popped {
+            Popped::Refused(status) => Err(status),
+            _ => request.prepare(self.volume.device(), &self.requests[slot as usize]),
+        };
         let progress = match prepared {
             Ok(()) => self.volume.start(slot, request, io),
             Err(status) => {
@@ -403,8 +408,9 @@ mod tests {
     //! The pipeline with a scripted ring and a backend that says "not now".
     use super::*;
     use crate::backend::{BackendInfo, NullBackend};
-    use crate::blk::{Request, RequestKind};
+    use crate::blk::RequestKind;
     use crate::device::DiskOptions;
+    use crate::request::Status;
     use crate::virtqueue::Segments;
     use std::os::fd::AsRawFd;
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -430,20 +436,19 @@ mod tests {
             &mut self,
             slot: u32,
             segs: &mut Segments,
-        ) -> Result<Option<Result<Request, Status>>, Broken> {
+            request: &mut Request,
+        ) -> Result<Popped, Broken> {
             if self.next == self.last {
-                return Ok(None);
+                return Ok(Popped::Nothing);
             }
             segs.clear();
             self.taken[slot as usize] = self.next;
             self.next += 1;
-            Ok(Some(Ok(Request {
+            *request = Request {
                 kind: RequestKind::Flush,
-                sector: 0,
-                data: 0..0,
-                data_len: 0,
-                fua: false,
-            })))
+                ..Request::default()
+            };
+            Ok(Popped::Request)
         }
         fn complete(&mut self, slot: u32, _: &Segments, status: Status, _: u32) {
             self.answered.push((self.taken[slot as usize], status));

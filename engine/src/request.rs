@@ -98,10 +98,12 @@ pub struct RequestSlot {
     /// Clock time of the reactor iteration that took the request.
     pub start: u64,
     plan: Plan,
-    /// The segments of a `Plan::Ranges`, checked and without empty ones.
-    ranges: [DwzSegment; blk::MAX_DWZ_SEG as usize],
-    /// Index of the next operation of the plan to start.
-    next_op: usize,
+    /// The segments of a `Plan::Ranges`, checked and without empty ones (boxed: they are
+    /// cold, and the slot's hot fields stay within a few cache lines).
+    ranges: Box<[DwzSegment; blk::MAX_DWZ_SEG as usize]>,
+    /// Index of the next operation of the plan to start, and how many the plan has.
+    next_op: u8,
+    op_count: u8,
     /// Operations started and not completed.
     pub(crate) ops_pending: u32,
     /// Expected byte count of the read or write (short transfers are errors).
@@ -130,8 +132,9 @@ impl RequestSlot {
             sectors: 0,
             start: 0,
             plan: Plan::Nothing,
-            ranges: [DwzSegment::default(); blk::MAX_DWZ_SEG as usize],
+            ranges: Box::new([DwzSegment::default(); blk::MAX_DWZ_SEG as usize]),
             next_op: 0,
+            op_count: 0,
             ops_pending: 0,
             expected: 0,
             preflush: false,
@@ -155,6 +158,7 @@ impl RequestSlot {
         self.start = start;
         self.plan = Plan::Nothing;
         self.next_op = 0;
+        self.op_count = 0;
         self.expected = 0;
         self.preflush = false;
         self.is_read = false;
@@ -173,6 +177,7 @@ impl RequestSlot {
                     op: IoOp::Flush { before_next: false },
                     preflush: false,
                 };
+                self.op_count = 1;
                 Ok(())
             }
             RequestKind::GetId => {
@@ -230,6 +235,7 @@ impl RequestSlot {
             op,
             preflush: self.preflush,
         };
+        self.op_count = 1 + u8::from(self.preflush);
         Ok(())
     }
 
@@ -314,12 +320,16 @@ impl RequestSlot {
             kind,
             count: planned as u8,
         };
+        self.op_count = planned as u8;
         Ok(())
     }
 
     /// The next operation of the plan, if any is left to start.
     pub fn next_op(&self) -> Option<IoOp> {
-        let i = self.next_op;
+        if self.next_op >= self.op_count {
+            return None;
+        }
+        let i = usize::from(self.next_op);
         match &self.plan {
             Plan::Nothing => None,
             Plan::One { op, preflush: true } => match i {
@@ -350,7 +360,7 @@ impl RequestSlot {
 
     /// Moves past the operation `next_op` gave (it was started or finished).
     pub fn advance(&mut self) {
-        debug_assert!(self.next_op().is_some());
+        debug_assert!(self.next_op < self.op_count);
         self.next_op += 1;
     }
 
@@ -362,7 +372,7 @@ impl RequestSlot {
 
     /// Whether every operation of the plan was started or finished.
     pub fn all_started(&self) -> bool {
-        self.next_op().is_none()
+        self.next_op >= self.op_count
     }
 
     /// Counts one operation's result (bytes or -errno, as a CQE carries it).

@@ -25,6 +25,17 @@ pub enum Notified {
     Nobody,
 }
 
+/// What `Ring::pop` took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Popped {
+    /// No new request.
+    Nothing,
+    /// A request, decoded into the caller's `Request`.
+    Request,
+    /// A request the ring decoded but refuses, to be answered with this status at once.
+    Refused(Status),
+}
+
 /// One request ring, owned by one reactor (every call comes from its thread).
 ///
 /// Requests are identified by slot index (below `slots()`): the queue takes a free slot,
@@ -36,16 +47,16 @@ pub trait Ring: Send {
     /// Most buffers one request may carry (each slot's `Segments` capacity).
     fn max_segments(&self) -> usize;
 
-    /// Takes the next request into `slot`: its buffers go into `segs` (cleared first) and the
-    /// request refers to them by index. `Ok(None)`: no new request. `Err`: the peer broke the
-    /// ring (the queue stops; nothing was taken into the slot). `Ok(Some(Err(status)))`: a
-    /// request the ring decoded but refuses, to be answered with `status` at once.
-    #[allow(clippy::type_complexity)]
+    /// Takes the next request into `slot`: its buffers go into `segs` (cleared first), the
+    /// request into `request`, referring to them by index. `Err`: the peer broke the ring
+    /// (the queue stops; nothing was taken into the slot). (The request is written in place,
+    /// not returned: a large nested return value cost a store-forwarding stall per request.)
     fn pop(
         &mut self,
         slot: u32,
         segs: &mut Segments,
-    ) -> Result<Option<Result<Request, Status>>, Broken>;
+        request: &mut Request,
+    ) -> Result<Popped, Broken>;
 
     /// Answers the request in `slot` (`written`: data bytes put in its buffers when it
     /// succeeded) and releases what the ring held for it. Not visible until `publish`.

@@ -1,6 +1,7 @@
-//! Pausing and resuming a queue on a real reactor (the engine half of device state): a pause
-//! waits for requests in flight and reports the index only after they completed, is bounded
-//! by a timeout, and resuming at that index neither loses nor repeats a request.
+//! Pausing, resuming and parking a queue on a real reactor. A pause (the engine half of
+//! device state) waits for requests in flight and reports the index only after they
+//! completed, is bounded by a timeout, and resuming at that index neither loses nor repeats a
+//! request. An idle queue leaves the reactor's polled list, and its kick brings it back.
 
 use pollblk_driver::memory::USER_BASE;
 use pollblk_driver::ring::Buf;
@@ -245,5 +246,48 @@ fn a_pause_reports_the_index_only_after_requests_in_flight_completed() {
     assert_eq!(done, later, "resumed at 3: the new requests, none repeated");
     assert_eq!(rig.backend.held(), 0);
     assert_eq!(reactor.stop_within(id2, Duration::from_secs(5)), Ok(5));
+    reactors.shutdown();
+}
+
+/// A reactor statistic, as its file says now.
+fn reactor_stat(dir: &std::path::Path, name: &str) -> u64 {
+    let reader = pollblk_engine::stats::StatsReader::open(&dir.join("reactor-0.stats")).unwrap();
+    let sample = reader.sample().unwrap();
+    let desc = reader.descs().iter().find(|d| d.name == name).unwrap();
+    sample.of(desc)[0]
+}
+
+#[test]
+fn an_idle_queue_is_parked_and_its_kick_brings_it_back() {
+    let stats = tempfile::tempdir().unwrap();
+    let dir = pollblk_engine::stats::StatsDir::open(stats.path(), None).unwrap();
+    let reactors = Reactors::start(&[0], PollConfig::default(), Some(&dir)).unwrap();
+    let reactor = reactors.for_queue(0).clone();
+    let mut rig = Rig::new();
+    let id = QueueId::fresh();
+    reactor.attach(id, rig.setup(0)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reactor_stat(stats.path(), "queue_parks") == 0 {
+        assert!(Instant::now() < deadline, "an idle queue was never parked");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(reactor_stat(stats.path(), "queues_polled"), 0);
+    assert_eq!(reactor_stat(stats.path(), "queues"), 1);
+    // The driver's kick wakes the reactor and the queue is served again.
+    let head = rig.read(7);
+    rig.wait_held(1);
+    rig.backend.release_all();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut done = Vec::new();
+    while done.is_empty() {
+        done.extend(rig.used());
+        assert!(
+            Instant::now() < deadline,
+            "the parked queue's request never completed"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(done, [head]);
+    assert_eq!(reactor.stop_within(id, Duration::from_secs(5)), Ok(1));
     reactors.shutdown();
 }

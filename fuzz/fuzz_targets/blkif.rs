@@ -12,7 +12,7 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use pollblk_engine::request::Status;
-use pollblk_engine::ring::Ring as _;
+use pollblk_engine::ring::{Popped, Ring as _};
 use pollblk_engine::virtqueue::Segments;
 use pollblk_xen::abi::{Abi, PAGE_SIZE};
 use pollblk_xen::platform::{EventChannel, GrantSpace, RingPages};
@@ -124,13 +124,14 @@ fuzz_target!(|input: Input| {
             Step::Pop => {
                 let Some(&slot) = free.last() else { continue };
                 let s = &mut segs[slot as usize];
-                match ring.pop(slot, s) {
+                let mut req = pollblk_engine::blk::Request::default();
+                match ring.pop(slot, s, &mut req) {
                     Err(_) => return, // the ring is broken: the reactor stops it
-                    Ok(None) => {}
-                    Ok(Some(result)) => {
+                    Ok(Popped::Nothing) => {}
+                    Ok(popped) => {
                         free.pop();
                         in_flight.push(slot);
-                        if let Ok(req) = result {
+                        if popped == Popped::Request {
                             assert!(s.iovecs().len() <= ring.max_segments());
                             let sum: u64 = s.iovecs()[req.data.clone()]
                                 .iter()

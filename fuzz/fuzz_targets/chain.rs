@@ -21,7 +21,7 @@ use pollblk_engine::blk;
 use pollblk_engine::device::{BlkDevice, DiskOptions, QueueRole};
 use pollblk_engine::mem::{GuestMemory, MmapRegion};
 use pollblk_engine::request::Status;
-use pollblk_engine::ring::Ring;
+use pollblk_engine::ring::{Popped, Ring};
 use pollblk_engine::stats::Stats;
 use pollblk_engine::virtio::{QueueSetup, VirtioRing};
 use pollblk_engine::virtqueue::{RingAddrs, Segments, SplitQueue};
@@ -130,9 +130,10 @@ fuzz_target!(|input: Input| {
     };
     let mut segs = Segments::with_capacity(ring.max_segments());
     for _ in 0..2 * u32::from(size) {
-        let popped = match ring.pop(0, &mut segs) {
-            Ok(Some(popped)) => popped,
-            Ok(None) | Err(_) => break,
+        let mut request = blk::Request::default();
+        let popped = match ring.pop(0, &mut segs, &mut request) {
+            Ok(Popped::Nothing) | Err(_) => break,
+            Ok(popped) => popped,
         };
         assert!(segs.iovecs().len() <= blk::SLOT_SEGMENTS);
         let total: u64 = segs.iovecs().iter().map(|v| v.iov_len as u64).sum();
@@ -162,7 +163,8 @@ fuzz_target!(|input: Input| {
                 "status byte outside the writable buffers"
             );
         }
-        if let Ok(req) = &popped {
+        if popped == Popped::Request {
+            let req = &request;
             assert!(!status.is_null(), "a request with nowhere to put its status");
             assert!(req.data.end <= segs.iovecs().len() && req.data.start <= req.data.end);
             let sum: u64 = segs.iovecs()[req.data.clone()]

@@ -113,6 +113,10 @@ stats_schema! {
         Queues => Def::gauge("queues"),
         /// io_uring operations in flight (I/O, polls on kick and mailbox eventfds).
         UringOpsInFlight => Def::gauge("uring_ops_in_flight"),
+        /// Queues polled every iteration; the others are parked on their kick.
+        QueuesPolled => Def::gauge("queues_polled"),
+        /// Times an idle queue was parked (it waits for its kick, unscanned).
+        QueueParks => Def::counter("queue_parks"),
     }
 }
 

@@ -7,7 +7,7 @@ use super::vring::Vring;
 use crate::blk::{self, Request};
 use crate::inflight::InflightQueue;
 use crate::request::Status;
-use crate::ring::{Notified, Ring};
+use crate::ring::{Notified, Popped, Ring};
 use crate::virtqueue::{Broken, Segments};
 use std::os::fd::RawFd;
 
@@ -149,9 +149,10 @@ impl Ring for VirtioRing {
         &mut self,
         slot: u32,
         segs: &mut Segments,
-    ) -> Result<Option<Result<Request, Status>>, Broken> {
+        request: &mut Request,
+    ) -> Result<Popped, Broken> {
         let Some(head) = self.next_head()? else {
-            return Ok(None);
+            return Ok(Popped::Nothing);
         };
         if let Some(records) = &self.inflight {
             records.mark_taken(head, self.inflight_counter);
@@ -165,13 +166,16 @@ impl Ring for VirtioRing {
             // Nowhere to report an error: the chain goes back with nothing written (counted
             // as an I/O error).
             self.status[slot as usize] = std::ptr::null_mut();
-            return Ok(Some(Err(Status::IoError)));
+            return Ok(Popped::Refused(Status::IoError));
         };
         self.status[slot as usize] = status;
-        Ok(Some(blk::parse(segs).map_err(|why| {
-            tracing::debug!(disk = %self.disk, ?why, "malformed request");
-            Status::IoError
-        })))
+        match blk::parse_into(segs, request) {
+            Ok(()) => Ok(Popped::Request),
+            Err(why) => {
+                tracing::debug!(disk = %self.disk, ?why, "malformed request");
+                Ok(Popped::Refused(Status::IoError))
+            }
+        }
     }
 
     fn complete(&mut self, slot: u32, segs: &Segments, status: Status, written: u32) {

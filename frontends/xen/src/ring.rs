@@ -9,7 +9,7 @@ use crate::abi::{self, op, Abi, Body, Segment};
 use crate::platform::{EventChannel, GrantSpace, RingPages};
 use pollblk_engine::blk::{self, RequestKind};
 use pollblk_engine::request::Status;
-use pollblk_engine::ring::{Notified, Ring};
+use pollblk_engine::ring::{Notified, Popped, Ring};
 use pollblk_engine::virtqueue::{Broken, Segments};
 use std::os::fd::RawFd;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
@@ -312,7 +312,8 @@ impl Ring for BlkifRing {
         &mut self,
         slot: u32,
         segs: &mut Segments,
-    ) -> Result<Option<Result<blk::Request, Status>>, Broken> {
+        request: &mut blk::Request,
+    ) -> Result<Popped, Broken> {
         if self.req_cons == self.seen_prod {
             let prod = self.index(0).load(Ordering::Acquire);
             // RING_REQUEST_PROD_OVERFLOW: requests taken but not answered still own their
@@ -325,7 +326,7 @@ impl Ring for BlkifRing {
             }
             self.seen_prod = prod;
             if prod == self.req_cons {
-                return Ok(None);
+                return Ok(Popped::Nothing);
             }
         }
         let copy = self.copy_request(self.req_cons);
@@ -342,16 +343,21 @@ impl Ring for BlkifRing {
             operation,
         };
         segs.clear();
-        let decoded = self.decode(slot, &req, segs);
-        if let Err(code) = decoded {
-            tracing::debug!(
-                operation = req.operation,
-                id = req.id,
-                ?code,
-                "blkif request refused"
-            );
+        match self.decode(slot, &req, segs) {
+            Ok(decoded) => {
+                *request = decoded;
+                Ok(Popped::Request)
+            }
+            Err(code) => {
+                tracing::debug!(
+                    operation = req.operation,
+                    id = req.id,
+                    ?code,
+                    "blkif request refused"
+                );
+                Ok(Popped::Refused(code))
+            }
         }
-        Ok(Some(decoded))
     }
 
     fn complete(&mut self, slot: u32, _: &Segments, code: Status, _: u32) {
@@ -507,11 +513,20 @@ mod tests {
         b
     }
 
+    /// Pops one request from a ring that must hold one: the request, or the status it is
+    /// refused with.
+    fn take(ring: &mut BlkifRing, slot: u32, segs: &mut Segments) -> Result<blk::Request, Status> {
+        let mut request = blk::Request::default();
+        match ring.pop(slot, segs, &mut request).expect("ring intact") {
+            Popped::Request => Ok(request),
+            Popped::Refused(status) => Err(status),
+            Popped::Nothing => panic!("no request in the ring"),
+        }
+    }
+
     fn pop(ring: &mut BlkifRing) -> Result<blk::Request, Status> {
         let mut segs = Segments::with_capacity(abi::MAX_INDIRECT_SEGMENTS);
-        ring.pop(0, &mut segs)
-            .expect("ring intact")
-            .expect("a request")
+        take(ring, 0, &mut segs)
     }
 
     #[test]
@@ -519,7 +534,7 @@ mod tests {
         let mut r = ring(Abi::X86_64);
         push(&mut r, &rw(op::READ, 8, &[(1, 0, 7), (2, 2, 3)]));
         let mut segs = Segments::with_capacity(16);
-        let req = r.pop(0, &mut segs).unwrap().unwrap().unwrap();
+        let req = take(&mut r, 0, &mut segs).unwrap();
         assert_eq!(
             (req.kind, req.sector, req.data_len),
             (RequestKind::In, 8, 4096 + 1024)
@@ -598,7 +613,7 @@ mod tests {
         r.index(0).store(r.size() + 1, Ordering::Release);
         let mut segs = Segments::with_capacity(16);
         assert!(matches!(
-            r.pop(0, &mut segs),
+            r.pop(0, &mut segs, &mut blk::Request::default()),
             Err(Broken::ProducerOverrun { .. })
         ));
     }
@@ -661,7 +676,7 @@ mod tests {
     /// Pops one request into slot 0 and answers it with what the engine made of it.
     fn answer(ring: &mut BlkifRing) -> Result<blk::Request, Status> {
         let mut segs = Segments::with_capacity(abi::MAX_INDIRECT_SEGMENTS);
-        let popped = ring.pop(0, &mut segs).unwrap().unwrap();
+        let popped = take(ring, 0, &mut segs);
         let status = popped.as_ref().map(|_| Status::Ok).unwrap_or_else(|s| *s);
         ring.complete(0, &segs, status, 0);
         popped
@@ -725,10 +740,10 @@ mod tests {
         let mut r = ring(Abi::X86_64);
         push(&mut r, &rw(op::READ, 0, &[(1, 0, 7)]));
         let mut segs = Segments::with_capacity(16);
-        r.pop(0, &mut segs).unwrap().unwrap().unwrap();
+        take(&mut r, 0, &mut segs).unwrap();
         r.index(0).store(r.size() + 1, Ordering::Release);
         assert!(matches!(
-            r.pop(1, &mut segs),
+            r.pop(1, &mut segs, &mut blk::Request::default()),
             Err(Broken::ProducerOverrun { .. })
         ));
     }
