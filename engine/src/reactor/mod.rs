@@ -27,21 +27,21 @@
 //!
 //! Per request nothing is allocated, nothing is locked, and no system call is made except the
 //! per-iteration enter and, when the peer wants it, a notification.
+//!
+//! Starting reactors and talking to them (handles, messages, poll modes) is `control`.
 
 use crate::backend::Completer;
 use crate::clock::Clock;
 use crate::queue::{IoCtx, PolledQueue};
 use crate::request::MAX_OPS_PER_REQUEST;
 use crate::stats::sets::ReactorStat;
-use crate::stats::{Stats, StatsDir};
+use crate::stats::Stats;
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{opcode, types, IoUring};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use vmm_sys_util::eventfd::EventFd;
 
 /// SQ entries per reactor ring.
@@ -69,252 +69,11 @@ const TAG_MASK: u64 = 0xf << 60;
 
 const _: () = assert!(MAX_OPS_PER_REQUEST * 2 < SQ_ENTRIES as usize);
 
-/// How a reactor waits for work (`--poll-mode`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PollMode {
-    /// Busy-poll forever with kicks suppressed: lowest latency, one full core per reactor.
-    /// A reactor with no queue attached still sleeps: there is nothing to poll.
-    Poll,
-    /// Busy-poll while there is work; sleep on kicks after `PollConfig::idle` without any.
-    Adaptive,
-    /// Never busy-poll: sleep on kicks as soon as an iteration finds no work.
-    Interrupt,
-}
+mod control;
 
-impl std::str::FromStr for PollMode {
-    type Err = String;
+pub use control::{PollConfig, PollMode, QueueId, ReactorHandle, Reactors, StopError};
 
-    fn from_str(s: &str) -> Result<PollMode, String> {
-        match s {
-            "poll" => Ok(PollMode::Poll),
-            "adaptive" => Ok(PollMode::Adaptive),
-            "interrupt" => Ok(PollMode::Interrupt),
-            _ => Err(format!(
-                "unknown poll mode {s:?} (expected poll, adaptive or interrupt)"
-            )),
-        }
-    }
-}
-
-/// How reactors wait for work.
-#[derive(Clone, Copy, Debug)]
-pub struct PollConfig {
-    pub mode: PollMode,
-    /// Adaptive mode: idle time after which a reactor re-enables kicks and sleeps.
-    pub idle: Duration,
-}
-
-impl PollConfig {
-    /// Default idle time before an adaptive reactor sleeps (`--poll-idle-us`).
-    pub const DEFAULT_IDLE: Duration = Duration::from_micros(50);
-
-    /// Whether a reactor idle for `idle_for` should sleep now.
-    fn should_sleep(&self, idle_for: Duration, has_queues: bool) -> bool {
-        match self.mode {
-            PollMode::Poll => !has_queues,
-            PollMode::Adaptive => idle_for >= self.idle,
-            PollMode::Interrupt => true,
-        }
-    }
-}
-
-impl Default for PollConfig {
-    fn default() -> Self {
-        PollConfig {
-            mode: PollMode::Adaptive,
-            idle: PollConfig::DEFAULT_IDLE,
-        }
-    }
-}
-
-/// Identifies an attached queue across the daemon.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct QueueId(u64);
-
-impl QueueId {
-    /// A new, never-used id.
-    pub fn fresh() -> QueueId {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        QueueId(NEXT.fetch_add(1, Ordering::Relaxed))
-    }
-}
-
-/// A change a transport makes to one of its queues, run on the queue's reactor between
-/// iterations (None: the queue is not on that reactor any more).
-type Apply = Box<dyn FnOnce(Option<&mut dyn PolledQueue>) + Send>;
-
-enum Msg {
-    Attach(QueueId, Box<dyn PolledQueue>),
-    Stop(QueueId, Sender<u16>),
-    Apply(QueueId, Apply),
-    Shutdown,
-}
-
-/// Why a queue did not stop in time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopError {
-    /// Requests were still in the backend when the timeout ran out; the queue stops as soon
-    /// as they complete.
-    Timeout,
-    /// The reactor has exited.
-    ReactorGone,
-}
-
-/// Sends control messages to one reactor.
-#[derive(Clone)]
-pub struct ReactorHandle {
-    index: usize,
-    tx: Sender<Msg>,
-    wake: Arc<EventFd>,
-}
-
-impl ReactorHandle {
-    fn send(&self, msg: Msg) {
-        // A reactor outlives every handle's use (shut down last); a send error would mean it
-        // died, and the reply channel then reports the failure.
-        let _ = self.tx.send(msg);
-        let _ = self.wake.write(1);
-    }
-
-    /// Index of this reactor.
-    pub fn index(&self) -> usize {
-        self.index
-    }
-
-    /// Starts polling a queue (a transport made it: `virtio::QueueSetup`, a blkif ring).
-    pub fn attach_queue(&self, id: QueueId, queue: Box<dyn PolledQueue>) {
-        self.send(Msg::Attach(id, queue));
-    }
-
-    /// Runs `change` on queue `id` on its reactor, between iterations.
-    pub fn apply(
-        &self,
-        id: QueueId,
-        change: impl FnOnce(Option<&mut dyn PolledQueue>) + Send + 'static,
-    ) {
-        self.send(Msg::Apply(id, Box::new(change)));
-    }
-
-    /// Stops a queue after completing every request in flight; returns the avail index to
-    /// resume at (GET_VRING_BASE).
-    pub fn stop(&self, id: QueueId) -> u16 {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Msg::Stop(id, tx));
-        rx.recv().unwrap_or(0)
-    }
-
-    /// Pauses a queue: it takes no new request, completes every one in flight, then detaches
-    /// and gives the avail index to resume at (`QueueSetup::base` of the next attach). A
-    /// request still in the backend after `timeout` is reported (StopError::Timeout), not
-    /// waited on forever; the queue then detaches by itself when its last request completes.
-    pub fn stop_within(&self, id: QueueId, timeout: Duration) -> Result<u16, StopError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Msg::Stop(id, tx));
-        rx.recv_timeout(timeout).map_err(|e| match e {
-            crossbeam_channel::RecvTimeoutError::Timeout => StopError::Timeout,
-            crossbeam_channel::RecvTimeoutError::Disconnected => StopError::ReactorGone,
-        })
-    }
-
-    /// Pauses or resumes taking new requests (SET_VRING_ENABLE).
-    pub fn set_enabled(&self, id: QueueId, enabled: bool) {
-        self.apply(id, move |queue| {
-            if let Some(queue) = queue {
-                queue.set_enabled(enabled);
-            }
-        });
-    }
-}
-
-/// The running reactors.
-pub struct Reactors {
-    handles: Vec<ReactorHandle>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Reactors {
-    /// Starts one reactor per core in `cores`, each pinned to its core.
-    pub fn start(
-        cores: &[usize],
-        poll: PollConfig,
-        stats_dir: Option<&StatsDir>,
-    ) -> io::Result<Reactors> {
-        assert!(!cores.is_empty());
-        let mut handles = Vec::with_capacity(cores.len());
-        let mut threads = Vec::with_capacity(cores.len());
-        for (index, &core) in cores.iter().enumerate() {
-            let (tx, rx) = crossbeam_channel::unbounded();
-            let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-            let stats = match stats_dir {
-                Some(dir) => dir.create(&format!("reactor-{index}"))?,
-                None => Stats::private(),
-            };
-            let thread = spawn(index, core, rx, wake.clone(), poll, stats)?;
-            handles.push(ReactorHandle { index, tx, wake });
-            threads.push(thread);
-        }
-        Ok(Reactors { handles, threads })
-    }
-
-    /// Number of reactors.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    /// Whether there are none (never, once started).
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
-    /// The reactor that serves queue `queue_index` of a disk: queues spread round robin.
-    pub fn for_queue(&self, queue_index: usize) -> &ReactorHandle {
-        &self.handles[queue_index % self.handles.len()]
-    }
-
-    /// Stops every reactor; queues must have been stopped first.
-    pub fn shutdown(self) {
-        for handle in &self.handles {
-            handle.send(Msg::Shutdown);
-        }
-        for thread in self.threads {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Starts reactor `index` on its own thread, pinned to `core`; returns once its io_uring is
-/// made (SINGLE_ISSUER binds the ring to the thread that makes it).
-fn spawn(
-    index: usize,
-    core: usize,
-    rx: Receiver<Msg>,
-    wake: Arc<EventFd>,
-    poll: PollConfig,
-    stats: Stats<ReactorStat>,
-) -> io::Result<JoinHandle<()>> {
-    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
-    let thread = std::thread::Builder::new()
-        .name(format!("reactor-{index}"))
-        .spawn(move || {
-            if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-                tracing::warn!(core, "could not pin reactor {index}");
-            }
-            match Reactor::new(rx, wake, poll, stats) {
-                Ok(mut reactor) => {
-                    let _ = ready_tx.send(Ok(()));
-                    reactor.run();
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            }
-        })?;
-    ready_rx
-        .recv()
-        .map_err(|_| io::Error::other("reactor thread died"))??;
-    Ok(thread)
-}
-
+use control::Msg;
 /// A queue as its reactor holds it: the queue, and the reactor's own bookkeeping of it.
 struct Entry {
     id: QueueId,
@@ -353,6 +112,8 @@ struct Reactor {
     polled: Vec<usize>,
     /// Queues attached (live entries of `queues`).
     live: usize,
+    /// Queues asked to stop and not detached yet (finish_stops has nothing to do at 0).
+    stopping: usize,
     /// io_uring operations submitted and not completed (CQ overflow guard).
     ops_in_flight: usize,
     poll: PollConfig,
@@ -393,6 +154,7 @@ impl Reactor {
             queues: Vec::new(),
             polled: Vec::new(),
             live: 0,
+            stopping: 0,
             ops_in_flight: 0,
             poll,
             shutting_down: false,
@@ -480,12 +242,12 @@ impl Reactor {
             if self.poll.mode != PollMode::Poll && entry.parkable() && Self::park(entry) {
                 self.polled.swap_remove(i);
                 self.stats.add(ReactorStat::QueueParks, 1);
+                self.stats
+                    .set(ReactorStat::QueuesPolled, self.polled.len() as u64);
                 continue;
             }
             i += 1;
         }
-        self.stats
-            .set(ReactorStat::QueuesPolled, self.polled.len() as u64);
         busy
     }
 
@@ -534,6 +296,8 @@ impl Reactor {
             entry.queue.disable_notification();
         }
         self.polled.push(qi);
+        self.stats
+            .set(ReactorStat::QueuesPolled, self.polled.len() as u64);
     }
 
     /// Submits queued SQEs and runs deferred task work, without a syscall when neither. With
@@ -617,7 +381,9 @@ impl Reactor {
                         self.unpark(qi);
                         let entry = self.queues[qi].as_mut().expect("found");
                         entry.queue.stop();
-                        entry.stopping = Some(reply);
+                        if entry.stopping.replace(reply).is_none() {
+                            self.stopping += 1;
+                        }
                     }
                     None => {
                         let _ = reply.send(0);
@@ -644,6 +410,7 @@ impl Reactor {
                             entry.queue.stop();
                             let (tx, _) = crossbeam_channel::bounded(1);
                             entry.stopping = Some(tx);
+                            self.stopping += 1;
                         }
                     }
                 }
@@ -786,12 +553,16 @@ impl Reactor {
 
     /// Detaches stopping queues whose requests all completed (stopping queues are polled).
     fn finish_stops(&mut self) {
+        if self.stopping == 0 {
+            return;
+        }
         let mut i = 0;
         while i < self.polled.len() {
             let qi = self.polled[i];
             if self.finish_stop(qi) {
                 self.polled.swap_remove(i);
                 self.live -= 1;
+                self.stopping -= 1;
                 self.count_queues();
             } else {
                 i += 1;
