@@ -29,6 +29,8 @@ pub struct Disk {
     export: Export,
     device: Arc<BlkDevice>,
     frontend: Box<dyn Frontend>,
+    /// The reactor of queue 0; queue i is on reactor (first_reactor + i) mod reactors.
+    first_reactor: usize,
 }
 
 /// Why an operation on the daemon failed; the control socket maps these to error codes.
@@ -205,6 +207,7 @@ impl Daemon {
             None => self.free_name(),
         };
         self.check_conflicts(&export)?;
+        let first_reactor = self.placement(&export)?;
         // A pool opened for this disk must not stay open (and locked) if the disk fails.
         let device = match self.open_device(&name, &export) {
             Ok(device) => device,
@@ -213,7 +216,7 @@ impl Daemon {
                 return Err(e);
             }
         };
-        let frontend = self.start_frontend(&export, &device);
+        let frontend = self.start_frontend(&export, &device, first_reactor);
         let frontend = match frontend {
             Ok(frontend) => frontend,
             Err(e) => {
@@ -226,6 +229,7 @@ impl Daemon {
             transport = %export.transport,
             sectors = device.capacity_sectors(),
             queues = export.num_queues,
+            first_reactor,
             "serving"
         );
         self.disks.push(Disk {
@@ -234,6 +238,7 @@ impl Daemon {
             export,
             device,
             frontend,
+            first_reactor,
         });
         Ok(name)
     }
@@ -324,6 +329,10 @@ impl Daemon {
     /// What `export_list` shows of one disk.
     pub fn describe(&self, disk: &Disk) -> serde_json::Value {
         let queues = disk.frontend.queue_states();
+        let n = self.reactors.len();
+        let reactors: Vec<usize> = (0..usize::from(disk.export.num_queues))
+            .map(|q| (disk.first_reactor + q) % n)
+            .collect();
         serde_json::json!({
             "name": disk.name,
             "spec": disk.spec,
@@ -334,6 +343,7 @@ impl Daemon {
             "readonly": disk.export.readonly,
             "connected": disk.frontend.connected(),
             "queues": queues,
+            "reactors": reactors,
         })
     }
 
@@ -481,14 +491,46 @@ impl Daemon {
         )))
     }
 
-    /// Starts serving one disk on its transport.
+    /// The reactor for queue 0 of a new disk: the export's `reactor=`, or the one with the
+    /// fewest queues (offered ones: a queue is placed when its disk is added), so single-queue
+    /// disks spread over the reactors instead of all landing on reactor 0.
+    fn placement(&self, export: &Export) -> Result<usize, DaemonError> {
+        let n = self.reactors.len();
+        if let Some(r) = export.reactor {
+            return match r < n {
+                true => Ok(r),
+                false => Err(DaemonError::Invalid(format!(
+                    "reactor={r}: this daemon runs {n} reactor(s), 0 to {} (--cores)",
+                    n - 1
+                ))),
+            };
+        }
+        let mut load = vec![0usize; n];
+        for d in &self.disks {
+            for q in 0..usize::from(d.export.num_queues) {
+                load[(d.first_reactor + q) % n] += 1;
+            }
+        }
+        Ok((0..n).min_by_key(|&r| load[r]).unwrap_or(0))
+    }
+
+    /// The reactors of a disk's queues, in queue order (queue i on the i-th).
+    fn reactors_from(&self, first: usize) -> Vec<ReactorHandle> {
+        let n = self.reactors.len();
+        (0..n)
+            .map(|i| self.reactors[(first + i) % n].clone())
+            .collect()
+    }
+
+    /// Starts serving one disk on its transport, its queue 0 on reactor `first`.
     fn start_frontend(
         &mut self,
         export: &Export,
         device: &Arc<BlkDevice>,
+        first: usize,
     ) -> Result<Box<dyn Frontend>, DaemonError> {
         let failed = |e: String| DaemonError::Failed(e);
-        let reactors = self.reactors.clone();
+        let reactors = self.reactors_from(first);
         let vbd = |platform: Arc<dyn pollblk_xen::platform::Platform>, domid, devid, toolstack| {
             let address = VbdAddress { domid, devid };
             Vbd::start(
@@ -503,7 +545,7 @@ impl Daemon {
         };
         match &export.transport {
             Transport::VhostUser { socket } => {
-                Server::start(socket, device.clone(), self.reactors.clone())
+                Server::start(socket, device.clone(), reactors.clone())
                     .map(|server| Box::new(server) as Box<dyn Frontend>)
                     .map_err(|e| failed(e.to_string()))
             }

@@ -6,6 +6,9 @@
 //! `vhost-user-blk,socket=PATH,rbd=POOL/IMAGE[,ceph-conf=PATH][,client=NAME][,rbd-timeout=SECS][,...]`
 //! `xen-blkif-loopback,dir=PATH,domid=N,devid=N,<a volume as above>[,num-queues=N][,...]`
 //! `xen-blkif,domid=N,devid=N,<a volume>[,...]` (real Xen: a build with the `xen` feature)
+//!
+//! Every export also takes `reactor=N`: the reactor of its queue 0 (queue i goes to reactor
+//! N + i, wrapping); without it the daemon picks the reactor with the fewest queues.
 
 use std::path::PathBuf;
 
@@ -96,6 +99,9 @@ pub struct Export {
     pub provision: bool,
     /// Offer the stats virtqueue (experimental, seed 000) on this feature bit.
     pub guest_stats_bit: Option<u32>,
+    /// The reactor of the disk's queue 0 (queue i goes to the next reactors in turn); None:
+    /// the least loaded one.
+    pub reactor: Option<usize>,
 }
 
 /// Feature bits the stats virtqueue may use: device-specific (below 24), unassigned in virtio
@@ -129,7 +135,7 @@ fn parse_on_off(key: &str, value: &str) -> Result<bool, String> {
 }
 
 /// Every option an export takes; `null` is the one without a value.
-const KNOWN_OPTIONS: [&str; 22] = [
+const KNOWN_OPTIONS: [&str; 23] = [
     "socket",
     "dir",
     "domid",
@@ -152,6 +158,7 @@ const KNOWN_OPTIONS: [&str; 22] = [
     "provision",
     "guest-stats",
     "guest-stats-bit",
+    "reactor",
 ];
 
 /// The `key=value` options of a spec, checked for known keys and present values up front;
@@ -440,6 +447,7 @@ impl std::str::FromStr for Export {
             serial: parse_serial(&opts)?,
             provision,
             guest_stats_bit,
+            reactor: opts.number("reactor", 0..=1023, "a reactor index (0 to 1023)")?,
         })
     }
 }

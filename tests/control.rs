@@ -579,3 +579,37 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(event["level"], "INFO", "{first}");
     assert!(event["message"].is_string(), "{first}");
 }
+
+#[test]
+fn single_queue_disks_spread_over_the_reactors_and_placement_can_be_chosen() {
+    let dir = tempdir();
+    let d = dir.path();
+    let (ctl, mut args) = control_args(d);
+    args.extend(["--cores".into(), "0,1".into()]);
+    let _daemon = Daemon::start(d, &args);
+    for name in ["a", "b", "c"] {
+        let spec = null_spec(&d.join(format!("{name}.sock")), "16M");
+        rpc(d, &ctl, "export_add", &[&spec, &format!("name={name}")]).unwrap();
+    }
+    let spec = format!(
+        "spec=vhost-user-blk,socket={},null,size=16M,num-queues=2,reactor=1",
+        d.join("pinned.sock").display()
+    );
+    rpc(d, &ctl, "export_add", &[&spec, "name=pinned"]).unwrap();
+    let list = rpc(d, &ctl, "export_list", &[]).unwrap();
+    let reactors = |name: &str| disk(&list, name).unwrap()["reactors"].clone();
+    // Each new single-queue disk goes to the reactor with the fewest queues.
+    assert_eq!(reactors("a"), serde_json::json!([0]));
+    assert_eq!(reactors("b"), serde_json::json!([1]));
+    assert_eq!(reactors("c"), serde_json::json!([0]));
+    assert_eq!(reactors("pinned"), serde_json::json!([1, 0]));
+    let spec = format!(
+        "spec=vhost-user-blk,socket={},null,size=16M,reactor=2",
+        d.join("nowhere.sock").display()
+    );
+    let err = rpc(d, &ctl, "export_add", &[&spec]).unwrap_err();
+    assert!(
+        err.contains("reactor=2: this daemon runs 2 reactor(s)"),
+        "{err}"
+    );
+}
