@@ -20,6 +20,49 @@ use std::time::Duration;
 
 /// Longest disk name: it is also the default serial (GET_ID holds 20 bytes).
 const MAX_NAME: usize = 20;
+/// File descriptors one disk may hold: its listening socket and statistics files, and once
+/// a front end is attached, the connection, the memory table's files, and a kick, call and
+/// error eventfd per queue (measured: 7 for a one-queue disk; more queues, more eventfds).
+pub const FDS_PER_DISK: u64 = 8;
+
+/// Raises the soft limit on open files to the hard one (most hosts start services with a
+/// soft limit of 1024 and a far higher hard one); returns the limit in force.
+pub fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// Refuses a disk the open-files limit has no room for, with what to change.
+fn check_fd_room(disks: usize) -> Result<(), DaemonError> {
+    let limit = raise_fd_limit();
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    if open + FDS_PER_DISK * 2 > limit {
+        return Err(DaemonError::Failed(format!(
+            "no room for another disk: {open} of the {limit} files this process may open are \
+             open ({disks} disk(s), about {FDS_PER_DISK} each with a front end attached, more \
+             with more queues): raise the limit (ulimit -n, or LimitNOFILE= in the systemd unit)"
+        )));
+    }
+    Ok(())
+}
 
 /// One served disk.
 pub struct Disk {
@@ -207,6 +250,7 @@ impl Daemon {
             None => self.free_name(),
         };
         self.check_conflicts(&export)?;
+        check_fd_room(self.disks.len())?;
         let first_reactor = self.placement(&export)?;
         // A pool opened for this disk must not stay open (and locked) if the disk fails.
         let device = match self.open_device(&name, &export) {

@@ -247,3 +247,39 @@ fn an_rbd_export_without_ceph_support_says_how_to_get_it() {
     assert_eq!(code, 1);
     assert!(stderr.contains("--features rbd"), "{stderr}");
 }
+
+#[test]
+fn too_few_open_files_for_the_disks_is_said_before_serving() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve").current_dir(dir.path());
+    for i in 0..10 {
+        cmd.args([
+            "--export",
+            &format!("vhost-user-blk,socket=d{i}.sock,null,size=1M,num-queues=1"),
+        ]);
+    }
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 60,
+                rlim_max: 60,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        err.contains("serving 10 disk(s) needs about 144 open files")
+            && err.contains("raise the limit"),
+        "{err}"
+    );
+    assert!(!dir.path().join("d0.sock").exists(), "nothing was served");
+}

@@ -29,6 +29,10 @@ use std::sync::Arc;
 pub const AVAIL_BATCH: usize = 64;
 /// Most requests in flight per queue (request slots); beyond it the ring waits.
 pub const MAX_SLOTS_PER_QUEUE: usize = 1024;
+/// Request slots a queue starts with; it doubles them (up to its ring's size) the first
+/// times its guest keeps them all busy. A slot holds ~3 KiB (its iovec array is sized for
+/// seg_max buffers), so a thousand idle disks stay at a few tens of MiB instead of hundreds.
+pub const INITIAL_SLOTS: usize = 8;
 
 /// A queue as its reactor sees it: something to poll, completions to route to it, a kick
 /// descriptor to sleep on, and a time it wants to be polled by (its timer).
@@ -148,9 +152,15 @@ impl<'a> IoCtx<'a> {
 pub struct RequestQueue<R: Ring + 'static> {
     ring: R,
     volume: VolumeChannel,
-    slots: Box<[RequestSlot]>,
+    /// Boxed: a slot's address must not move while its request is in flight (a bounce
+    /// buffer's iovec lives in it), and the list grows.
+    slots: Vec<Box<RequestSlot>>,
     /// Per slot, the request the ring decoded into it.
-    requests: Box<[Request]>,
+    requests: Vec<Request>,
+    /// Slots the ring allows (what `slots` may grow to).
+    max_slots: usize,
+    /// Buffers per slot.
+    segments: usize,
     free_slots: Vec<u32>,
     in_flight: usize,
     enabled: bool,
@@ -168,24 +178,37 @@ impl<R: Ring + 'static> RequestQueue<R> {
         stats: Stats<QueueStat>,
         enabled: bool,
     ) -> RequestQueue<R> {
-        let slot_count = ring.slots().min(MAX_SLOTS_PER_QUEUE);
-        assert!(slot_count > 0 && slot_count <= u32::MAX as usize);
+        let max_slots = ring.slots().min(MAX_SLOTS_PER_QUEUE);
+        assert!(max_slots > 0 && max_slots <= u32::MAX as usize);
         let segments = ring.max_segments();
         stats.set(QueueStat::Broken, 0);
         stats.set(QueueStat::InFlight, 0);
-        RequestQueue {
+        let mut queue = RequestQueue {
             ring,
             volume: VolumeChannel::new(device, stats),
-            slots: (0..slot_count)
-                .map(|_| RequestSlot::new(segments))
-                .collect(),
-            requests: (0..slot_count).map(|_| Request::default()).collect(),
-            free_slots: (0..slot_count as u32).rev().collect(),
+            slots: Vec::new(),
+            requests: Vec::new(),
+            max_slots,
+            segments,
+            free_slots: Vec::with_capacity(max_slots),
             in_flight: 0,
             enabled,
             broken: false,
             stopping: false,
             unpublished: false,
+        };
+        queue.grow(INITIAL_SLOTS.min(max_slots));
+        queue
+    }
+
+    /// Adds slots up to `total` (at most `max_slots`); their indexes go on the free list.
+    /// Growing allocates: it happens at most log2(ring size / INITIAL_SLOTS) times per queue.
+    fn grow(&mut self, total: usize) {
+        let total = total.min(self.max_slots);
+        for index in self.slots.len()..total {
+            self.slots.push(Box::new(RequestSlot::new(self.segments)));
+            self.requests.push(Request::default());
+            self.free_slots.push(index as u32);
         }
     }
 
@@ -206,11 +229,15 @@ impl<R: Ring + 'static> RequestQueue<R> {
     fn take_batch(&mut self, io: &mut IoCtx<'_>) -> bool {
         let mut taken = 0;
         let mut batch_start = 0;
-        while taken < AVAIL_BATCH
-            && !self.free_slots.is_empty()
-            && io.has_room()
-            && self.volume.held().is_none()
-        {
+        while taken < AVAIL_BATCH && io.has_room() && self.volume.held().is_none() {
+            if self.free_slots.is_empty() {
+                if self.slots.len() == self.max_slots {
+                    break;
+                }
+                // Every slot is busy: the guest keeps more in flight than the queue has
+                // room for so far.
+                self.grow(self.slots.len() * 2);
+            }
             let slot = *self.free_slots.last().expect("checked non-empty");
             let (segs, request) = (
                 &mut self.slots[slot as usize].segs,

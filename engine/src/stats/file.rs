@@ -53,7 +53,10 @@ impl StatsDir {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
             return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                io::Error::other("another pollblk publishes its statistics in this directory")
+                io::Error::other(
+                    "another pollblk publishes its statistics in this directory: give this \
+                     daemon its own --stats-dir (and --control)",
+                )
             } else {
                 e
             });
