@@ -154,6 +154,7 @@ pub struct RequestQueue<R: Ring + 'static> {
     volume: VolumeChannel,
     /// Boxed: a slot's address must not move while its request is in flight (a bounce
     /// buffer's iovec lives in it), and the list grows.
+    #[allow(clippy::vec_box)]
     slots: Vec<Box<RequestSlot>>,
     /// Per slot, the request the ring decoded into it.
     requests: Vec<Request>,
