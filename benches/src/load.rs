@@ -78,6 +78,8 @@ pub struct LoadResult {
     pub spec: LoadSpec,
     /// Completed I/Os in the measured time.
     pub ios: u64,
+    /// The same, per queue (with --disks, per disk).
+    pub ios_per_queue: Vec<u64>,
     pub writes: u64,
     /// Completions with an error, over the whole run (ramp included).
     pub errors: u64,
@@ -160,8 +162,20 @@ impl std::str::FromStr for DriverKind {
     }
 }
 
-/// Runs one load against `spec.socket`.
-pub fn run(spec: &LoadSpec, driver: DriverKind) -> Result<LoadResult, String> {
+/// Runs one load over `count` disks (lean driver, one queue each), queue `i` on the socket
+/// `pattern` names for `i`.
+pub fn run_many(spec: &LoadSpec, pattern: &str, count: usize) -> Result<LoadResult, String> {
+    let spec = LoadSpec {
+        queues: count,
+        ..spec.clone()
+    };
+    check(&spec)?;
+    let (mut disks, capacity) = crate::many::ManyDisks::open(&spec, pattern, count)?;
+    drive(&spec, &mut disks, capacity)
+}
+
+/// Refuses loads the generator was not made for.
+fn check(spec: &LoadSpec) -> Result<(), String> {
     if spec.queues == 0 || spec.queues > MAX_QUEUES {
         return Err(format!("--queues must be 1..={MAX_QUEUES}"));
     }
@@ -173,6 +187,12 @@ pub fn run(spec: &LoadSpec, driver: DriverKind) -> Result<LoadResult, String> {
             "--bs must be a multiple of 512 up to {MAX_BS} bytes"
         ));
     }
+    Ok(())
+}
+
+/// Runs one load against `spec.socket`.
+pub fn run(spec: &LoadSpec, driver: DriverKind) -> Result<LoadResult, String> {
+    check(spec)?;
     match driver {
         DriverKind::Blkio => {
             let (mut queues, capacity) = crate::blkio_queues::BlkioQueues::open(spec)?;
@@ -214,6 +234,7 @@ fn drive<Q: Queues>(spec: &LoadSpec, queues: &mut Q, capacity: u64) -> Result<Lo
     let mut result = LoadResult {
         spec: spec.clone(),
         ios: 0,
+        ios_per_queue: vec![0; spec.queues],
         writes: 0,
         errors: 0,
         elapsed: Duration::ZERO,
@@ -282,6 +303,7 @@ fn drive<Q: Queues>(spec: &LoadSpec, queues: &mut Q, capacity: u64) -> Result<Lo
                 result.errors += u64::from(!ok);
                 if measuring {
                     result.ios += 1;
+                    result.ios_per_queue[q] += 1;
                     result.writes += u64::from(is_write[q * depth + slot]);
                     let ns = (finished - issued[q * depth + slot]).as_nanos() as u64;
                     result.latency_ns.saturating_record(ns);

@@ -6,6 +6,7 @@ mod compare;
 mod idle;
 mod lean;
 mod load;
+mod many;
 mod report;
 
 use clap::{Args, Parser, Subcommand};
@@ -75,6 +76,19 @@ struct LoadArgs {
     /// How many idle front ends --idle-sockets holds.
     #[arg(long, value_name = "N", requires = "idle_sockets")]
     idle_count: Option<usize>,
+    /// Drive several disks instead of --socket: the sockets this pattern names (`{}` is
+    /// replaced by 0 to --disks - 1), one queue each, lean driver; reports each disk's I/Os
+    /// and Jain's fairness index over them.
+    #[arg(
+        long,
+        value_name = "PATTERN",
+        requires = "disks",
+        conflicts_with = "socket"
+    )]
+    sockets: Option<String>,
+    /// How many disks --sockets drives.
+    #[arg(long, value_name = "N", requires = "sockets")]
+    disks: Option<usize>,
 }
 
 /// Parses a byte count with an optional binary suffix (k, m, g).
@@ -100,9 +114,17 @@ pub fn seconds(s: f64, what: &str) -> Result<Duration, String> {
 }
 
 fn run_load(args: LoadArgs) -> Result<bool, String> {
-    let socket = args
-        .socket
-        .ok_or("--socket PATH is required (or use the compare subcommand)")?;
+    let socket = match (&args.socket, &args.sockets) {
+        (Some(socket), _) => socket.clone(),
+        (None, Some(pattern)) => idle::socket_of(pattern, 0),
+        (None, None) => {
+            return Err(
+                "--socket PATH is required (or --sockets PATTERN --disks N, or use the \
+                        compare subcommand)"
+                    .into(),
+            )
+        }
+    };
     let spec = LoadSpec {
         socket,
         pattern: args.rw,
@@ -117,7 +139,10 @@ fn run_load(args: LoadArgs) -> Result<bool, String> {
         (Some(pattern), Some(count)) => Some(idle::connect(pattern, count)?),
         _ => None,
     };
-    let result = load::run(&spec, args.driver)?;
+    let result = match (&args.sockets, args.disks) {
+        (Some(pattern), Some(count)) => load::run_many(&spec, pattern, count)?,
+        _ => load::run(&spec, args.driver)?,
+    };
     if args.json {
         println!("{:#}", report::to_json(&result));
     } else {

@@ -36,6 +36,8 @@ pub fn to_json(r: &LoadResult) -> Value {
             "cpu_s": r.target_cpu_s,
             "iops_per_cpu_s": r.iops_per_target_cpu_s(),
         },
+        "ios_per_queue": r.ios_per_queue,
+        "fairness_jain": crate::many::jain_index(&r.ios_per_queue),
     })
 }
 
@@ -78,6 +80,19 @@ pub fn to_text(r: &LoadResult) -> String {
             Some(per) => out += &format!(", {per:.0} IOPS per target CPU-second\n"),
             None => out += "\n",
         }
+    }
+    if r.ios_per_queue.len() > 1 {
+        let secs = r.elapsed.as_secs_f64().max(1e-9);
+        let (min, max) = (
+            r.ios_per_queue.iter().min().copied().unwrap_or(0),
+            r.ios_per_queue.iter().max().copied().unwrap_or(0),
+        );
+        out += &format!(
+            "  per queue {:.0} to {:.0} IOPS, Jain's fairness index {:.3}\n",
+            min as f64 / secs,
+            max as f64 / secs,
+            crate::many::jain_index(&r.ios_per_queue)
+        );
     }
     out
 }
