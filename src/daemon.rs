@@ -237,6 +237,14 @@ impl Daemon {
     /// diskN).
     pub fn add(&mut self, spec: &str, name: Option<&str>) -> Result<String, DaemonError> {
         let export: Export = spec.parse().map_err(DaemonError::Invalid)?;
+        let name = match (name, export.name.as_deref()) {
+            (Some(given), Some(in_spec)) if given != in_spec => {
+                return Err(DaemonError::Invalid(format!(
+                    "the disk is named {given:?} and its export says name={in_spec}: give one"
+                )))
+            }
+            (given, in_spec) => given.or(in_spec),
+        };
         let name = match name {
             Some(name) => {
                 check_name(name)?;

@@ -7,8 +7,10 @@
 //! `xen-blkif-loopback,dir=PATH,domid=N,devid=N,<a volume as above>[,num-queues=N][,...]`
 //! `xen-blkif,domid=N,devid=N,<a volume>[,...]` (real Xen: a build with the `xen` feature)
 //!
-//! Every export also takes `reactor=N`: the reactor of its queue 0 (queue i goes to reactor
-//! N + i, wrapping); without it the daemon picks the reactor with the fewest queues.
+//! Every export also takes `name=NAME` (the disk's name in statistics, logs and the control
+//! socket; default: the first free diskN) and `reactor=N`: the reactor of its queue 0 (queue
+//! i goes to reactor N + i, wrapping); without it the daemon picks the reactor with the
+//! fewest queues.
 
 use std::path::PathBuf;
 
@@ -102,27 +104,43 @@ pub struct Export {
     /// The reactor of the disk's queue 0 (queue i goes to the next reactors in turn); None:
     /// the least loaded one.
     pub reactor: Option<usize>,
+    /// The disk's name (statistics, logs, the control socket); None: the first free diskN.
+    pub name: Option<String>,
 }
 
 /// Feature bits the stats virtqueue may use: device-specific (below 24), unassigned in virtio
 /// 1.3 (0 to 17 are) and not PROVISION's 18.
 pub const GUEST_STATS_BITS: std::ops::RangeInclusive<u32> = 19..=23;
 
-/// Parses a size: plain bytes or with a K/M/G/T suffix (powers of 1024).
+/// Parses a size: plain bytes, or with a unit as qemu-img and LVM read them: K, M, G, T
+/// and KiB, MiB, GiB, TiB are powers of 1024; KB, MB, GB, TB are powers of 1000.
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim_end_matches("iB").trim_end_matches('B');
-    let (digits, shift) = match trimmed.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&trimmed[..i], 10),
-        Some((i, 'm' | 'M')) => (&trimmed[..i], 20),
-        Some((i, 'g' | 'G')) => (&trimmed[..i], 30),
-        Some((i, 't' | 'T')) => (&trimmed[..i], 40),
-        _ => (trimmed, 0),
-    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
     let value: u64 = digits
         .parse()
         .map_err(|_| format!("size {text:?} is not a number of bytes (e.g. 1073741824 or 1G)"))?;
+    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(format!(
+                "size {text:?}: unknown unit {unit:?} (bytes, or K/M/G/T and KiB/MiB/GiB/TiB \
+                 for powers of 1024, KB/MB/GB/TB for powers of 1000)"
+            ))
+        }
+    };
     value
-        .checked_mul(1 << shift)
+        .checked_mul(multiplier)
         .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
@@ -135,7 +153,7 @@ fn parse_on_off(key: &str, value: &str) -> Result<bool, String> {
 }
 
 /// Every option an export takes; `null` is the one without a value.
-const KNOWN_OPTIONS: [&str; 23] = [
+const KNOWN_OPTIONS: [&str; 24] = [
     "socket",
     "dir",
     "domid",
@@ -159,6 +177,7 @@ const KNOWN_OPTIONS: [&str; 23] = [
     "guest-stats",
     "guest-stats-bit",
     "reactor",
+    "name",
 ];
 
 /// The `key=value` options of a spec, checked for known keys and present values up front;
@@ -448,6 +467,7 @@ impl std::str::FromStr for Export {
             provision,
             guest_stats_bit,
             reactor: opts.number("reactor", 0..=1023, "a reactor index (0 to 1023)")?,
+            name: opts.get("name").map(str::to_string),
         })
     }
 }
@@ -615,6 +635,28 @@ mod tests {
                 volume: "v0".into()
             }
         );
+    }
+
+    #[test]
+    fn sizes_take_binary_and_decimal_units() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("10GB").unwrap(), 10_000_000_000);
+        assert_eq!(parse_size("512k").unwrap(), 512 << 10);
+        assert_eq!(parse_size("3MB").unwrap(), 3_000_000);
+        assert!(parse_size("1 GB").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("1Gb/s").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("lots").unwrap_err().contains("not a number"));
+        assert!(parse_size("20000000T").unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn a_disk_can_be_named_in_its_export() {
+        let e: Export = "vhost-user-blk,socket=/s,null,size=1M,name=vm1"
+            .parse()
+            .unwrap();
+        assert_eq!(e.name.as_deref(), Some("vm1"));
     }
 
     #[test]

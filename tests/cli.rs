@@ -283,3 +283,21 @@ fn too_few_open_files_for_the_disks_is_said_before_serving() {
     );
     assert!(!dir.path().join("d0.sock").exists(), "nothing was served");
 }
+
+#[test]
+fn a_disk_named_in_its_export_goes_by_that_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let args: Vec<String> = [
+        "--export",
+        "vhost-user-blk,socket=vm1.sock,null,size=1M,num-queues=1,name=vm1",
+    ]
+    .map(String::from)
+    .to_vec();
+    let _daemon = Daemon::start(dir.path(), &args);
+    let stats = dir.path().join("pollblk-data/stats");
+    assert!(
+        stats.join("vm1.stats").exists(),
+        "statistics under the disk's name"
+    );
+    assert!(!stats.join("disk0.stats").exists());
+}
