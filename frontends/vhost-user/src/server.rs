@@ -1,19 +1,16 @@
-//! The listening socket and the per-connection message loop.
+//! One disk's vhost-user socket: bound here, served by the shared event loops
+//! (`event_loop`), and reached by the control plane (pause, resume, resize announcements)
+//! through the handler of the front end attached now.
 
-use crate::backend_channel;
+use crate::event_loop::{Current, Endpoint, Loops};
 use crate::handler::{BlkHandler, QueueState};
 use pollblk_engine::device::BlkDevice;
 use pollblk_engine::reactor::ReactorHandle;
-use pollblk_engine::wait::readable_or_shutdown;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
-use vmm_sys_util::eventfd::EventFd;
 
 /// Why a socket could not be served.
 #[derive(Debug)]
@@ -45,14 +42,11 @@ impl std::error::Error for ServerError {}
 /// Serves one disk on one vhost-user socket.
 pub struct Server {
     path: PathBuf,
-    shutdown: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    /// Where the event loops know it: (endpoint id, loop index); None once stopped.
+    served: Option<(u64, usize)>,
     /// The connected front end's handler, for the control plane.
     current: Current,
 }
-
-/// The handler of the connection being served, if any.
-type Current = Arc<Mutex<Option<Arc<Mutex<BlkHandler>>>>>;
 
 /// Binds `path`, replacing a stale socket file nobody listens on.
 fn bind(path: &Path) -> Result<UnixListener, ServerError> {
@@ -76,27 +70,18 @@ impl Server {
         reactors: Vec<ReactorHandle>,
     ) -> Result<Server, ServerError> {
         let listener = bind(path)?;
-        let shutdown = Arc::new(EventFd::new(0).map_err(|e| ServerError::Io(path.to_owned(), e))?);
-        let thread_shutdown = shutdown.clone();
-        let name = device.options().name.clone();
         let current = Current::default();
-        let thread_current = current.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("vhost-user-{name}"))
-            .spawn(move || {
-                accept_loop(
-                    listener,
-                    &thread_shutdown,
-                    &thread_current,
-                    device,
-                    reactors,
-                )
-            })
-            .map_err(|e| ServerError::Io(path.to_owned(), e))?;
+        let endpoint = Endpoint {
+            name: device.options().name.clone(),
+            listener,
+            device,
+            reactors,
+            current: current.clone(),
+        };
+        let served = Loops::get().add(endpoint);
         Ok(Server {
             path: path.to_owned(),
-            shutdown,
-            thread: Some(thread),
+            served: Some(served),
             current,
         })
     }
@@ -200,9 +185,8 @@ impl Server {
     }
 
     fn stop_inner(&mut self) {
-        let _ = self.shutdown.write(1);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Some((id, index)) = self.served.take() {
+            Loops::get().remove(index, id);
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -211,73 +195,6 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop_inner();
-    }
-}
-
-fn accept_loop(
-    listener: UnixListener,
-    shutdown: &EventFd,
-    current: &Current,
-    device: Arc<BlkDevice>,
-    reactors: Vec<ReactorHandle>,
-) {
-    let name = device.options().name.clone();
-    while readable_or_shutdown(listener.as_raw_fd(), shutdown) {
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(disk = %name, error = %e, "accept failed");
-                continue;
-            }
-        };
-        tracing::info!(disk = %name, "front end connected");
-        let handler = Arc::new(Mutex::new(BlkHandler::new(
-            device.clone(),
-            reactors.clone(),
-        )));
-        *current.lock().unwrap() = Some(handler.clone());
-        serve_connection(stream, &handler, shutdown, &name);
-        *current.lock().unwrap() = None;
-        // Drain and stop every queue before the next front end may connect.
-        handler.lock().unwrap().stop_all();
-        tracing::info!(disk = %name, "front end disconnected");
-    }
-}
-
-fn serve_connection(
-    stream: UnixStream,
-    handler: &Arc<Mutex<BlkHandler>>,
-    shutdown: &EventFd,
-    name: &str,
-) {
-    let fd = stream.as_raw_fd();
-    let mut endpoint = BackendReqHandler::from_stream(stream, handler.clone());
-    while readable_or_shutdown(fd, shutdown) {
-        match backend_channel::take_from(fd) {
-            Ok(Some(channel)) => {
-                handler.lock().unwrap().set_backend_channel(channel);
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(disk = %name, error = %e, "SET_BACKEND_REQ_FD refused");
-                continue;
-            }
-        }
-        match endpoint.handle_request() {
-            Ok(()) => {}
-            Err(
-                VhostError::Disconnected
-                | VhostError::PartialMessage
-                | VhostError::SocketBroken(_)
-                | VhostError::SocketError(_),
-            ) => return,
-            Err(e) => {
-                // The message was read whole; the front end gets no reply and sees its
-                // request fail, the connection stays up.
-                tracing::warn!(disk = %name, error = %e, "vhost-user request failed");
-            }
-        }
     }
 }
 
