@@ -120,11 +120,45 @@ fn every_request_type_reaches_the_image() {
 struct Stopped(i32);
 
 impl Stopped {
+    /// Stops `pid` and returns once every one of its threads is stopped (SIGSTOP takes each
+    /// thread at its next return to user space).
     fn new(pid: i32) -> Stopped {
         // SAFETY: signals a process of the test's cluster.
-        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGSTOP) },
+            0,
+            "no process {pid}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let running = running_threads(pid);
+            if running.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {pid} did not stop: threads in states {running:?}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         Stopped(pid)
     }
+}
+
+/// The states of `pid`'s threads that are neither stopped nor gone, per /proc.
+fn running_threads(pid: i32) -> Vec<char> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            // The state follows the command name in parentheses.
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            (!matches!(state, 'T' | 't' | 'Z' | 'X')).then_some(state)
+        })
+        .collect()
 }
 
 impl Drop for Stopped {

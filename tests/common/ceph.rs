@@ -88,8 +88,10 @@ impl Cluster {
 
     /// The OSD's process id (the second daemon cluster.sh started).
     pub fn osd_pid(&self) -> i32 {
+        // The monitor's PID comes first, then one line per OSD start: cluster.sh starts the
+        // OSD again when it exits during start-up, so the live one is the last.
         let pids = std::fs::read_to_string(self.dir.join("pids")).unwrap();
-        pids.lines().nth(1).unwrap().trim().parse().unwrap()
+        pids.lines().last().unwrap().trim().parse().unwrap()
     }
 
     /// The export option naming image `name` of this cluster.
