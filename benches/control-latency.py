@@ -6,6 +6,9 @@ connection, and times each method: median and p99 in microseconds. Null disks on
 measures the control plane, not storage.
 
     benches/control-latency.py [PATH-TO-POLLBLK]     # default target/release/pollblk
+    benches/control-latency.py --disks 1000 [--attached] [PATH]
+        at scale: the daemon starts with 1,000 one-queue null disks from a config file; with
+        --attached, pollblk-bench holds an idle front end on every one of them meanwhile
 """
 import json
 import os
@@ -17,16 +20,44 @@ import tempfile
 import time
 
 here = os.path.dirname(os.path.abspath(__file__))
-binary = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "../target/release/pollblk")
+args = sys.argv[1:]
+disks = 0
+attached = False
+if args[:1] == ["--disks"]:
+    disks, args = int(args[1]), args[2:]
+if args[:1] == ["--attached"]:
+    attached, args = True, args[1:]
+binary = args[0] if args else os.path.join(here, "../target/release/pollblk")
 work = tempfile.mkdtemp(prefix="pollblk-control-latency-")
 control = os.path.join(work, "control.sock")
-daemon = subprocess.Popen([binary, "serve", "--control", control], cwd=work,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+command = [binary, "serve", "--control", control, "--stats-dir", os.path.join(work, "stats")]
+if disks:
+    with open(os.path.join(work, "disks.toml"), "w") as config:
+        for i in range(disks):
+            config.write(f'[[export]]\nspec = "vhost-user-blk,socket={work}/s{i}.sock,null,'
+                         f'size=64M,num-queues=1"\n')
+    command += ["--config", os.path.join(work, "disks.toml")]
+daemon = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 try:
-    for _ in range(200):
-        if os.path.exists(control):
+    for _ in range(600):
+        if os.path.exists(control) and (not disks or os.path.exists(f"{work}/s{disks - 1}.sock")):
             break
         time.sleep(0.05)
+    holder = None
+    if attached:
+        bench = os.path.join(os.path.dirname(binary), "pollblk-bench")
+        holder = subprocess.Popen([bench, "--socket", f"{work}/s{disks - 1}.sock", "--rw", "idle",
+                                   "--driver", "lean", "--idle-sockets", f"{work}/s{{}}.sock",
+                                   "--idle-count", str(disks - 1), "--runtime", "600"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Every front end is attached once the daemon holds a connection per disk.
+        for _ in range(600):
+            fds = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+            if fds >= 6 * disks:
+                break
+            time.sleep(0.1)
+        else:
+            sys.exit(f"the front ends did not attach ({fds} open files)")
     client = socket.socket(socket.AF_UNIX)
     client.connect(control)
     stream = client.makefile("rwb")
@@ -56,6 +87,14 @@ try:
         call("export_add", {"spec": spec(f"t{i}"), "name": f"t{i}"})
         call("export_remove", {"name": f"t{i}"})
 
+    if disks:
+        def add(i):
+            call("export_add", {"spec": spec(f"d{i}").replace("num-queues=4", "num-queues=1"),
+                                "name": f"d{i}"})
+        measure(f"export_add, disks {disks + 1} to {disks + 200}", 200, add)
+        measure(f"export_list, {disks + 200} disks", 200, lambda i: call("export_list"))
+        measure("export_add + export_remove, 4-queue null disk", 200, add_remove)
+        sys.exit(0)
     measure("export_list, no disks", 1000, lambda i: call("export_list"))
     measure("export_add + export_remove, 4-queue null disk", 200, add_remove)
     for i in range(50):
@@ -65,6 +104,8 @@ try:
             lambda i: call("export_resize", {"name": "d0", "size": (1 << 30) + (i + 1) * 4096}))
     measure("stats_get, one disk", 200, lambda i: call("stats_get", {"name": "d1"}))
 finally:
+    if attached and holder:
+        holder.kill()
     daemon.terminate()
     daemon.wait()
     shutil.rmtree(work, ignore_errors=True)

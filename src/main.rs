@@ -360,7 +360,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let settings = settings(args)?;
     let log = logging::init(settings.log_level.as_deref(), settings.log_format)?;
     let cores = checked_cores(&settings)?;
-    check_fd_limit(settings.exports.len())?;
+    daemon::check_fd_limit(settings.exports.len())?;
     if let Some(dir) = settings
         .control
         .parent()
@@ -420,22 +420,6 @@ fn checked_cores(settings: &Settings) -> Result<Vec<usize>, String> {
         )),
         None => Ok(cores),
     }
-}
-
-/// Refuses to start when the open-files limit (raised to its hard value first) cannot hold
-/// `disks` disks with their front ends attached.
-fn check_fd_limit(disks: usize) -> Result<(), String> {
-    let limit = daemon::raise_fd_limit();
-    let needed = daemon::FDS_PER_DISK * disks as u64 + 64;
-    if needed > limit {
-        return Err(format!(
-            "serving {disks} disk(s) needs about {needed} open files ({} per disk with its \
-             front end attached); this process may open {limit}: raise the limit (ulimit -n, \
-             or LimitNOFILE= in the systemd unit)",
-            daemon::FDS_PER_DISK
-        ));
-    }
-    Ok(())
 }
 
 /// A daemon serving every configured disk; on an error none is left served.

@@ -696,6 +696,7 @@ fn run_one(setup: &Setup, w: &Workload, target: Target) -> Result<(Sample, u64),
         runtime: setup.runtime,
         ramp: setup.ramp,
         target_pid: Some(daemon.id()),
+        depths: Vec::new(),
     };
     let result = load::run(&spec, setup.args.driver);
     if let Some(reader) = &mut reader {

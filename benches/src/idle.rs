@@ -43,6 +43,7 @@ pub fn connect(pattern: &str, count: usize) -> Result<IdleFrontEnds, String> {
             runtime: Duration::ZERO,
             ramp: Duration::ZERO,
             target_pid: None,
+            depths: Vec::new(),
         };
         let (mut q, _) = LeanQueues::open(&spec)?;
         one_read(&mut q).map_err(|e| format!("{}: {e}", spec.socket.display()))?;

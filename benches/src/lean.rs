@@ -44,6 +44,8 @@ impl Ring {
 
 pub struct LeanQueues {
     rings: Vec<Ring>,
+    /// Requests per queue: slots 0..depth.
+    depth: usize,
     event_idx: bool,
     // Owns the connection, the guest RAM and the kick eventfds; dropped last.
     driver: BlkDriver,
@@ -140,6 +142,7 @@ impl LeanQueues {
         Ok((
             LeanQueues {
                 rings,
+                depth: spec.iodepth,
                 event_idx,
                 driver,
             },
@@ -217,7 +220,7 @@ impl Queues for LeanQueues {
             let (id, ok) = unsafe {
                 let id = u32::from_le(std::ptr::read_unaligned(r.used.add(at) as *const u32));
                 let slot = id as usize / PER_SLOT;
-                if !(id as usize).is_multiple_of(PER_SLOT) || slot >= done.len() {
+                if !(id as usize).is_multiple_of(PER_SLOT) || slot >= self.depth {
                     return Err(format!(
                         "device returned descriptor {id}, not a request head"
                     ));

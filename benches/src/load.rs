@@ -64,6 +64,20 @@ pub struct LoadSpec {
     pub ramp: Duration,
     /// Process whose CPU time is read from /proc at the start and end of the measured time.
     pub target_pid: Option<u32>,
+    /// Requests in flight per queue where they differ (`--iodepths`); empty: `iodepth` each.
+    pub depths: Vec<usize>,
+}
+
+impl LoadSpec {
+    /// Requests kept in flight on queue `q`.
+    pub fn depth_of(&self, q: usize) -> usize {
+        self.depths.get(q).copied().unwrap_or(self.iodepth)
+    }
+
+    /// The deepest queue's depth: the stride of the per-slot arrays.
+    fn max_depth(&self) -> usize {
+        self.depths.iter().copied().max().unwrap_or(self.iodepth)
+    }
 }
 
 /// Most queues the generator opens (each is polled by its one thread).
@@ -87,6 +101,8 @@ pub struct LoadResult {
     pub elapsed: Duration,
     /// Completion latency in nanoseconds, measured time only.
     pub latency_ns: Histogram<u64>,
+    /// The same, per queue (with --disks, per disk).
+    pub latency_per_queue_ns: Vec<Histogram<u64>>,
     /// Time the generator spent in loop iterations that found completions; the rest it spent
     /// waiting on the target. ios / busy is the generator's own ceiling.
     pub busy: Duration,
@@ -182,6 +198,16 @@ fn check(spec: &LoadSpec) -> Result<(), String> {
     if spec.iodepth == 0 || spec.iodepth > MAX_IODEPTH {
         return Err(format!("--iodepth must be 1..={MAX_IODEPTH}"));
     }
+    if !spec.depths.is_empty() && spec.depths.len() != spec.queues {
+        return Err(format!(
+            "--iodepths gives {} depth(s) for {} disk(s)",
+            spec.depths.len(),
+            spec.queues
+        ));
+    }
+    if spec.depths.iter().any(|&d| d == 0 || d > MAX_IODEPTH) {
+        return Err(format!("--iodepths: each must be 1..={MAX_IODEPTH}"));
+    }
     if spec.bs == 0 || spec.bs > MAX_BS || !spec.bs.is_multiple_of(512) {
         return Err(format!(
             "--bs must be a multiple of 512 up to {MAX_BS} bytes"
@@ -238,8 +264,8 @@ fn drive<Q: Queues>(spec: &LoadSpec, queues: &mut Q, capacity: u64) -> Result<Lo
         writes: 0,
         errors: 0,
         elapsed: Duration::ZERO,
-        latency_ns: Histogram::new_with_bounds(1, 60_000_000_000, 3)
-            .expect("static histogram bounds"),
+        latency_ns: latency_histogram(),
+        latency_per_queue_ns: (0..spec.queues).map(|_| latency_histogram()).collect(),
         busy: Duration::ZERO,
         target_cpu_s: None,
     };
@@ -253,16 +279,24 @@ fn drive<Q: Queues>(spec: &LoadSpec, queues: &mut Q, capacity: u64) -> Result<Lo
         return Ok(result);
     }
 
-    let depth = spec.iodepth;
+    // Slot `slot` of queue `q` is entry q * depth + slot of the per-slot arrays.
+    let depth = spec.max_depth();
     let start = Instant::now();
     // Per queue and slot: when the request was issued and whether it is a write.
     let mut issued = vec![start; spec.queues * depth];
     let mut is_write = vec![false; spec.queues * depth];
-    let mut done = vec![(0usize, false); depth];
-    let mut in_flight = vec![depth; spec.queues];
+    // With per-disk depths, a deep disk's completions are handled a few at a time, so the
+    // generator's own loop does not stand between a shallow disk and its completions.
+    let reap_limit = if spec.depths.is_empty() {
+        depth
+    } else {
+        depth.min(8)
+    };
+    let mut done = vec![(0usize, false); reap_limit];
+    let mut in_flight: Vec<usize> = (0..spec.queues).map(|q| spec.depth_of(q)).collect();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
     for q in 0..spec.queues {
-        for slot in 0..depth {
+        for slot in 0..spec.depth_of(q) {
             let at = q * depth + slot;
             (issued[at], is_write[at]) = issue(spec, queues, q, slot, blocks, &mut rng, start);
         }
@@ -307,6 +341,7 @@ fn drive<Q: Queues>(spec: &LoadSpec, queues: &mut Q, capacity: u64) -> Result<Lo
                     result.writes += u64::from(is_write[q * depth + slot]);
                     let ns = (finished - issued[q * depth + slot]).as_nanos() as u64;
                     result.latency_ns.saturating_record(ns);
+                    result.latency_per_queue_ns[q].saturating_record(ns);
                 }
                 let at = q * depth + slot;
                 (issued[at], is_write[at]) =
@@ -328,6 +363,10 @@ fn drive<Q: Queues>(spec: &LoadSpec, queues: &mut Q, capacity: u64) -> Result<Lo
         }
     }
     Ok(result)
+}
+
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("static histogram bounds")
 }
 
 /// User + system CPU seconds of `pid` so far, from /proc/PID/stat.

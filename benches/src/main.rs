@@ -89,6 +89,10 @@ struct LoadArgs {
     /// How many disks --sockets drives.
     #[arg(long, value_name = "N", requires = "sockets")]
     disks: Option<usize>,
+    /// With --sockets, each disk's own depth, in order (e.g. 1,128: a QD1 disk beside a deep
+    /// one); the report then gives each disk's latency
+    #[arg(long, value_name = "LIST", requires = "sockets", value_delimiter = ',')]
+    iodepths: Vec<usize>,
 }
 
 /// Parses a byte count with an optional binary suffix (k, m, g).
@@ -134,6 +138,7 @@ fn run_load(args: LoadArgs) -> Result<bool, String> {
         runtime: seconds(args.runtime, "--runtime")?,
         ramp: seconds(args.ramp, "--ramp")?,
         target_pid: args.target_pid,
+        depths: args.iodepths,
     };
     let _idle = match (&args.idle_sockets, args.idle_count) {
         (Some(pattern), Some(count)) => Some(idle::connect(pattern, count)?),

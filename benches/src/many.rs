@@ -29,6 +29,8 @@ impl ManyDisks {
             let one = LoadSpec {
                 socket: socket_of(pattern, index),
                 queues: 1,
+                iodepth: spec.depth_of(index),
+                depths: Vec::new(),
                 ..spec.clone()
             };
             let (queues, bytes) = LeanQueues::open(&one)?;

@@ -37,6 +37,10 @@ pub fn to_json(r: &LoadResult) -> Value {
             "iops_per_cpu_s": r.iops_per_target_cpu_s(),
         },
         "ios_per_queue": r.ios_per_queue,
+        "latency_per_queue_ns": r.latency_per_queue_ns.iter().map(|h| json!({
+            "p50": h.value_at_quantile(0.5),
+            "p99": h.value_at_quantile(0.99),
+        })).collect::<Vec<_>>(),
         "fairness_jain": crate::many::jain_index(&r.ios_per_queue),
     })
 }
@@ -93,6 +97,17 @@ pub fn to_text(r: &LoadResult) -> String {
             max as f64 / secs,
             crate::many::jain_index(&r.ios_per_queue)
         );
+    }
+    if !s.depths.is_empty() {
+        for (q, lat) in r.latency_per_queue_ns.iter().enumerate() {
+            out += &format!(
+                "  disk {q} at QD{}: {:.0} IOPS, latency p50 {:.1} us p99 {:.1} us\n",
+                s.depth_of(q),
+                r.ios_per_queue[q] as f64 / r.elapsed.as_secs_f64().max(1e-9),
+                lat.value_at_quantile(0.5) as f64 / 1e3,
+                lat.value_at_quantile(0.99) as f64 / 1e3
+            );
+        }
     }
     out
 }

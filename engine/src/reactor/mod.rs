@@ -32,7 +32,7 @@
 
 use crate::backend::Completer;
 use crate::clock::Clock;
-use crate::queue::{IoCtx, PolledQueue};
+use crate::queue::{IoCtx, PolledQueue, AVAIL_BATCH, SHARED_BATCH};
 use crate::request::MAX_OPS_PER_REQUEST;
 use crate::stats::sets::ReactorStat;
 use crate::stats::Stats;
@@ -225,6 +225,11 @@ impl Reactor {
     fn poll_queues(&mut self) -> bool {
         let mut busy = false;
         let mut i = 0;
+        let batch = if self.polled.len() > 1 {
+            SHARED_BATCH
+        } else {
+            AVAIL_BATCH
+        };
         while i < self.polled.len() {
             let qi = self.polled[i];
             let entry = self.queues[qi].as_mut().expect("polled queues are live");
@@ -235,7 +240,8 @@ impl Reactor {
                 CQ_ENTRIES as usize,
                 TAG_IO | (qi as u64) << 32,
                 &self.clock,
-            );
+            )
+            .with_batch(batch);
             let moved = entry.queue.poll(&mut io);
             busy |= moved;
             entry.idle_polls = if moved { 0 } else { entry.idle_polls + 1 };
