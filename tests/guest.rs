@@ -948,3 +948,115 @@ fn linux_guest_gets_a_disk_added_grown_and_removed_at_run_time() {
     );
     assert_eq!(daemon.stop(), Some(0));
 }
+
+#[test]
+fn four_linux_guests_with_two_disks_each_on_one_daemon() {
+    if !guest_available("four_linux_guests_with_two_disks_each_on_one_daemon") {
+        return;
+    }
+    const GUESTS: usize = 4;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let disk = |g: usize, letter: &str| format!("g{g}{letter}");
+    let mut args = Vec::new();
+    for g in 0..GUESTS {
+        for letter in ["a", "b"] {
+            let name = disk(g, letter);
+            let file = image(d, &format!("{name}.img"), 128 << 20);
+            let socket = d.join(format!("{name}.sock"));
+            // guest_qemu attaches the first disk with two queues, the second here with one.
+            let queues = if letter == "a" { 2 } else { 1 };
+            args.extend(file_export(
+                &socket,
+                &file,
+                &format!(",num-queues={queues},name={name}"),
+            ));
+        }
+    }
+    let mut daemon = Daemon::start(d, &args);
+    let (_one_guest, guest_dir) = built_guest();
+
+    let started = std::time::Instant::now();
+    let mut guests: Vec<(Reap, PathBuf)> = (0..GUESTS)
+        .map(|g| {
+            let log = d.join(format!("console-{g}.log"));
+            let (a, b) = (
+                d.join(disk(g, "a") + ".sock"),
+                d.join(disk(g, "b") + ".sock"),
+            );
+            let qmp = d.join(format!("qmp-{g}.sock"));
+            let append = "pollblk.mode=pair pollblk.size=16M pollblk.iodepth=8 pollblk.wait=120";
+            let mut qemu = guest_qemu(&guest_dir, &a, &log, &qmp, append);
+            qemu.arg("-chardev")
+                .arg(format!("socket,id=vu1,path={}", b.display()))
+                .args(["-device", "vhost-user-blk-pci,chardev=vu1,num-queues=1"]);
+            (Reap(qemu.spawn().unwrap()), log)
+        })
+        .collect();
+    let deadline = started + std::time::Duration::from_secs(1200);
+    for (qemu, log) in &mut guests {
+        while qemu.0.try_wait().unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a guest did not finish; its console:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+    for (g, (_, log)) in guests.iter().enumerate() {
+        let text = std::fs::read_to_string(log).unwrap();
+        let marks = markers(&text);
+        for step in [
+            "vda rc=0",
+            "vdb rc=0",
+            "fio-pair rc=0 verify_errors=0",
+            "fio-pair-reverify rc=0 verify_errors=0",
+            "summary failed=0",
+            "done",
+        ] {
+            assert!(
+                marks.iter().any(|m| m == step),
+                "guest {g} never reported {step:?}; console:\n{text}"
+            );
+        }
+        let fio = fio_json(&text, "fio-pair");
+        for job in fio["jobs"].as_array().unwrap() {
+            assert_eq!(job["error"], 0, "guest {g}: {job}");
+            assert!(job["write"]["io_bytes"].as_u64().unwrap() >= 16 << 20);
+        }
+    }
+    // Every disk did its guest's I/O, as the daemon's statistics show it.
+    let stats = d.join("pollblk-data/stats");
+    for g in 0..GUESTS {
+        for letter in ["a", "b"] {
+            let name = disk(g, letter);
+            let writes: u64 = (0..2)
+                .filter_map(|q| {
+                    let path = stats.join(format!("{name}.queue-{q}.stats"));
+                    let reader = pollblk_engine::stats::StatsReader::open(&path).ok()?;
+                    let sample = reader.sample().unwrap();
+                    let desc = reader.descs().iter().find(|d| d.name == "write_ops")?;
+                    Some(sample.of(desc)[0])
+                })
+                .sum();
+            assert!(writes >= 500, "{name}: {writes} writes");
+        }
+    }
+    let view = Command::new(common::BIN)
+        .arg("stats")
+        .arg(&stats)
+        .output()
+        .unwrap();
+    let view = String::from_utf8_lossy(&view.stdout);
+    for g in 0..GUESTS {
+        for letter in ["a", "b"] {
+            assert!(view.contains(&format!("/{}\n", disk(g, letter))), "{view}");
+        }
+    }
+    eprintln!(
+        "{GUESTS} guests, 2 disks each, fio verify on all 8 at once: {} s",
+        started.elapsed().as_secs()
+    );
+    assert_eq!(daemon.stop(), Some(0));
+}

@@ -60,10 +60,13 @@ pub struct CompareArgs {
     /// Core the generator runs on.
     #[arg(long, default_value_t = 1)]
     bench_core: usize,
-    /// Workload groups to run: null, file, file-shm, thin, stats, idle, baseline, rbd
+    /// Workload groups to run: null, file, file-shm, thin, stats, idle, scale, baseline, rbd
     /// (default: all but baseline and rbd, which need --baseline and --ceph-conf).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     only: Vec<String>,
+    /// Disks the `scale` group serves from one daemon (all but one attached idle).
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    scale_disks: usize,
     /// Generator front end: lean (pollblk-bench's own minimal driver) or blkio (libblkio).
     #[arg(long, default_value = "lean")]
     driver: DriverKind,
@@ -515,7 +518,7 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
         return Err("--size must be at least 1m and a multiple of 4k".into());
     }
     let known = [
-        "null", "file", "file-shm", "thin", "stats", "idle", "baseline", "rbd",
+        "null", "file", "file-shm", "thin", "stats", "idle", "scale", "baseline", "rbd",
     ];
     if let Some(bad) = args.only.iter().find(|g| !known.contains(&g.as_str())) {
         return Err(format!(
@@ -638,7 +641,19 @@ fn run_all(setup: &Setup, selected: &[&Workload]) -> Result<bool, String> {
             }
         }
     }
-    let summary = summarize(selected, &samples);
+    let mut summary = summarize(selected, &samples);
+    if setup.args.only.is_empty() || setup.args.only.iter().any(|g| g == "scale") {
+        summary.extend(crate::scale::run(&crate::scale::ScaleSetup {
+            pollblk: &setup.pollblk,
+            qsd: &setup.args.qsd,
+            dir: &setup.dir,
+            disks: setup.args.scale_disks,
+            pairs: setup.args.pairs,
+            runtime: setup.runtime,
+            ramp: setup.ramp,
+            target_core: setup.args.target_core,
+        })?);
+    }
     if setup.args.json {
         let out = json!({
             "machine": machine(),
@@ -978,7 +993,7 @@ fn on_off(b: bool) -> &'static str {
     }
 }
 
-fn pin_self(core: usize) -> std::io::Result<()> {
+pub(crate) fn pin_self(core: usize) -> std::io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it for core < 1024.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -991,7 +1006,7 @@ fn pin_self(core: usize) -> std::io::Result<()> {
 }
 
 /// SIGTERM, then SIGKILL if the target has not exited within 10 s.
-fn stop(child: &mut Child) {
+pub(crate) fn stop(child: &mut Child) {
     // SAFETY: kill has no memory effects; the pid is our own unreaped child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1090,7 +1105,7 @@ fn which(path: &Path) -> Option<PathBuf> {
     })
 }
 
-fn median(values: &mut [f64]) -> Option<f64> {
+pub(crate) fn median(values: &mut [f64]) -> Option<f64> {
     if values.is_empty() {
         return None;
     }
@@ -1166,7 +1181,7 @@ fn print_table(rows: &[Value], to_stderr: bool) {
             .as_object()
             .map(|o| {
                 o.iter()
-                    .map(|(k, v)| format!("{k} {:.2}", v.as_f64().unwrap_or(0.0)))
+                    .map(|(k, v)| format!("{k} {}", format_ratio(v.as_f64().unwrap_or(0.0))))
                     .collect()
             })
             .unwrap_or_default();
@@ -1209,6 +1224,15 @@ fn format_value(v: Option<f64>) -> String {
     }
 }
 
+/// Two decimals, or three significant digits for ratios far below 1 (0.0021, not 0.00).
+fn format_ratio(v: f64) -> String {
+    if v >= 0.1 || v == 0.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.2e}")
+    }
+}
+
 fn markdown_table(rows: &[Value]) -> String {
     let mut out = String::from("| workload | metric |");
     for c in COLUMNS {
@@ -1231,7 +1255,7 @@ fn markdown_table(rows: &[Value]) -> String {
             .as_object()
             .map(|o| {
                 o.iter()
-                    .map(|(k, v)| format!("{k} {:.2}", v.as_f64().unwrap_or(0.0)))
+                    .map(|(k, v)| format!("{k} {}", format_ratio(v.as_f64().unwrap_or(0.0))))
                     .collect()
             })
             .unwrap_or_default();

@@ -8,6 +8,7 @@ mod lean;
 mod load;
 mod many;
 mod report;
+mod scale;
 
 use clap::{Args, Parser, Subcommand};
 use load::{DriverKind, LoadSpec, Pattern};

@@ -42,7 +42,8 @@ IOENGINE=$(param ioengine libaio)
 RUNTIME=$(param runtime 0)      # >0 adds a time-based write+verify soak step
 RANGE=$(param range 16M)        # length of the discard, write-zeroes and flush ranges
 WAIT=$(param wait 20)           # seconds to wait for /dev/vda
-MODE=$(param mode verify)       # verify: exercise vda; hotplug: the run-time disk steps
+MODE=$(param mode verify)       # verify: exercise vda; hotplug: the run-time disk steps;
+                                # pair: vda and vdb written and verified at once
 
 MiB=1048576
 SIZE_B=$(bytes "$SIZE")
@@ -152,6 +153,20 @@ if [ "$MODE" = hotplug ]; then
 	mark "done"
 	# Time for the host to finish with the removed disk before QEMU exits.
 	sleep "$(param linger 10)"
+	exit 0
+fi
+
+# Pair mode: two disks, one fio job on each, written and verified at the same time.
+if [ "$MODE" = pair ]; then
+	wait_for '[ -b /dev/vdb ]' "$WAIT"
+	step vdb $?
+	PAIR="--direct=1 --rw=randwrite --bssplit=4k/80:64k/20 --size=$SIZE --iodepth=$IODEPTH
+	 --ioengine=$IOENGINE --verify=crc32c --verify_fatal=1"
+	DISKS="--name=vda --filename=/dev/vda --name=vdb --filename=/dev/vdb"
+	run_fio fio-pair $PAIR --do_verify=1 $DISKS
+	run_fio fio-pair-reverify $PAIR --verify_only $DISKS
+	mark "summary failed=$failed"
+	mark "done"
 	exit 0
 fi
 

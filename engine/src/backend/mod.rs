@@ -14,7 +14,7 @@ pub use file::FileBackend;
 pub use null::NullBackend;
 #[cfg(feature = "rbd")]
 pub use rbd::{RbdBackend, RbdOptions};
-pub use thin::ThinBackend;
+pub use thin::{ThinBackend, ThinWorkers};
 
 use io_uring::squeue;
 use std::io;

@@ -3,6 +3,9 @@
 //! allocator and commits are shared by every reactor serving the volume, and a FLUSH (a data
 //! sync and a journal commit) must not stall a reactor's other queues.
 //!
+//! The worker threads belong to the pool ([`ThinWorkers`], shared by every served volume of
+//! it): a thousand idle volumes of one pool cost no more threads than one.
+//!
 //! Fast path: a read or write (not write-through) within one block that is mapped goes
 //! straight to the reactor's io_uring on the data file, holding the pool's epoch pin until its
 //! CQE (so the block cannot be freed and reused under it). Everything else (first writes,
@@ -16,12 +19,13 @@ use io_uring::{opcode, squeue, types};
 use std::io;
 use std::sync::Arc;
 
-/// Worker threads per thin volume.
-const WORKERS: usize = 2;
+/// Worker threads per pool.
+const WORKERS_PER_POOL: usize = 4;
 /// user_data bits of a fast-path SQE: the pinned epoch slot + 1.
 const PIN_SHIFT: u32 = 48;
 
 struct Job {
+    volume: Arc<Volume>,
     op: IoOp,
     user_data: u64,
     completer: Completer,
@@ -31,26 +35,47 @@ struct Job {
 // the completion is delivered; only the one worker that takes the job uses them.
 unsafe impl Send for Job {}
 
+/// The worker threads of one pool: they run every served volume's slow-path operations and
+/// exit once the last holder (the daemon's open pool, each backend) is gone.
+pub struct ThinWorkers {
+    jobs: Sender<Job>,
+}
+
+impl ThinWorkers {
+    /// Starts the workers of `pool` (`label` names their threads).
+    pub fn start(pool: &Arc<Pool>, label: &str) -> io::Result<Arc<ThinWorkers>> {
+        let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
+        for i in 0..WORKERS_PER_POOL {
+            let (pool, rx) = (pool.clone(), rx.clone());
+            std::thread::Builder::new()
+                .name(format!("thin-{label}-{i}"))
+                .spawn(move || worker(&pool, &rx))?;
+        }
+        Ok(Arc::new(ThinWorkers { jobs }))
+    }
+}
+
 /// A volume of a thin pool.
 pub struct ThinBackend {
     pool: Arc<Pool>,
     /// Grows in place (the pool never replaces a volume's map).
     volume: Arc<Volume>,
-    jobs: Sender<Job>,
+    workers: Arc<ThinWorkers>,
 }
 
 impl ThinBackend {
-    /// Serves volume `name` of `pool`.
-    pub fn open(pool: Arc<Pool>, name: &str) -> Result<ThinBackend, ThinError> {
+    /// Serves volume `name` of `pool`, its slow path on the pool's `workers`.
+    pub fn open(
+        pool: Arc<Pool>,
+        workers: Arc<ThinWorkers>,
+        name: &str,
+    ) -> Result<ThinBackend, ThinError> {
         let volume = pool.volume(name)?;
-        let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
-        for i in 0..WORKERS {
-            let (pool, volume, rx) = (pool.clone(), volume.clone(), rx.clone());
-            std::thread::Builder::new()
-                .name(format!("thin-{name}-{i}"))
-                .spawn(move || worker(&pool, &volume, &rx))?;
-        }
-        Ok(ThinBackend { pool, volume, jobs })
+        Ok(ThinBackend {
+            pool,
+            volume,
+            workers,
+        })
     }
 }
 
@@ -77,11 +102,12 @@ impl Backend for ThinBackend {
             return Submitted::Queued;
         }
         let job = Job {
+            volume: self.volume.clone(),
             op: *op,
             user_data,
             completer: completer.clone(),
         };
-        match self.jobs.send(job) {
+        match self.workers.jobs.send(job) {
             Ok(()) => Submitted::Deferred,
             Err(_) => Submitted::Done(-libc::EIO),
         }
@@ -148,14 +174,15 @@ fn iov_len(iov: *const libc::iovec, count: u32) -> u64 {
         .sum()
 }
 
-/// Runs jobs until the backend is dropped (the channel closes).
-fn worker(pool: &Pool, volume: &Volume, jobs: &Receiver<Job>) {
+/// Runs jobs until the workers' last holder is dropped (the channel closes).
+fn worker(pool: &Pool, jobs: &Receiver<Job>) {
     let mut buf = vec![0u8; pool.block_size() as usize];
     while let Ok(job) = jobs.recv() {
-        let result = match run(pool, volume, &job.op, &mut buf) {
+        let result = match run(pool, &job.volume, &job.op, &mut buf) {
             Ok(n) => n,
             Err(e) => {
-                tracing::debug!(volume = %volume.name, error = %e, "thin volume operation failed");
+                tracing::debug!(volume = %job.volume.name, error = %e,
+                    "thin volume operation failed");
                 -errno(&e)
             }
         };

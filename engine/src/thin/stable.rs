@@ -5,37 +5,96 @@
 //! resized volume reads and commits. (A grown copy of the map would miss that entry: the
 //! block would be allocated, written and acknowledged, and then neither journaled nor found.)
 
-use std::alloc::{alloc_zeroed, handle_alloc_error, Layout};
+use std::ops::Deref;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
-/// Entries per chunk (128 KiB): a chunk is allocated whole when the array grows into it.
+/// Entries per chunk (128 KiB): a chunk is mapped whole when the array grows into it, and
+/// only the pages the array touches take memory.
 const CHUNK_SHIFT: u32 = 14;
 const CHUNK: usize = 1 << CHUNK_SHIFT;
 
 pub(crate) struct StableArray {
-    /// One pointer per chunk of the largest array allowed; a chunk is allocated when the
-    /// array first grows into it and kept until the array is dropped.
-    chunks: Box<[AtomicPtr<AtomicU64>]>,
-    /// Entries in use; every chunk below it is allocated.
+    /// One pointer per chunk of the largest array allowed; a chunk is mapped when the array
+    /// first grows into it and kept until the array is dropped.
+    chunks: Zeroed<AtomicPtr<AtomicU64>>,
+    /// Entries in use; every chunk below it is mapped.
     len: AtomicUsize,
 }
 
-/// A zero-filled slice of `n` `T`s.
-///
-/// # Safety
-/// All-zero bytes must be a valid `T` (atomic integers and pointers: 0 and null).
-unsafe fn zeroed_slice<T>(n: usize) -> Box<[T]> {
-    assert!(n > 0);
-    let layout = Layout::array::<T>(n).expect("slice size overflows");
-    // SAFETY: the layout is non-zero-sized (n > 0 and T is not a ZST here); zeroed memory is a
-    // valid [T; n] by the caller's promise, and Box frees it with the same layout.
-    unsafe {
-        let p = alloc_zeroed(layout) as *mut T;
-        if p.is_null() {
-            handle_alloc_error(layout);
+/// `len` zeroed `T`s in an anonymous mapping of their own. Pages nobody touches take no
+/// memory: a 64 MiB volume uses 8 KiB of its map's first chunk and one page of its chunk
+/// table, where zero-filled heap allocations made 500 idle volumes cost 110 MiB.
+struct Zeroed<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: Zeroed owns its mapping like a Box<[T]>; it is shared only as &[T].
+unsafe impl<T: Send> Send for Zeroed<T> {}
+// SAFETY: as above.
+unsafe impl<T: Sync> Sync for Zeroed<T> {}
+
+impl<T> Zeroed<T> {
+    /// # Safety
+    /// All-zero bytes must be a valid `T` (atomic integers and pointers: 0 and null).
+    unsafe fn new(len: usize) -> Zeroed<T> {
+        assert!(len > 0 && std::mem::align_of::<T>() <= 4096);
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .expect("array size overflows");
+        // SAFETY: a fresh private anonymous mapping; the kernel zero-fills it on first touch.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            let layout = std::alloc::Layout::array::<T>(len).expect("array size overflows");
+            std::alloc::handle_alloc_error(layout);
         }
-        Box::from_raw(ptr::slice_from_raw_parts_mut(p, n))
+        Zeroed {
+            ptr: p as *mut T,
+            len,
+        }
+    }
+
+    /// Gives up ownership: the mapping stays until `from_raw` takes it back.
+    fn into_raw(self) -> *mut T {
+        let p = self.ptr;
+        std::mem::forget(self);
+        p
+    }
+
+    /// # Safety
+    /// `ptr` must come from `into_raw` of a Zeroed of `len` entries, taken back once.
+    unsafe fn from_raw(ptr: *mut T, len: usize) -> Zeroed<T> {
+        Zeroed { ptr, len }
+    }
+}
+
+impl<T> Deref for Zeroed<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: len zero-initialized (valid, by `new`'s contract) entries, mapped until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl<T> Drop for Zeroed<T> {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once; T needs no drop (atomics).
+        unsafe {
+            libc::munmap(
+                self.ptr as *mut libc::c_void,
+                self.len * std::mem::size_of::<T>(),
+            )
+        };
     }
 }
 
@@ -44,7 +103,7 @@ impl StableArray {
     pub fn new(len: usize, max_len: usize) -> StableArray {
         assert!(len <= max_len && max_len > 0);
         // SAFETY: a zeroed AtomicPtr is null.
-        let chunks = unsafe { zeroed_slice(max_len.div_ceil(CHUNK)) };
+        let chunks = unsafe { Zeroed::new(max_len.div_ceil(CHUNK)) };
         let array = StableArray {
             chunks,
             len: AtomicUsize::new(0),
@@ -87,15 +146,14 @@ impl StableArray {
                 continue;
             }
             // SAFETY: a zeroed AtomicU64 is 0.
-            let chunk = Box::into_raw(unsafe { zeroed_slice::<AtomicU64>(CHUNK) });
-            let chunk = chunk as *mut AtomicU64;
+            let chunk = unsafe { Zeroed::<AtomicU64>::new(CHUNK) }.into_raw();
             if slot
                 .compare_exchange(ptr::null_mut(), chunk, Ordering::AcqRel, Ordering::Acquire)
                 .is_err()
             {
                 // Another grower published this chunk first.
                 // SAFETY: ours was never published.
-                drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(chunk, CHUNK)) });
+                drop(unsafe { Zeroed::from_raw(chunk, CHUNK) });
             }
         }
         self.len.fetch_max(len, Ordering::AcqRel);
@@ -120,8 +178,8 @@ impl Drop for StableArray {
         for slot in self.chunks.iter() {
             let chunk = slot.load(Ordering::Acquire);
             if !chunk.is_null() {
-                // SAFETY: allocated in grow as a CHUNK-entry boxed slice, and freed only here.
-                drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(chunk, CHUNK)) });
+                // SAFETY: mapped in grow as CHUNK entries, and unmapped only here.
+                drop(unsafe { Zeroed::from_raw(chunk, CHUNK) });
             }
         }
     }

@@ -1,0 +1,280 @@
+//! The `scale` group of `compare`: one daemon serving many single-queue null disks, pollblk
+//! and qemu-storage-daemon alternately on the same core. Per run: the time from start until
+//! the last disk's socket accepts; one disk driven at QD1 alone; every other disk attached by
+//! an idle front end (its own memory table, its queue started, one read served), the daemon's
+//! CPU, RSS and threads while they all sit idle; the same QD1 disk again beside them.
+
+use crate::compare::{pin_self, stop};
+use crate::idle;
+use crate::load::{self, DriverKind, LoadSpec, Pattern};
+use serde_json::{json, Value};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a daemon may take to listen on every disk's socket.
+const STARTUP_LIMIT: Duration = Duration::from_secs(60);
+
+/// What one scale comparison runs with.
+pub struct ScaleSetup<'a> {
+    pub pollblk: &'a Path,
+    pub qsd: &'a Path,
+    pub dir: &'a Path,
+    pub disks: usize,
+    pub pairs: usize,
+    pub runtime: Duration,
+    pub ramp: Duration,
+    pub target_core: usize,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Daemon {
+    Pollblk,
+    Qsd,
+}
+
+impl Daemon {
+    fn name(self) -> &'static str {
+        match self {
+            Daemon::Pollblk => "pollblk",
+            Daemon::Qsd => "qsd",
+        }
+    }
+}
+
+/// What one run of one daemon measured, as (metric label, value).
+type Sample = Vec<(&'static str, f64)>;
+
+/// Runs the pairs (pollblk, then qemu-storage-daemon) and returns compare's summary rows:
+/// per metric the median of each daemon and pollblk's ratio to qsd.
+pub fn run(setup: &ScaleSetup) -> Result<Vec<Value>, String> {
+    if setup.disks < 2 || setup.disks > idle::MAX_IDLE {
+        return Err(format!("--scale-disks must be 2..={}", idle::MAX_IDLE));
+    }
+    raise_open_files();
+    let daemons = [Daemon::Pollblk, Daemon::Qsd];
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); daemons.len()];
+    for pair in 0..setup.pairs {
+        for (i, &daemon) in daemons.iter().enumerate() {
+            eprintln!(
+                "compare: scale, {} disks on {} (pair {}/{})",
+                setup.disks,
+                daemon.name(),
+                pair + 1,
+                setup.pairs
+            );
+            samples[i].push(run_one(setup, daemon)?);
+        }
+    }
+    let workload = format!("scale: {} null disks, all attached", setup.disks);
+    let labels: Vec<&str> = samples[0][0].iter().map(|(label, _)| *label).collect();
+    Ok(labels
+        .iter()
+        .enumerate()
+        .map(|(m, label)| {
+            let mut medians = serde_json::Map::new();
+            for (daemon, runs) in daemons.iter().zip(&samples) {
+                let mut values: Vec<f64> = runs.iter().map(|s| s[m].1).collect();
+                if let Some(v) = crate::compare::median(&mut values) {
+                    medians.insert(daemon.name().into(), json!(v));
+                }
+            }
+            let mut ratios = serde_json::Map::new();
+            if let (Some(ours), Some(theirs)) = (
+                medians.get("pollblk").and_then(Value::as_f64),
+                medians.get("qsd").and_then(Value::as_f64),
+            ) {
+                if theirs > 0.0 {
+                    ratios.insert("pollblk/qsd".into(), json!(ours / theirs));
+                }
+            }
+            json!({ "workload": workload, "metric": label, "medians": medians, "ratios": ratios })
+        })
+        .collect())
+}
+
+/// One daemon's run: start, QD1 alone, all attached and idle, QD1 beside them.
+fn run_one(setup: &ScaleSetup, daemon: Daemon) -> Result<Sample, String> {
+    let sockets = setup.dir.join(format!("scale-{}", daemon.name()));
+    let _ = std::fs::remove_dir_all(&sockets);
+    std::fs::create_dir_all(&sockets).map_err(|e| format!("{}: {e}", sockets.display()))?;
+    let pattern = format!("{}/d{{}}.sock", sockets.display());
+    let last = idle::socket_of(&pattern, setup.disks - 1);
+    let mut command = match daemon {
+        Daemon::Pollblk => pollblk_command(setup, &sockets, &pattern)?,
+        Daemon::Qsd => qsd_command(setup, &pattern),
+    };
+    let started = Instant::now();
+    let mut child = spawn_pinned(&mut command, setup.target_core, &sockets)?;
+    let outcome = wait_listening(&mut child, &last).and_then(|()| {
+        let startup = started.elapsed();
+        measure(setup, &child, &pattern, &last, startup)
+    });
+    stop(&mut child);
+    let _ = std::fs::remove_dir_all(&sockets);
+    outcome.map_err(|e| format!("scale on {}: {e}", daemon.name()))
+}
+
+fn measure(
+    setup: &ScaleSetup,
+    child: &Child,
+    pattern: &str,
+    last: &Path,
+    startup: Duration,
+) -> Result<Sample, String> {
+    let pid = child.id();
+    let spec = LoadSpec {
+        socket: last.to_path_buf(),
+        pattern: Pattern::RandRead,
+        bs: 4096,
+        iodepth: 1,
+        queues: 1,
+        runtime: setup.runtime,
+        ramp: setup.ramp,
+        target_pid: Some(pid),
+        depths: Vec::new(),
+    };
+    let alone = load::run(&spec, DriverKind::Lean)?;
+    let attach_started = Instant::now();
+    let idle_front_ends = idle::connect(pattern, setup.disks - 1)?;
+    let attach = attach_started.elapsed();
+    let idle = load::run(
+        &LoadSpec {
+            pattern: Pattern::Idle,
+            ..spec.clone()
+        },
+        DriverKind::Lean,
+    )?;
+    let (rss_kib, threads) = rss_and_threads(pid)?;
+    let beside = load::run(&spec, DriverKind::Lean)?;
+    drop(idle_front_ends);
+    if alone.errors + beside.errors > 0 {
+        return Err(format!("{} I/O error(s)", alone.errors + beside.errors));
+    }
+    let p50 = |r: &load::LoadResult| r.latency_ns.value_at_quantile(0.5) as f64 / 1e3;
+    let cpu_pct = 100.0 * idle.target_cpu_s.unwrap_or(f64::NAN) / idle.elapsed.as_secs_f64();
+    Ok(vec![
+        ("startup to all listening, s", startup.as_secs_f64()),
+        ("attach all front ends, s", attach.as_secs_f64()),
+        ("CPU all idle, %", cpu_pct),
+        ("RSS all attached, MiB", rss_kib / 1024.0),
+        ("threads", threads),
+        ("QD1 kIOPS alone", alone.iops() / 1e3),
+        ("QD1 kIOPS beside idle", beside.iops() / 1e3),
+        ("QD1 beside/alone", beside.iops() / alone.iops().max(1e-9)),
+        ("QD1 p50 us alone", p50(&alone)),
+        ("QD1 p50 us beside idle", p50(&beside)),
+    ])
+}
+
+/// pollblk serving every disk from a config file, as an operator's would.
+fn pollblk_command(setup: &ScaleSetup, dir: &Path, pattern: &str) -> Result<Command, String> {
+    let config = dir.join("disks.toml");
+    let mut text = format!(
+        "stats-dir = \"{}\"\ncontrol = \"{}\"\n",
+        dir.join("stats").display(),
+        dir.join("control.sock").display()
+    );
+    for i in 0..setup.disks {
+        text += &format!(
+            "[[export]]\nspec = \"vhost-user-blk,socket={},null,size=64M,read-zeroes=off,\
+             num-queues=1\"\n",
+            idle::socket_of(pattern, i).display()
+        );
+    }
+    std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
+    let mut command = Command::new(setup.pollblk);
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--cores", &setup.target_core.to_string()]);
+    Ok(command)
+}
+
+/// qemu-storage-daemon with a null-co node and a vhost-user-blk export per disk, one process.
+fn qsd_command(setup: &ScaleSetup, pattern: &str) -> Command {
+    let mut command = Command::new(setup.qsd);
+    for i in 0..setup.disks {
+        command
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=null-co,node-name=n{i},size={},read-zeroes=off",
+                64 << 20
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e{i},node-name=n{i},addr.type=unix,addr.path={},\
+                 writable=on,num-queues=1",
+                idle::socket_of(pattern, i).display()
+            ));
+    }
+    command
+}
+
+fn spawn_pinned(command: &mut Command, core: usize, dir: &Path) -> Result<Child, String> {
+    let log = dir.join("daemon.log");
+    let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    // SAFETY: sched_setaffinity is async-signal-safe; the closure touches no shared state.
+    unsafe {
+        command.pre_exec(move || pin_self(core));
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", command.get_program()))
+}
+
+/// Waits until the last disk's socket accepts (the daemons create them in order).
+fn wait_listening(child: &mut Child, last: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + STARTUP_LIMIT;
+    while std::os::unix::net::UnixStream::connect(last).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited at start ({status})"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} did not accept in {STARTUP_LIMIT:?}",
+                last.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // The probe connection was closed at once; let the daemon notice before the real one.
+    std::thread::sleep(Duration::from_millis(50));
+    Ok(())
+}
+
+/// VmRSS in KiB and the thread count, from /proc/PID/status.
+fn rss_and_threads(pid: u32) -> Result<(f64, f64), String> {
+    let path = PathBuf::from(format!("/proc/{pid}/status"));
+    let status = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let field = |name: &str| -> Result<f64, String> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("{}: no {name}", path.display()))
+    };
+    Ok((field("VmRSS:")?, field("Threads:")?))
+}
+
+/// Raises this process's soft open-files limit to the hard one: a thousand front ends hold
+/// four files each here, and the daemons started from here inherit the limit.
+fn raise_open_files() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
