@@ -1,5 +1,6 @@
-//! Many disks on one daemon: 1,000 single-queue disks spread over two reactors, every one
-//! attached with its own memory table and used once, then idle. The idle queues are parked
+//! Many disks on one daemon: 1,000 single-queue disks (900 null, 100 thin volumes of one
+//! pool) spread over two reactors, every one attached with its own memory table and used
+//! once, then idle. The idle queues are parked
 //! (a reactor visits none of them until its guest posts a request), and any one of them is
 //! served at once when it does; a handful of threads serves all their sockets. Speed is
 //! benches/scale.sh's business; this keeps the shape.
@@ -13,6 +14,34 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 const DISKS: usize = 1000;
+/// The first THIN disks are volumes of one thin pool (their slow path on the pool's workers).
+const THIN: usize = 100;
+
+/// A pool in `dir` holding volumes t0 to t{THIN - 1}, made with the CLI.
+fn thin_pool(dir: &Path) -> std::path::PathBuf {
+    let pool = dir.join("pool");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(common::BIN)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    run(&["pool", "create", pool.to_str().unwrap(), "--size", "1G"]);
+    for i in 0..THIN {
+        let name = format!("t{i}");
+        run(&[
+            "pool",
+            "volume",
+            "create",
+            pool.to_str().unwrap(),
+            &name,
+            "--size",
+            "16M",
+        ]);
+    }
+    pool
+}
 
 /// This test holds about five descriptors per disk (a connection, its memory file and its
 /// eventfds): the soft limit goes up to the hard one, as the daemon does for itself.
@@ -63,9 +92,14 @@ fn a_thousand_attached_disks_spread_over_reactors_and_park_when_idle() {
         stats.display(),
         d.join("control.sock").display()
     );
+    let pool = thin_pool(d);
     for i in 0..DISKS {
+        let volume = match i < THIN {
+            true => format!("pool={},volume=t{i}", pool.display()),
+            false => "null,size=16M".to_string(),
+        };
         config += &format!(
-            "[[export]]\nspec = \"vhost-user-blk,socket={},null,size=16M,num-queues=1\"\n",
+            "[[export]]\nspec = \"vhost-user-blk,socket={},{volume},num-queues=1\"\n",
             d.join(format!("d{i}.sock")).display()
         );
     }
@@ -90,7 +124,7 @@ fn a_thousand_attached_disks_spread_over_reactors_and_park_when_idle() {
     for (i, driver) in drivers.iter_mut().enumerate() {
         assert_eq!(driver.read(0, 8 * i as u64, 4096).0, 0, "disk {i}");
     }
-    // A fixed number of threads serves every socket: not one per disk.
+    // A fixed number of threads serves every socket and every thin volume: not one per disk.
     let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .count();
@@ -109,7 +143,7 @@ fn a_thousand_attached_disks_spread_over_reactors_and_park_when_idle() {
             >= DISKS as u64
     );
     // A parked disk's guest posts a request: served.
-    for i in [0, 137, DISKS - 1] {
+    for i in [0, THIN - 1, 137, DISKS - 1] {
         let (status, data) = drivers[i].read(0, 64, 4096);
         assert_eq!(status, 0, "disk {i} after parking");
         assert_eq!(data, vec![0u8; 4096]);
