@@ -3,7 +3,7 @@
 //! service). Every method runs on the connection's thread under the daemon's mutex; none
 //! touches the data path except through the engine's pause/resume and the transports.
 
-use crate::daemon::{Daemon, DaemonError};
+use crate::daemon::{Daemon, DaemonError, QosTarget};
 use crate::{config, export, logging, stats_view};
 use pollblk_engine::wait::readable_or_shutdown;
 use serde_json::{json, Map, Value};
@@ -405,7 +405,7 @@ struct Method {
     run: fn(&Shared, &Params) -> CallResult,
 }
 
-const METHODS: [Method; 13] = [
+const METHODS: [Method; 15] = [
     Method {
         name: "export_add",
         params: &["spec", "name"],
@@ -425,6 +425,16 @@ const METHODS: [Method; 13] = [
         name: "export_resize",
         params: &["name", "size"],
         run: export_resize,
+    },
+    Method {
+        name: "qos_set",
+        params: &["name", "group", "limits"],
+        run: qos_set,
+    },
+    Method {
+        name: "qos_get",
+        params: &["name", "group"],
+        run: qos_get,
     },
     Method {
         name: "queue_pause",
@@ -543,6 +553,47 @@ fn export_resize(shared: &Shared, p: &Params) -> CallResult {
     let notified = daemon.grow(name, size)?;
     shared.save(&daemon)?;
     value(json!({ "name": name, "size_bytes": size, "front_end_notified": notified }))
+}
+
+/// The disk (name=) or the throttle group (group=) a QoS call is about.
+fn qos_target<'a>(p: &Params<'a>) -> Result<QosTarget<'a>, RpcError> {
+    match (p.opt_str("name")?, p.opt_str("group")?) {
+        (Some(name), None) => Ok(QosTarget::Disk(name)),
+        (None, Some(group)) => Ok(QosTarget::Group(group)),
+        _ => Err(invalid("give name=DISK or group=QOS-GROUP")),
+    }
+}
+
+/// `limits` in the export grammar ("iops-total=1000,bps-total=50M"; "" for none).
+fn parse_limits(text: &str) -> Result<pollblk_engine::qos::QosConfig, RpcError> {
+    let mut pairs = Vec::new();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some((key, value)) if crate::qos_options::is_limit_key(key) => pairs.push((key, value)),
+            _ => {
+                return Err(invalid(format!(
+                    "limits: {part:?} is not a limit (iops-total, iops-read, iops-write, \
+                     bps-total, bps-read, bps-write, each with -max and -max-length, and \
+                     iops-size, as KEY=VALUE)"
+                )))
+            }
+        }
+    }
+    crate::qos_options::parse(pairs.into_iter()).map_err(invalid)
+}
+
+fn qos_set(shared: &Shared, p: &Params) -> CallResult {
+    let target = qos_target(p)?;
+    let limits = parse_limits(p.str("limits")?)?;
+    let mut daemon = shared.daemon();
+    daemon.qos_set(qos_target(p)?, limits)?;
+    let now = daemon.qos_get(target)?;
+    shared.save(&daemon)?;
+    value(now)
+}
+
+fn qos_get(shared: &Shared, p: &Params) -> CallResult {
+    value(shared.daemon().qos_get(qos_target(p)?)?)
 }
 
 fn queue_pause(shared: &Shared, p: &Params) -> CallResult {

@@ -4,8 +4,10 @@
 
 use crate::export::{self, Export, Transport, Volume};
 use crate::frontend::{Frontend, Refused};
+use crate::qos_options;
 use pollblk_engine::backend::{Backend, FileBackend, NullBackend, ThinBackend, ThinWorkers};
 use pollblk_engine::device::{BlkDevice, DeviceStats, DiskOptions, GuestStatsOptions};
+use pollblk_engine::qos::{QosConfig, Throttle};
 use pollblk_engine::reactor::ReactorHandle;
 use pollblk_engine::stats::sets::PoolStat;
 use pollblk_engine::stats::StatsDir;
@@ -136,7 +138,15 @@ pub struct Daemon {
     /// Pools opened so far (numbers their statistics).
     pools_opened: usize,
     platforms: XenPlatforms,
+    /// Throttle groups (qos-group=NAME): the buckets their disks share.
+    groups: HashMap<String, Arc<Throttle>>,
     disks: Vec<Disk>,
+}
+
+/// What `qos_set` / `qos_get` work on.
+pub enum QosTarget<'a> {
+    Disk(&'a str),
+    Group(&'a str),
 }
 
 /// A disk name: 1 to 20 of [A-Za-z0-9_.-] (it names statistics files and is the default
@@ -170,6 +180,7 @@ impl Daemon {
             pools: Pools::new(),
             pools_opened: 0,
             platforms: XenPlatforms::default(),
+            groups: HashMap::new(),
             disks: Vec::new(),
         }
     }
@@ -274,8 +285,9 @@ impl Daemon {
         self.check_conflicts(&export)?;
         check_fd_limit(self.disks.len() + 1).map_err(DaemonError::Failed)?;
         let first_reactor = self.placement(&export)?;
+        let throttle = self.throttle_for(&export)?;
         // A pool opened for this disk must not stay open (and locked) if the disk fails.
-        let device = match self.open_device(&name, &export) {
+        let device = match self.open_device(&name, &export, throttle.clone()) {
             Ok(device) => device,
             Err(e) => {
                 self.close_unused_pools();
@@ -298,6 +310,9 @@ impl Daemon {
             first_reactor,
             "serving"
         );
+        if let Some(group) = &export.qos_group {
+            self.groups.entry(group.clone()).or_insert(throttle);
+        }
         self.disks.push(Disk {
             name: name.clone(),
             spec: spec.to_string(),
@@ -307,6 +322,85 @@ impl Daemon {
             first_reactor,
         });
         Ok(name)
+    }
+
+    /// The buckets of a new disk: its group's (joined, or started with the export's limits)
+    /// or its own.
+    fn throttle_for(&self, export: &Export) -> Result<Arc<Throttle>, DaemonError> {
+        let Some(group) = &export.qos_group else {
+            return Ok(Arc::new(Throttle::new(&export.qos)));
+        };
+        check_name(group)?;
+        let Some(throttle) = self.groups.get(group) else {
+            return Ok(Arc::new(Throttle::new(&export.qos)));
+        };
+        let current = throttle.config();
+        if !export.qos.is_unlimited() && export.qos != current {
+            return Err(DaemonError::Invalid(format!(
+                "qos-group={group} has the limits \"{}\" already and this export gives \"{}\": \
+                 give the same ones, or none to share the group's (qos_set group={group} \
+                 changes them)",
+                qos_options::to_options(&current),
+                qos_options::to_options(&export.qos)
+            )));
+        }
+        Ok(throttle.clone())
+    }
+
+    /// Changes the limits of a disk or of a group (every disk of it) at once: the next
+    /// request of each queue meets them, requests waiting look again within 10 ms.
+    pub fn qos_set(&mut self, target: QosTarget, limits: QosConfig) -> Result<(), DaemonError> {
+        let throttle = self.throttle_of(&target)?;
+        throttle.set(&limits);
+        for disk in &mut self.disks {
+            if Arc::ptr_eq(disk.device.throttle(), &throttle) {
+                disk.spec = qos_options::with_limits(&disk.spec, &limits);
+                disk.export.qos = limits.clone();
+            }
+        }
+        match target {
+            QosTarget::Disk(name) | QosTarget::Group(name) => {
+                tracing::info!(target = name, limits = %qos_options::to_options(&limits), "limits set")
+            }
+        }
+        Ok(())
+    }
+
+    /// The limits of a disk or a group, and the disks that share them.
+    pub fn qos_get(&self, target: QosTarget) -> Result<serde_json::Value, DaemonError> {
+        let throttle = self.throttle_of(&target)?;
+        let disks: Vec<&str> = self
+            .disks
+            .iter()
+            .filter(|d| Arc::ptr_eq(d.device.throttle(), &throttle))
+            .map(|d| d.name.as_str())
+            .collect();
+        let group = match target {
+            QosTarget::Group(g) => Some(g),
+            QosTarget::Disk(name) => self.disk(name)?.export.qos_group.as_deref(),
+        };
+        Ok(serde_json::json!({
+            "group": group,
+            "limits": qos_options::to_options(&throttle.config()),
+            "disks": disks,
+        }))
+    }
+
+    fn throttle_of(&self, target: &QosTarget) -> Result<Arc<Throttle>, DaemonError> {
+        match *target {
+            QosTarget::Group(group) => self.groups.get(group).cloned().ok_or_else(|| {
+                DaemonError::NotFound(format!("no qos-group {group} (no disk names it)"))
+            }),
+            QosTarget::Disk(name) => {
+                let disk = self.disk(name)?;
+                match &disk.export.qos_group {
+                    Some(group) => Err(DaemonError::Invalid(format!(
+                        "{name} shares the limits of qos-group={group}: set them with group={group}"
+                    ))),
+                    None => Ok(disk.device.throttle().clone()),
+                }
+            }
+        }
     }
 
     /// Stops serving `name`: refused while a front end is connected unless `force`, which
@@ -326,6 +420,15 @@ impl Daemon {
             .position(|d| d.name == name)
             .expect("found above");
         let disk = self.disks.remove(at);
+        if let Some(group) = &disk.export.qos_group {
+            if !self
+                .disks
+                .iter()
+                .any(|d| d.export.qos_group.as_ref() == Some(group))
+            {
+                self.groups.remove(group);
+            }
+        }
         disk.frontend.stop();
         let synced = disk.device.backend().sync_all();
         drop(disk.device);
@@ -410,6 +513,10 @@ impl Daemon {
             "connected": disk.frontend.connected(),
             "queues": queues,
             "reactors": reactors,
+            "qos": {
+                "group": disk.export.qos_group,
+                "limits": qos_options::to_options(&disk.device.throttle().config()),
+            },
         })
     }
 
@@ -528,7 +635,12 @@ impl Daemon {
         Ok(self.pools.entry(key).or_insert(OpenPool { pool, workers }))
     }
 
-    fn open_device(&mut self, name: &str, export: &Export) -> Result<Arc<BlkDevice>, DaemonError> {
+    fn open_device(
+        &mut self,
+        name: &str,
+        export: &Export,
+        throttle: Arc<Throttle>,
+    ) -> Result<Arc<BlkDevice>, DaemonError> {
         let failed = DaemonError::Failed;
         let backend = self.open_volume(export)?;
         let size = backend.info().size_bytes;
@@ -540,22 +652,25 @@ impl Daemon {
         }
         let stats = DeviceStats::publish(&self.stats_dir, name, export.num_queues)
             .map_err(|e| failed(format!("statistics of {name}: {e}")))?;
-        Ok(Arc::new(BlkDevice::with_stats(
-            DiskOptions {
-                serial: export.serial.clone().unwrap_or_else(|| name.to_string()),
-                name: name.to_string(),
-                block_size: export.block_size,
-                readonly: export.readonly,
-                num_queues: export.num_queues,
-                provision: export.provision,
-                guest_stats: export.guest_stats_bit.map(|feature_bit| GuestStatsOptions {
-                    feature_bit,
-                    interval: self.guest_interval,
-                }),
-            },
-            backend,
-            stats,
-        )))
+        Ok(Arc::new(
+            BlkDevice::with_stats(
+                DiskOptions {
+                    serial: export.serial.clone().unwrap_or_else(|| name.to_string()),
+                    name: name.to_string(),
+                    block_size: export.block_size,
+                    readonly: export.readonly,
+                    num_queues: export.num_queues,
+                    provision: export.provision,
+                    guest_stats: export.guest_stats_bit.map(|feature_bit| GuestStatsOptions {
+                        feature_bit,
+                        interval: self.guest_interval,
+                    }),
+                },
+                backend,
+                stats,
+            )
+            .with_throttle(throttle),
+        ))
     }
 
     /// The reactor for queue 0 of a new disk: the export's `reactor=`, or the one with the

@@ -8,9 +8,10 @@
 //! `xen-blkif,domid=N,devid=N,<a volume>[,...]` (real Xen: a build with the `xen` feature)
 //!
 //! Every export also takes `name=NAME` (the disk's name in statistics, logs and the control
-//! socket; default: the first free diskN) and `reactor=N`: the reactor of its queue 0 (queue
-//! i goes to reactor N + i, wrapping); without it the daemon picks the reactor with the
-//! fewest queues.
+//! socket; default: the first free diskN), `reactor=N`: the reactor of its queue 0 (queue
+//! i goes to reactor N + i, wrapping; without it the daemon picks the reactor with the
+//! fewest queues), and limits (`iops-total=N`, `bps-write=50M`, `qos-group=NAME`...: see
+//! qos_options.rs).
 
 use std::path::PathBuf;
 
@@ -106,6 +107,10 @@ pub struct Export {
     pub reactor: Option<usize>,
     /// The disk's name (statistics, logs, the control socket); None: the first free diskN.
     pub name: Option<String>,
+    /// Its limits (all 0: none).
+    pub qos: pollblk_engine::qos::QosConfig,
+    /// The throttle group whose limits it shares.
+    pub qos_group: Option<String>,
 }
 
 /// Feature bits the stats virtqueue may use: device-specific (below 24), unassigned in virtio
@@ -153,7 +158,7 @@ fn parse_on_off(key: &str, value: &str) -> Result<bool, String> {
 }
 
 /// Every option an export takes; `null` is the one without a value.
-const KNOWN_OPTIONS: [&str; 24] = [
+const KNOWN_OPTIONS: [&str; 25] = [
     "socket",
     "dir",
     "domid",
@@ -178,6 +183,7 @@ const KNOWN_OPTIONS: [&str; 24] = [
     "guest-stats-bit",
     "reactor",
     "name",
+    "qos-group",
 ];
 
 /// The `key=value` options of a spec, checked for known keys and present values up front;
@@ -191,7 +197,8 @@ impl<'a> Options<'a> {
         let mut checked = Vec::new();
         for part in parts {
             let (key, value) = part.split_once('=').unwrap_or((part, ""));
-            let known = KNOWN_OPTIONS.contains(&key) && (key != "null" || value.is_empty());
+            let known = (KNOWN_OPTIONS.contains(&key) || crate::qos_options::is_limit_key(key))
+                && (key != "null" || value.is_empty());
             if !known {
                 return Err(format!("unknown export option {part:?}"));
             }
@@ -468,6 +475,8 @@ impl std::str::FromStr for Export {
             guest_stats_bit,
             reactor: opts.number("reactor", 0..=1023, "a reactor index (0 to 1023)")?,
             name: opts.get("name").map(str::to_string),
+            qos: crate::qos_options::parse(opts.parts.iter().copied())?,
+            qos_group: opts.get("qos-group").map(str::to_string),
         })
     }
 }

@@ -20,6 +20,7 @@ mod logging;
 mod notify;
 mod pool_cmd;
 mod pool_view;
+mod qos_options;
 mod rpc_cmd;
 mod stats_cmd;
 mod stats_view;

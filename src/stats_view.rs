@@ -226,7 +226,7 @@ fn shown_of<'a>(row: &Row<'a>) -> impl Iterator<Item = (&'a Desc, Shown)> + 'a {
 }
 
 /// Queue statistics summed per disk in a --watch report, in this order.
-const SUMMED: [&str; 8] = [
+const SUMMED: [&str; 9] = [
     "read_ops",
     "write_ops",
     "read_sectors",
@@ -235,6 +235,7 @@ const SUMMED: [&str; 8] = [
     "write_time",
     "errors_ioerr",
     "in_flight",
+    "throttled_requests",
 ];
 /// Index in SUMMED of the one gauge (summed as it stands, not as a change).
 const IN_FLIGHT: usize = 7;
@@ -292,8 +293,17 @@ fn disk_summary(rows: &[Row<'_>], secs: f64) -> String {
         return String::new();
     }
     let mut out = format!(
-        "{:<10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>8} {:>9}\n",
-        "disk", "r/s", "w/s", "rMB/s", "wMB/s", "r_lat", "w_lat", "inflight", "errors/s"
+        "{:<10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>8} {:>9} {:>11}\n",
+        "disk",
+        "r/s",
+        "w/s",
+        "rMB/s",
+        "wMB/s",
+        "r_lat",
+        "w_lat",
+        "inflight",
+        "errors/s",
+        "throttled/s"
     );
     let lat = |time: f64, ops: f64| {
         if ops > 0.0 {
@@ -307,7 +317,7 @@ fn disk_summary(rows: &[Row<'_>], secs: f64) -> String {
         let v = &d.v;
         let _ = writeln!(
             out,
-            "{:<10} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>10} {:>10} {:>8} {:>9.0}",
+            "{:<10} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>10} {:>10} {:>8} {:>9.0} {:>11.0}",
             d.name,
             v[0] / secs,
             v[1] / secs,
@@ -316,7 +326,8 @@ fn disk_summary(rows: &[Row<'_>], secs: f64) -> String {
             lat(v[4], v[0]),
             lat(v[5], v[1]),
             v[IN_FLIGHT],
-            v[6] / secs
+            v[6] / secs,
+            v[8] / secs
         );
     }
     out

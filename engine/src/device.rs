@@ -3,6 +3,7 @@
 
 use crate::backend::Backend;
 use crate::blk::{self, feature, BlkConfig};
+use crate::qos::Throttle;
 use crate::stats::sets::{DiskStat, QueueStat};
 use crate::stats::{Stats, StatsDir};
 use std::io;
@@ -109,6 +110,8 @@ pub struct BlkDevice {
     /// write is made durable before it completes.
     writeback: AtomicBool,
     stats: DeviceStats,
+    /// The disk's limits: its own, or its group's (shared with the group's other disks).
+    throttle: Arc<Throttle>,
 }
 
 impl BlkDevice {
@@ -145,7 +148,19 @@ impl BlkDevice {
             serial,
             writeback: AtomicBool::new(true),
             stats,
+            throttle: Arc::new(Throttle::default()),
         }
+    }
+
+    /// The disk counts its I/O against `throttle` (its own limits, or its group's).
+    pub fn with_throttle(mut self, throttle: Arc<Throttle>) -> BlkDevice {
+        self.throttle = throttle;
+        self
+    }
+
+    /// The buckets the disk's requests are admitted by.
+    pub fn throttle(&self) -> &Arc<Throttle> {
+        &self.throttle
     }
 
     /// The disk's own statistics (capacity, the guest's view).

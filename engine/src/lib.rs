@@ -11,8 +11,8 @@
 //!   the Xen blkif ring in its own crate.
 //! - [`request`]: transport-neutral request rules: checks, operation plans, bounce buffers,
 //!   status.
-//! - [`volume`]: between requests and backends: "not now" holds, accounting (and the home of
-//!   limits).
+//! - [`volume`]: between requests and backends: "not now" holds, per-disk limits ([`qos`]:
+//!   the buckets, shared by a disk's queues or a group's disks), accounting.
 //! - [`backend`]: volumes (null, file, thin, rbd), shaped like SPDK's bdev table.
 //! - [`thin`]: the thin pool (block map, allocator, metadata journal).
 //! - [`virtqueue`]: the device side of split virtqueues; [`blk`]: virtio-blk requests,
@@ -32,6 +32,7 @@ pub mod dirty_log;
 pub mod guest_stats;
 pub mod inflight;
 pub mod mem;
+pub mod qos;
 pub mod queue;
 pub mod reactor;
 pub mod request;

@@ -4,21 +4,26 @@
 //! It starts a request's operations on the backend one at a time, and when the backend says
 //! "not now" ([`Submitted::Busy`]) it holds the request, in arrival order, until the reactor
 //! polls the queue again (at once while it polls, or at `retry_at` from its timer when it
-//! would sleep): a held request is never failed, and nothing newer starts before it. It
-//! counts every finished request ([`Accounting`]). Per-disk limits and the splitting of
-//! operations larger than a backend takes belong here too.
+//! would sleep): a held request is never failed, and nothing newer starts before it. The
+//! disk's limits ([`crate::qos`]) hold a request the same way, until its buckets admit it:
+//! a FLUSH behind throttled writes waits for them. It counts every finished request
+//! ([`Accounting`]). The splitting of operations larger than a backend takes belongs here
+//! too.
 
 use crate::backend::Submitted;
 use crate::device::BlkDevice;
 use crate::queue::IoCtx;
 use crate::request::{RequestSlot, Status};
-use crate::stats::sets::{QueueStat, CLASSES, CLASS_STATS};
+use crate::stats::sets::{Class, QueueStat, CLASSES, CLASS_STATS};
 use crate::stats::Stats;
 use std::sync::Arc;
 
 /// How long a request the backend refused waits before it is tried again, when the reactor
 /// has nothing else to do (ns).
 pub const BUSY_RETRY_NS: u64 = 50_000;
+/// Longest a throttled request waits before its limits are looked at again: a limit raised
+/// or lifted at run time (qos_set) reaches requests already waiting within this (ns).
+pub const THROTTLE_RECHECK_NS: u64 = 10_000_000;
 
 /// Where a request stands after the volume layer tried to start it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +43,12 @@ pub struct VolumeChannel {
     held: Option<u32>,
     /// Clock time at which the held request is tried again.
     retry_at: u64,
+    /// The held request was admitted by the limits (and charged): a busy backend held it.
+    held_admitted: bool,
+    /// The held request waits for the limits: since when, and its reservation (start time,
+    /// and the limits' generation it was made under).
+    throttled_since: Option<u64>,
+    reservation: (u64, u64),
     pub accounting: Accounting,
 }
 
@@ -48,6 +59,9 @@ impl VolumeChannel {
             device,
             held: None,
             retry_at: u64::MAX,
+            held_admitted: false,
+            throttled_since: None,
+            reservation: (0, 0),
             accounting: Accounting::new(stats),
         }
     }
@@ -65,6 +79,21 @@ impl VolumeChannel {
         slot: &mut RequestSlot,
         io: &mut IoCtx<'_>,
     ) -> Progress {
+        // A request meets the limits once, before its first operation.
+        let admitted = self.held == Some(slot_index) && self.held_admitted;
+        if !admitted {
+            let now = io.clock_now();
+            let start = self.start_time(slot_index, slot, now);
+            if start > now {
+                self.hold_throttled(slot_index, now, start);
+                return Progress::Held;
+            }
+            if let Some(since) = self.throttled_since.take() {
+                let stats = &self.accounting.stats;
+                stats.add(QueueStat::ThrottledNanos, now.saturating_sub(since));
+                stats.set(QueueStat::ThrottleWait, 0);
+            }
+        }
         let backend = self.device.backend();
         while let Some(op) = slot.next_op() {
             match io.submit(backend, &op, slot_index) {
@@ -77,6 +106,7 @@ impl VolumeChannel {
                         "a backend refused the write its preflush is linked to"
                     );
                     self.hold(slot_index, io.clock_now());
+                    self.held_admitted = true;
                     return Progress::Held;
                 }
             }
@@ -86,6 +116,47 @@ impl VolumeChannel {
             Progress::InFlight
         } else {
             Progress::Finished
+        }
+    }
+
+    /// When the disk's limits let the request in `slot` start (`now` or earlier: at once):
+    /// its reservation if it holds one made under the current limits, else a new one. Only
+    /// data-moving requests count, as in QEMU: reads against the read limits; writes,
+    /// discards and write-zeroes against the write ones.
+    fn start_time(&mut self, slot_index: u32, slot: &RequestSlot, now: u64) -> u64 {
+        let throttle = self.device.throttle();
+        if !throttle.active() {
+            return now;
+        }
+        let write = match slot.class {
+            Class::Read => false,
+            Class::Write | Class::Discard | Class::WriteZeroes => true,
+            Class::Flush | Class::Provision | Class::Other => return now,
+        };
+        let generation = throttle.generation();
+        let (start, made_under) = self.reservation;
+        if self.held == Some(slot_index)
+            && self.throttled_since.is_some()
+            && made_under == generation
+        {
+            return start;
+        }
+        let start = throttle.reserve(write, slot.bytes(), now);
+        self.reservation = (start, generation);
+        start
+    }
+
+    /// Holds the request in `slot` until its limits admit it (from `until`), looking again
+    /// at least every THROTTLE_RECHECK_NS in case the limits change.
+    fn hold_throttled(&mut self, slot_index: u32, now: u64, until: u64) {
+        self.hold(slot_index, now);
+        self.held_admitted = false;
+        self.retry_at = until.min(now.saturating_add(THROTTLE_RECHECK_NS));
+        let stats = &self.accounting.stats;
+        stats.set(QueueStat::ThrottleWait, until.saturating_sub(now));
+        if self.throttled_since.is_none() {
+            self.throttled_since = Some(now);
+            stats.add(QueueStat::ThrottledRequests, 1);
         }
     }
 
@@ -108,6 +179,7 @@ impl VolumeChannel {
     pub fn release_held(&mut self) {
         assert!(self.held.is_some());
         self.held = None;
+        self.held_admitted = false;
         self.retry_at = u64::MAX;
     }
 

@@ -49,6 +49,11 @@ impl Def {
         Def::new(name, StatType::Instant, Unit::None, 0, 1)
     }
 
+    /// A current number of nanoseconds.
+    pub const fn instant_nanos(name: &'static str) -> Def {
+        Def::new(name, StatType::Instant, Unit::Seconds, -9, 1)
+    }
+
     /// A current number of bytes.
     pub const fn gauge_bytes(name: &'static str) -> Def {
         Def::new(name, StatType::Instant, Unit::Bytes, 0, 1)

@@ -53,6 +53,11 @@ stats_schema! {
         /// Requests a previous daemon had taken and not completed, started again by this one
         /// from the in-flight records (INFLIGHT_SHMFD).
         Resubmitted => Def::counter("resubmitted"),
+        /// Requests held by the disk's limits (QoS) before they started, and the time they
+        /// waited; how long the next read would wait now (0: it would go).
+        ThrottledRequests => Def::counter("throttled_requests"),
+        ThrottledNanos => Def::nanos("throttled_time"),
+        ThrottleWait => Def::instant_nanos("throttle_wait"),
         /// The ring was found corrupt and the queue stopped until the front end resets it.
         Broken => Def::flag("broken"),
         ReadLatency => Def::latency_hist("read_latency_hist"),
