@@ -1060,3 +1060,52 @@ fn four_linux_guests_with_two_disks_each_on_one_daemon() {
     );
     assert_eq!(daemon.stop(), Some(0));
 }
+
+#[test]
+fn linux_guest_gets_the_iops_its_disk_is_limited_to() {
+    if !guest_available("linux_guest_gets_the_iops_its_disk_is_limited_to") {
+        return;
+    }
+    const LIMIT: f64 = 200.0;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let socket = d.join("vda.sock");
+    let args = file_export(
+        &socket,
+        &image(d, "vda.img", 1 << 30),
+        &format!(",num-queues=2,iops-total={LIMIT}"),
+    );
+    let mut daemon = Daemon::start(d, &args);
+    let (_one_guest, guest_dir) = built_guest();
+    let (log, qmp) = (d.join("console.log"), d.join("qmp.sock"));
+    let append = "pollblk.mode=rate pollblk.runtime=10 pollblk.iodepth=16 pollblk.size=64M";
+    let mut qemu = Reap(
+        guest_qemu(&guest_dir, &socket, &log, &qmp, append)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while qemu.0.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest did not finish; console:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let marks = markers(&text);
+    assert!(
+        marks.iter().any(|m| m == "fio-rate rc=0 verify_errors=0"),
+        "fio did not run; console:\n{text}"
+    );
+    let job = &fio_json(&text, "fio-rate")["jobs"][0];
+    let iops = job["read"]["iops"].as_f64().unwrap() + job["write"]["iops"].as_f64().unwrap();
+    // fio's own figure over its 10 s, the bucket's first 100 ms included.
+    assert!(
+        (iops - LIMIT).abs() <= LIMIT * 0.05,
+        "the guest got {iops:.0} IOPS of a disk limited to {LIMIT}"
+    );
+    eprintln!("guest fio on a disk limited to {LIMIT} IOPS: {iops:.1} IOPS");
+    assert_eq!(daemon.stop(), Some(0));
+}

@@ -303,3 +303,41 @@ fn bad_limits_are_refused_with_the_key_named() {
         "qos-group=g has the limits \"iops-total=100\" already",
     );
 }
+
+#[test]
+fn qos_set_is_saved_with_persist_and_comes_back() {
+    let dir = tempdir();
+    let d = dir.path();
+    let ctl = d.join("ctl.sock");
+    let config = d.join("pollblk.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control = \"{}\"\n[[export]]\nname = \"vm1\"\nspec = \"vhost-user-blk,socket={},null,size=1M\"\n",
+            ctl.display(),
+            d.join("d.sock").display()
+        ),
+    )
+    .unwrap();
+    let args: Vec<String> = ["--config", config.to_str().unwrap(), "--persist"]
+        .map(String::from)
+        .to_vec();
+    let mut daemon = Daemon::start(d, &args);
+    rpc(
+        d,
+        &ctl,
+        "qos_set",
+        &["name=vm1", "limits=iops-read=300,bps-read=10MB"],
+    )
+    .unwrap();
+    let saved = std::fs::read_to_string(&config).unwrap();
+    assert!(saved.contains("iops-read=300,bps-read=10000000"), "{saved}");
+    assert_eq!(daemon.stop(), Some(0));
+    // A restart from the file has the limits.
+    let _daemon = Daemon::start(d, &args);
+    let got = rpc(d, &ctl, "qos_get", &["name=vm1"]).unwrap();
+    assert_eq!(got["limits"], "iops-read=300,bps-read=10000000");
+    // A group that no disk names, and a disk of a group set by name, are refused.
+    let err = rpc(d, &ctl, "qos_get", &["group=nobody"]).unwrap_err();
+    assert!(err.contains("no qos-group nobody"), "{err}");
+}

@@ -60,7 +60,8 @@ pub struct CompareArgs {
     /// Core the generator runs on.
     #[arg(long, default_value_t = 1)]
     bench_core: usize,
-    /// Workload groups to run: null, file, file-shm, thin, stats, idle, scale, baseline, rbd
+    /// Workload groups to run: null, file, file-shm, thin, stats, idle, scale, qos, baseline,
+    /// rbd
     /// (default: all but baseline and rbd, which need --baseline and --ceph-conf).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     only: Vec<String>,
@@ -518,7 +519,7 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
         return Err("--size must be at least 1m and a multiple of 4k".into());
     }
     let known = [
-        "null", "file", "file-shm", "thin", "stats", "idle", "scale", "baseline", "rbd",
+        "null", "file", "file-shm", "thin", "stats", "idle", "scale", "qos", "baseline", "rbd",
     ];
     if let Some(bad) = args.only.iter().find(|g| !known.contains(&g.as_str())) {
         return Err(format!(
@@ -642,7 +643,20 @@ fn run_all(setup: &Setup, selected: &[&Workload]) -> Result<bool, String> {
         }
     }
     let mut summary = summarize(selected, &samples);
-    if setup.args.only.is_empty() || setup.args.only.iter().any(|g| g == "scale") {
+    let wants =
+        |group: &str| setup.args.only.is_empty() || setup.args.only.iter().any(|g| g == group);
+    if wants("qos") {
+        summary.extend(crate::qos::run(&crate::qos::QosSetup {
+            pollblk: &setup.pollblk,
+            qsd: &setup.args.qsd,
+            dir: &setup.dir,
+            pairs: setup.args.pairs,
+            runtime: setup.runtime,
+            ramp: setup.ramp,
+            target_core: setup.args.target_core,
+        })?);
+    }
+    if wants("scale") {
         summary.extend(crate::scale::run(&crate::scale::ScaleSetup {
             pollblk: &setup.pollblk,
             qsd: &setup.args.qsd,
@@ -1219,6 +1233,7 @@ const COLUMNS: [&str; 9] = [
 fn format_value(v: Option<f64>) -> String {
     match v {
         Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) if v.abs() < 1.0 && v != 0.0 => format!("{v:.3}"),
         Some(v) => format!("{v:.2}"),
         None => "-".into(),
     }

@@ -3,10 +3,12 @@
 
 mod blkio_queues;
 mod compare;
+mod daemons;
 mod idle;
 mod lean;
 mod load;
 mod many;
+mod qos;
 mod report;
 mod scale;
 

@@ -4,17 +4,14 @@
 //! an idle front end (its own memory table, its queue started, one read served), the daemon's
 //! CPU, RSS and threads while they all sit idle; the same QD1 disk again beside them.
 
-use crate::compare::{pin_self, stop};
+use crate::compare::stop;
+use crate::daemons::{spawn_pinned, wait_listening};
 use crate::idle;
 use crate::load::{self, DriverKind, LoadSpec, Pattern};
 use serde_json::{json, Value};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-/// How long a daemon may take to listen on every disk's socket.
-const STARTUP_LIMIT: Duration = Duration::from_secs(60);
 
 /// What one scale comparison runs with.
 pub struct ScaleSetup<'a> {
@@ -211,41 +208,6 @@ fn qsd_command(setup: &ScaleSetup, pattern: &str) -> Command {
             ));
     }
     command
-}
-
-fn spawn_pinned(command: &mut Command, core: usize, dir: &Path) -> Result<Child, String> {
-    let log = dir.join("daemon.log");
-    let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-    // SAFETY: sched_setaffinity is async-signal-safe; the closure touches no shared state.
-    unsafe {
-        command.pre_exec(move || pin_self(core));
-    }
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .map_err(|e| format!("cannot start {:?}: {e}", command.get_program()))
-}
-
-/// Waits until the last disk's socket accepts (the daemons create them in order).
-fn wait_listening(child: &mut Child, last: &Path) -> Result<(), String> {
-    let deadline = Instant::now() + STARTUP_LIMIT;
-    while std::os::unix::net::UnixStream::connect(last).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("exited at start ({status})"));
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "{} did not accept in {STARTUP_LIMIT:?}",
-                last.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    // The probe connection was closed at once; let the daemon notice before the real one.
-    std::thread::sleep(Duration::from_millis(50));
-    Ok(())
 }
 
 /// VmRSS in KiB and the thread count, from /proc/PID/status.

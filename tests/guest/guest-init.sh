@@ -43,7 +43,8 @@ RUNTIME=$(param runtime 0)      # >0 adds a time-based write+verify soak step
 RANGE=$(param range 16M)        # length of the discard, write-zeroes and flush ranges
 WAIT=$(param wait 20)           # seconds to wait for /dev/vda
 MODE=$(param mode verify)       # verify: exercise vda; hotplug: the run-time disk steps;
-                                # pair: vda and vdb written and verified at once
+                                # pair: vda and vdb written and verified at once;
+                                # rate: fio for RUNTIME s, what a limited disk gives
 
 MiB=1048576
 SIZE_B=$(bytes "$SIZE")
@@ -153,6 +154,16 @@ if [ "$MODE" = hotplug ]; then
 	mark "done"
 	# Time for the host to finish with the removed disk before QEMU exits.
 	sleep "$(param linger 10)"
+	exit 0
+fi
+
+# Rate mode: as many random reads and writes as the disk gives for RUNTIME seconds (a disk
+# with limits: what the guest gets of them).
+if [ "$MODE" = rate ]; then
+	run_fio fio-rate --filename=/dev/vda --direct=1 --rw=randrw --bs=4k --iodepth="$IODEPTH" \
+		--ioengine="$IOENGINE" --size="$SIZE" --time_based --runtime="$RUNTIME" --name=rate
+	mark "summary failed=$failed"
+	mark "done"
 	exit 0
 fi
 
