@@ -151,9 +151,51 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 fn parse_on_off(key: &str, value: &str) -> Result<bool, String> {
     match value {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
         _ => Err(format!("{key}={value}: expected on or off")),
+    }
+}
+
+/// The known option nearest to `key` (at most two edits away), for a typo's message.
+fn nearest_option(key: &str) -> Option<&'static str> {
+    let limit_keys = pollblk_engine::qos::LIMIT_KINDS.iter().map(|k| k.key());
+    KNOWN_OPTIONS
+        .iter()
+        .copied()
+        .chain(limit_keys)
+        .map(|known| (edit_distance(key, known), known))
+        .filter(|&(d, _)| d <= 2)
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, known)| known)
+}
+
+/// Levenshtein distance (keys are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for j in 0..b.len() {
+            let substitute = prev + usize::from(ca != b[j]);
+            prev = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(prev + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// What to say of an unknown option: the nearest known one, or all of them.
+fn unknown_option(part: &str) -> String {
+    let key = part.split_once('=').map_or(part, |(k, _)| k);
+    match nearest_option(key) {
+        Some(near) => format!("unknown export option {part:?}: did you mean {near}=?"),
+        None => format!(
+            "unknown export option {part:?}; the options are: {}, and the limits (iops-total, \
+             bps-write, ... see README \"Limits\")",
+            KNOWN_OPTIONS.join(", ")
+        ),
     }
 }
 
@@ -200,7 +242,7 @@ impl<'a> Options<'a> {
             let known = (KNOWN_OPTIONS.contains(&key) || crate::qos_options::is_limit_key(key))
                 && (key != "null" || value.is_empty());
             if !known {
-                return Err(format!("unknown export option {part:?}"));
+                return Err(unknown_option(part));
             }
             if key != "null" && value.is_empty() {
                 return Err(format!("{key} needs a value ({key}=...)"));

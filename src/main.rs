@@ -38,7 +38,7 @@ use std::time::Duration;
 
 /// Polled vhost-user-blk storage host service.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = env!("POLLBLK_VERSION"), about)]
 struct Cli {
     /// Without a command: `serve` on the built-in default.
     #[command(subcommand)]
@@ -254,10 +254,19 @@ fn export_entries(
     control: &Option<PathBuf>,
 ) -> Result<Vec<config::ExportEntry>, String> {
     let mut exports = file.exports()?;
-    for entry in &exports {
+    for (i, entry) in exports.iter().enumerate() {
         entry.spec.parse::<export::Export>().map_err(|e| {
             let path = config.as_deref().unwrap_or(Path::new(""));
-            format!("{}: [[export]]: {e}", path.display())
+            let named = entry
+                .name
+                .as_ref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default();
+            format!(
+                "{}: [[export]] number {}{named}: {e}",
+                path.display(),
+                i + 1
+            )
         })?;
     }
     exports.extend(
@@ -436,7 +445,8 @@ fn start_disks(
     for entry in &settings.exports {
         if let Err(e) = daemon.add(&entry.spec, entry.name.as_deref()) {
             let _ = daemon.shutdown();
-            return Err(e.into());
+            let which = entry.name.as_deref().unwrap_or(&entry.spec);
+            return Err(format!("{which}: {e}"));
         }
     }
     Ok(daemon)

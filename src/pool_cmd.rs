@@ -116,7 +116,14 @@ pub fn run(command: PoolCommand) -> Result<(), String> {
             }
         }
         PoolCommand::Check { dir } => {
-            let status = thin::check(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let status = thin::check(&dir).map_err(|e| {
+                // Opening errors name the directory already; the others do not.
+                let message = e.to_string();
+                match message.starts_with(&dir.display().to_string()) {
+                    true => message,
+                    false => format!("{}: {message}", dir.display()),
+                }
+            })?;
             println!(
                 "pollblk: pool {} is consistent: {} volume(s), {} of {} bytes used",
                 dir.display(),

@@ -13,12 +13,12 @@ pub struct RpcArgs {
     /// The daemon's control socket (`serve --control`).
     #[arg(long, value_name = "PATH", default_value = "pollblk-data/control.sock")]
     socket: PathBuf,
-    /// Seconds to wait for the answer (at least a `wait` parameter plus 10).
+    /// Seconds to wait for the answer (with a `wait` parameter, at least that wait plus 10).
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     timeout: u64,
-    /// The method: export_add, export_remove, export_list, export_resize, queue_pause,
-    /// queue_resume, stats_get, stats_fd, pool_status, volume_create, volume_delete,
-    /// log_level, rpc_get_methods.
+    /// The method: export_add, export_remove, export_list, export_resize, qos_set, qos_get,
+    /// queue_pause, queue_resume, stats_get, stats_fd, pool_status, volume_create,
+    /// volume_delete, log_level, rpc_get_methods.
     method: String,
     /// A parameter, KEY=VALUE (repeatable). VALUE is taken as JSON when it is a number,
     /// true, false, null, an array or an object, else as a string.
@@ -51,14 +51,22 @@ pub fn run(args: RpcArgs) -> Result<(), String> {
         )
     })?;
     // An export_remove told to wait for the front end answers only after that wait.
-    let waits = params.get("wait").and_then(Value::as_u64).unwrap_or(0);
-    let timeout = args.timeout.max(1).max(waits.saturating_add(10));
+    let timeout = match params.get("wait").and_then(Value::as_u64) {
+        Some(wait) => args.timeout.max(wait.saturating_add(10)),
+        None => args.timeout.max(1),
+    };
     stream
         .set_read_timeout(Some(Duration::from_secs(timeout)))
         .map_err(|e| e.to_string())?;
     std::io::Write::write_all(&mut &stream, format!("{request}\n").as_bytes())
         .map_err(|e| format!("sending the request: {e}"))?;
-    let (line, file) = read_reply(&stream).map_err(|e| format!("reading the answer: {e}"))?;
+    let (line, file) = read_reply(&stream).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+            "{}: no answer in {timeout} s (--timeout): the daemon is busy or stuck",
+            args.socket.display()
+        ),
+        _ => format!("reading the answer: {e}"),
+    })?;
     let reply: Value =
         serde_json::from_str(&line).map_err(|e| format!("the daemon's answer is not JSON: {e}"))?;
     if let Some(error) = reply.get("error") {

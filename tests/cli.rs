@@ -301,3 +301,93 @@ fn a_disk_named_in_its_export_goes_by_that_name() {
     );
     assert!(!stats.join("disk0.stats").exists());
 }
+
+#[test]
+fn mistakes_a_person_makes_get_messages_that_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A typo gets the nearest option; a word far from any gets the list.
+    let (code, err) = serve(d, &["--export", "vhost-user-blk,sockt=s,null,size=1M"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("\"sockt=s\": did you mean socket=?"), "{err}");
+    let (_, err) = serve(
+        d,
+        &[
+            "--export",
+            "vhost-user-blk,socket=s,null,size=1M,colour=red",
+        ],
+    );
+    assert!(err.contains("the options are: socket, dir,"), "{err}");
+    // A socket in a directory that does not exist names the directory.
+    let (code, err) = serve(
+        d,
+        &[
+            "--export",
+            "vhost-user-blk,socket=nodir/s.sock,null,size=1M",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("its directory nodir does not exist"), "{err}");
+    // The config file says which [[export]] is wrong.
+    std::fs::write(
+        d.join("c.toml"),
+        "[[export]]\nspec = \"vhost-user-blk,socket=a.sock,null,size=1M\"\n\
+         [[export]]\nname = \"vm2\"\nspec = \"vhost-user-blk,socket=b.sock,null,size=1M,readonly=maybe\"\n",
+    )
+    .unwrap();
+    let (code, err) = serve(d, &["--config", "c.toml"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("c.toml: [[export]] number 2 (vm2): readonly=maybe: expected on or off"),
+        "{err}"
+    );
+    // Something that is not a statistics file, or not a pool, says so once.
+    std::fs::write(d.join("notes.txt"), "hello, this is text").unwrap();
+    let (code, _, err) = pollblk(&["stats", d.join("notes.txt").to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not a statistics file"), "{err}");
+    let (code, _, err) = pollblk(&["pool", "check", d.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert_eq!(err.matches(d.to_str().unwrap()).count(), 1, "{err}");
+    // rpc gives up when told to, and says why.
+    let mute = d.join("mute.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&mute).unwrap();
+    let started = std::time::Instant::now();
+    let (code, _, err) = pollblk(&[
+        "rpc",
+        "--socket",
+        mute.to_str().unwrap(),
+        "--timeout",
+        "1",
+        "export_list",
+    ]);
+    assert_ne!(code, 0);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert!(err.contains("no answer in 1 s (--timeout)"), "{err}");
+    // --version says which build it is.
+    let (code, out, _) = pollblk(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("(commit ") && out.contains("features: "),
+        "{out}"
+    );
+}
+
+#[test]
+fn readonly_takes_1_and_0_as_on_and_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ro.sock");
+    let export = format!(
+        "vhost-user-blk,socket={},null,size=1M,readonly=1",
+        socket.display()
+    );
+    let mut daemon = Daemon::start(dir.path(), &["--export".into(), export]);
+    let mut driver = pollblk_driver::BlkDriver::connect(&socket, Default::default());
+    assert_ne!(
+        driver.write(0, 0, &[1u8; 512]),
+        0,
+        "a write to readonly=1 fails"
+    );
+    drop(driver);
+    assert_eq!(daemon.stop(), Some(0));
+}

@@ -56,11 +56,16 @@ impl StatsReader {
     pub fn from_file(file: File) -> io::Result<StatsReader> {
         let mut raw = [0u8; HEADER_SIZE];
         file.read_exact_at(&mut raw, 0)
-            .map_err(|e| bad(format!("cannot read the {HEADER_SIZE}-byte header: {e}")))?;
+            .map_err(|e| {
+                bad(format!(
+                    "not a statistics file (cannot read a {HEADER_SIZE}-byte header: {e})"
+                ))
+            })?;
         let header = Header::decode(&raw);
         if header.name_size == 0 || header.name_size > MAX_NAME_SIZE {
             return Err(bad(format!(
-                "name_size {} is not in 1..={MAX_NAME_SIZE}",
+                "not a statistics file (a KVM binary stats header's name_size is 1 to \
+                 {MAX_NAME_SIZE}; this file's first bytes read as {})",
                 header.name_size
             )));
         }

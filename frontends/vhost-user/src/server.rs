@@ -59,7 +59,25 @@ fn bind(path: &Path) -> Result<UnixListener, ServerError> {
         }
         std::fs::remove_file(path).map_err(|e| ServerError::Io(path.to_owned(), e))?;
     }
-    UnixListener::bind(path).map_err(|e| ServerError::Io(path.to_owned(), e))
+    UnixListener::bind(path).map_err(|e| {
+        // "No such file or directory" alone does not say which: the directory.
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        match parent {
+            Some(dir) if e.kind() == std::io::ErrorKind::NotFound && !dir.exists() => {
+                ServerError::Io(
+                    path.to_owned(),
+                    std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "its directory {} does not exist (create it first)",
+                            dir.display()
+                        ),
+                    ),
+                )
+            }
+            _ => ServerError::Io(path.to_owned(), e),
+        }
+    })
 }
 
 impl Server {
