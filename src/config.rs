@@ -21,6 +21,9 @@ pub struct Config {
     pub guest_stats_interval: Option<f64>,
     pub control: Option<PathBuf>,
     pub control_group: Option<toml::Value>,
+    pub socket_owner: Option<toml::Value>,
+    pub socket_group: Option<toml::Value>,
+    pub socket_mode: Option<String>,
     pub log_level: Option<String>,
     pub log_format: Option<LogFormat>,
     #[serde(default)]

@@ -5,11 +5,11 @@
 
 use crate::daemon::{Daemon, DaemonError, QosTarget};
 use crate::{config, export, logging, stats_view};
+use pollblk_engine::unix_socket::{self, Access, BindError};
 use pollblk_engine::wait::readable_or_shutdown;
 use serde_json::{json, Map, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -113,64 +113,21 @@ pub struct Control {
 /// Binds `path` with mode 0600 (0660 and group `group` if given) before anyone can connect,
 /// replacing a stale socket nobody listens on.
 fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "exists and is not a socket",
-            ));
+    let access = Access {
+        owner: None,
+        group,
+        mode: Some(if group.is_some() { 0o660 } else { 0o600 }),
+    };
+    unix_socket::listen(path, access, 16).map_err(|e| match e {
+        BindError::InUse => io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another daemon listens on it (give this one its own --control)",
+        ),
+        BindError::NotASocket => {
+            io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket")
         }
-        if UnixStream::connect(path).is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "another daemon listens on it (give this one its own --control)",
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let bytes = path.as_os_str().as_encoded_bytes();
-    // SAFETY: an all-zero sockaddr_un is valid.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "path too long for a Unix socket (108 bytes)",
-        ));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, &b) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = b as libc::c_char;
-    }
-    // SAFETY: creates a socket; the descriptor is owned right below.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: binds our socket to the address built above.
-    if unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    } != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    // Permissions before listen(): nobody can connect until they are right.
-    let mode = if group.is_some() { 0o660 } else { 0o600 };
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-    if let Some(gid) = group {
-        std::os::unix::fs::chown(path, None, Some(gid))?;
-    }
-    // SAFETY: listens on our bound socket.
-    if unsafe { libc::listen(fd.as_raw_fd(), 16) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(UnixListener::from(fd))
+        BindError::Io(e) => e,
+    })
 }
 
 impl Control {

@@ -12,6 +12,7 @@ use pollblk_engine::reactor::ReactorHandle;
 use pollblk_engine::stats::sets::PoolStat;
 use pollblk_engine::stats::StatsDir;
 use pollblk_engine::thin::Pool;
+use pollblk_engine::unix_socket::Access;
 use pollblk_vhost_user::Server;
 use pollblk_xen::backend::{Vbd, VbdAddress};
 use pollblk_xen::loopback::Loopback;
@@ -140,6 +141,8 @@ pub struct Daemon {
     platforms: XenPlatforms,
     /// Throttle groups (qos-group=NAME): the buckets their disks share.
     groups: HashMap<String, Arc<Throttle>>,
+    /// Owner, group and mode of vhost-user sockets whose export does not say.
+    socket_access: Access,
     disks: Vec<Disk>,
 }
 
@@ -181,8 +184,14 @@ impl Daemon {
             pools_opened: 0,
             platforms: XenPlatforms::default(),
             groups: HashMap::new(),
+            socket_access: Access::default(),
             disks: Vec::new(),
         }
+    }
+
+    /// Owner, group and mode of the vhost-user sockets of exports that do not give theirs.
+    pub fn set_socket_access(&mut self, access: Access) {
+        self.socket_access = access;
     }
 
     pub fn disks(&self) -> &[Disk] {
@@ -727,7 +736,8 @@ impl Daemon {
         };
         match &export.transport {
             Transport::VhostUser { socket } => {
-                Server::start(socket, device.clone(), reactors.clone())
+                let access = export.socket_access.or(self.socket_access);
+                Server::start(socket, access, device.clone(), reactors.clone())
                     .map(|server| Box::new(server) as Box<dyn Frontend>)
                     .map_err(|e| failed(e.to_string()))
             }

@@ -7,6 +7,10 @@
 //! `xen-blkif-loopback,dir=PATH,domid=N,devid=N,<a volume as above>[,num-queues=N][,...]`
 //! `xen-blkif,domid=N,devid=N,<a volume>[,...]` (real Xen: a build with the `xen` feature)
 //!
+//! A vhost-user export takes `socket-owner=USER`, `socket-group=GROUP` and `socket-mode=0660`
+//! for its socket (default: the daemon's `--socket-owner`... or, unset, the daemon's user and
+//! the umask).
+//!
 //! Every export also takes `name=NAME` (the disk's name in statistics, logs and the control
 //! socket; default: the first free diskN), `reactor=N`: the reactor of its queue 0 (queue
 //! i goes to reactor N + i, wrapping; without it the daemon picks the reactor with the
@@ -111,6 +115,8 @@ pub struct Export {
     pub qos: pollblk_engine::qos::QosConfig,
     /// The throttle group whose limits it shares.
     pub qos_group: Option<String>,
+    /// Owner, group and mode of its vhost-user socket (unset: the daemon's defaults).
+    pub socket_access: pollblk_engine::unix_socket::Access,
 }
 
 /// Feature bits the stats virtqueue may use: device-specific (below 24), unassigned in virtio
@@ -200,7 +206,7 @@ fn unknown_option(part: &str) -> String {
 }
 
 /// Every option an export takes; `null` is the one without a value.
-const KNOWN_OPTIONS: [&str; 25] = [
+const KNOWN_OPTIONS: [&str; 28] = [
     "socket",
     "dir",
     "domid",
@@ -226,6 +232,9 @@ const KNOWN_OPTIONS: [&str; 25] = [
     "reactor",
     "name",
     "qos-group",
+    "socket-owner",
+    "socket-group",
+    "socket-mode",
 ];
 
 /// The `key=value` options of a spec, checked for known keys and present values up front;
@@ -330,11 +339,34 @@ fn vhost_user_transport(opts: &Options) -> Result<Transport, String> {
     Ok(Transport::VhostUser { socket })
 }
 
+/// `socket-owner=USER,socket-group=GROUP,socket-mode=0660`: who may connect.
+fn socket_access(opts: &Options) -> Result<pollblk_engine::unix_socket::Access, String> {
+    let with_key = |key: &str, e: String| format!("{key}: {e}");
+    Ok(pollblk_engine::unix_socket::Access {
+        owner: opts
+            .get("socket-owner")
+            .map(crate::ids::parse_user)
+            .transpose()
+            .map_err(|e| with_key("socket-owner", e))?,
+        group: opts
+            .get("socket-group")
+            .map(crate::ids::parse_group)
+            .transpose()
+            .map_err(|e| with_key("socket-group", e))?,
+        mode: opts
+            .get("socket-mode")
+            .map(crate::ids::parse_mode)
+            .transpose()
+            .map_err(|e| with_key("socket-mode", e))?,
+    })
+}
+
 /// `xen-blkif-loopback,dir=PATH,domid=N,devid=N` and `xen-blkif,domid=N,devid=N`.
 fn xen_transport(kind: &str, opts: &Options) -> Result<Transport, String> {
     opts.refuse(
-        &["socket"],
-        "socket= goes with vhost-user-blk, not with the Xen exports",
+        &["socket", "socket-owner", "socket-group", "socket-mode"],
+        "socket= and its socket-owner=, socket-group=, socket-mode= go with vhost-user-blk, \
+         not with the Xen exports",
     )?;
     opts.refuse(
         &["guest-stats", "provision"],
@@ -519,6 +551,7 @@ impl std::str::FromStr for Export {
             name: opts.get("name").map(str::to_string),
             qos: crate::qos_options::parse(opts.parts.iter().copied())?,
             qos_group: opts.get("qos-group").map(str::to_string),
+            socket_access: socket_access(&opts)?,
         })
     }
 }

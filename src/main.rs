@@ -16,6 +16,7 @@ mod control;
 mod daemon;
 mod export;
 mod frontend;
+mod ids;
 mod logging;
 mod notify;
 mod pool_cmd;
@@ -31,6 +32,7 @@ use logging::LogFormat;
 use pollblk_engine::reactor::{PollConfig, PollMode, Reactors};
 use pollblk_engine::stats::StatsDir;
 use pollblk_engine::thin::{self, Pool};
+use pollblk_engine::unix_socket::Access;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -97,7 +99,7 @@ struct ServeArgs {
     stats_dir: Option<PathBuf>,
     /// Group (name or number) that may read the statistics files (mode 0640); default
     /// the daemon's group.
-    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    #[arg(long, value_name = "GROUP", value_parser = ids::parse_group)]
     stats_group: Option<u32>,
     /// Seconds between requests for the guest's statistics on stats virtqueues
     /// (exports with guest-stats=on). Default 5.
@@ -109,8 +111,19 @@ struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// Group (name or number) that may use the control socket (mode 0660).
-    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    #[arg(long, value_name = "GROUP", value_parser = ids::parse_group)]
     control_group: Option<u32>,
+    /// Owner (name or number) of the vhost-user sockets, for exports without
+    /// socket-owner= (e.g. the user QEMU runs as under libvirt).
+    #[arg(long, value_name = "USER", value_parser = ids::parse_user)]
+    socket_owner: Option<u32>,
+    /// Group of the vhost-user sockets, for exports without socket-group=.
+    #[arg(long, value_name = "GROUP", value_parser = ids::parse_group)]
+    socket_group: Option<u32>,
+    /// Mode of the vhost-user sockets (octal, e.g. 0660), for exports without socket-mode=;
+    /// default: the umask's.
+    #[arg(long, value_name = "MODE", value_parser = ids::parse_mode)]
+    socket_mode: Option<u32>,
     /// Log level or RUST_LOG-style directives (default: RUST_LOG, else info); the control
     /// socket's log_level changes it at run time.
     #[arg(long, value_name = "LEVEL")]
@@ -137,32 +150,6 @@ fn parse_idle_us(text: &str) -> Result<u64, String> {
 }
 
 const DEFAULT_DIR: &str = "pollblk-data";
-
-/// `--stats-group`: a group name or number.
-fn parse_group(text: &str) -> Result<u32, String> {
-    if let Ok(gid) = text.parse::<u32>() {
-        return Ok(gid);
-    }
-    let name = std::ffi::CString::new(text).map_err(|_| format!("bad group name {text:?}"))?;
-    // SAFETY: a C struct of integers and pointers: all zeroes is a valid value.
-    let mut group: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16384];
-    let mut found: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: getgrnam_r fills `group` with pointers into `buf`, both alive for the call.
-    let rc = unsafe {
-        libc::getgrnam_r(
-            name.as_ptr(),
-            &mut group,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    if rc != 0 || found.is_null() {
-        return Err(format!("no group named {text:?}"));
-    }
-    Ok(group.gr_gid)
-}
 
 /// `--guest-stats-interval`: seconds, fractions allowed.
 fn parse_interval(text: &str) -> Result<Duration, String> {
@@ -240,6 +227,8 @@ struct Settings {
     guest_interval: Duration,
     control: PathBuf,
     control_group: Option<u32>,
+    /// Owner, group and mode of vhost-user sockets whose export does not give them.
+    socket_access: Access,
     log_level: Option<String>,
     log_format: LogFormat,
     persist: Option<PathBuf>,
@@ -306,7 +295,7 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
     let group = |key: &str, value: &Option<toml::Value>| -> Result<Option<u32>, String> {
         value
             .as_ref()
-            .map(|v| config::group_text(v).and_then(|g| parse_group(&g)))
+            .map(|v| config::group_text(v).and_then(|g| ids::parse_group(&g)))
             .transpose()
             .map_err(|e| in_file(key, e))
     };
@@ -356,6 +345,30 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
         control_group: match args.control_group {
             Some(g) => Some(g),
             None => group("control-group", &file.control_group)?,
+        },
+        socket_access: Access {
+            owner: match args.socket_owner {
+                Some(u) => Some(u),
+                None => file
+                    .socket_owner
+                    .as_ref()
+                    .map(|v| config::group_text(v).and_then(|u| ids::parse_user(&u)))
+                    .transpose()
+                    .map_err(|e| in_file("socket-owner", e))?,
+            },
+            group: match args.socket_group {
+                Some(g) => Some(g),
+                None => group("socket-group", &file.socket_group)?,
+            },
+            mode: match args.socket_mode {
+                Some(m) => Some(m),
+                None => file
+                    .socket_mode
+                    .as_deref()
+                    .map(ids::parse_mode)
+                    .transpose()
+                    .map_err(|e| in_file("socket-mode", e))?,
+            },
         },
         log_level: args.log_level.or(file.log_level),
         log_format: args
@@ -442,6 +455,7 @@ fn start_disks(
         .map(|i| reactors.for_queue(i).clone())
         .collect();
     let mut daemon = Daemon::new(handles, stats_dir, settings.guest_interval);
+    daemon.set_socket_access(settings.socket_access);
     for entry in &settings.exports {
         if let Err(e) = daemon.add(&entry.spec, entry.name.as_deref()) {
             let _ = daemon.shutdown();

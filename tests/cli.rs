@@ -391,3 +391,88 @@ fn readonly_takes_1_and_0_as_on_and_off() {
     drop(driver);
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// A vhost-user front end's first exchange, as user `uid`: GET_FEATURES, and the features
+/// the daemon answers; Err(the OS error) when it cannot connect.
+fn features_as(uid: u32, socket: &std::path::Path) -> Result<u64, String> {
+    use std::os::unix::process::CommandExt;
+    let script = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("error", e.strerror); sys.exit(0)
+s.sendall(struct.pack("<III", 1, 1, 0))  # VHOST_USER_GET_FEATURES, version 1, no payload
+reply = b""
+while len(reply) < 20:
+    chunk = s.recv(20 - len(reply))
+    if not chunk: break
+    reply += chunk
+print("features", struct.unpack("<IIIQ", reply)[3])
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(socket)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    match text.split_once(' ') {
+        Some(("features", n)) => Ok(n.parse().unwrap()),
+        Some(("error", e)) => Err(e.to_string()),
+        _ => panic!("python3: {text} {}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+#[test]
+fn a_front_end_that_is_not_root_reaches_a_socket_it_is_given() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: changing a socket's owner and running as nobody needs root");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (given, kept) = (d.join("vm1.sock"), d.join("root-only.sock"));
+    let args: Vec<String> = vec![
+        "--socket-mode".into(),
+        "0600".into(),
+        "--export".into(),
+        format!(
+            "vhost-user-blk,socket={},null,size=1M,socket-owner=nobody,name=vm1",
+            given.display()
+        ),
+        "--export".into(),
+        format!("vhost-user-blk,socket={},null,size=1M", kept.display()),
+    ];
+    let mut daemon = Daemon::start(d, &args);
+    let meta = std::fs::metadata(&given).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (NOBODY, 0o600));
+    // nobody is served on its socket: VIRTIO_F_VERSION_1 (bit 32) among the features.
+    let features = features_as(NOBODY, &given).unwrap();
+    assert_ne!(features & 1 << 32, 0, "features {features:#x}");
+    // and kept out of the other one, which --socket-mode left to root.
+    assert_eq!(features_as(NOBODY, &kept), Err("Permission denied".into()));
+    // A bad owner or mode is refused with the option named.
+    let (code, err) = serve(d, &["--socket-mode", "999"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("\"999\" is not a mode"), "{err}");
+    let (code, err) = serve(
+        d,
+        &[
+            "--export",
+            "vhost-user-blk,socket=x.sock,null,size=1M,socket-owner=no-such-user",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("socket-owner: no user named \"no-such-user\""),
+        "{err}"
+    );
+    assert_eq!(daemon.stop(), Some(0));
+}

@@ -20,7 +20,7 @@
 //! - [`mem`], [`shm`], [`inflight`], [`dirty_log`], [`guest_stats`]: guest memory and the
 //!   regions front ends share; [`stats`]: statistics in KVM's binary stats layout;
 //!   [`clock`]: the nanosecond clock request latencies use; [`wait`]: the control plane's
-//!   blocking waits.
+//!   blocking waits; [`unix_socket`]: listening sockets with their owner and mode set first.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -40,6 +40,7 @@ pub mod ring;
 pub mod shm;
 pub mod stats;
 pub mod thin;
+pub mod unix_socket;
 pub mod virtio;
 pub mod virtqueue;
 pub mod volume;

@@ -55,12 +55,11 @@ impl StatsReader {
     /// Reads the header and descriptors of an open file or fd.
     pub fn from_file(file: File) -> io::Result<StatsReader> {
         let mut raw = [0u8; HEADER_SIZE];
-        file.read_exact_at(&mut raw, 0)
-            .map_err(|e| {
-                bad(format!(
-                    "not a statistics file (cannot read a {HEADER_SIZE}-byte header: {e})"
-                ))
-            })?;
+        file.read_exact_at(&mut raw, 0).map_err(|e| {
+            bad(format!(
+                "not a statistics file (cannot read a {HEADER_SIZE}-byte header: {e})"
+            ))
+        })?;
         let header = Header::decode(&raw);
         if header.name_size == 0 || header.name_size > MAX_NAME_SIZE {
             return Err(bad(format!(

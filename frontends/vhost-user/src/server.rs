@@ -6,9 +6,9 @@ use crate::event_loop::{Current, Endpoint, Loops};
 use crate::handler::{BlkHandler, QueueState};
 use pollblk_engine::device::BlkDevice;
 use pollblk_engine::reactor::ReactorHandle;
+use pollblk_engine::unix_socket::{self, Access, BindError};
 use std::io;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -48,46 +48,26 @@ pub struct Server {
     current: Current,
 }
 
-/// Binds `path`, replacing a stale socket file nobody listens on.
-fn bind(path: &Path) -> Result<UnixListener, ServerError> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(ServerError::NotASocket(path.to_owned()));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(ServerError::SocketInUse(path.to_owned()));
-        }
-        std::fs::remove_file(path).map_err(|e| ServerError::Io(path.to_owned(), e))?;
-    }
-    UnixListener::bind(path).map_err(|e| {
-        // "No such file or directory" alone does not say which: the directory.
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-        match parent {
-            Some(dir) if e.kind() == std::io::ErrorKind::NotFound && !dir.exists() => {
-                ServerError::Io(
-                    path.to_owned(),
-                    std::io::Error::new(
-                        e.kind(),
-                        format!(
-                            "its directory {} does not exist (create it first)",
-                            dir.display()
-                        ),
-                    ),
-                )
-            }
-            _ => ServerError::Io(path.to_owned(), e),
-        }
+/// Binds `path` with `access`, replacing a stale socket file nobody listens on.
+fn bind(path: &Path, access: Access) -> Result<UnixListener, ServerError> {
+    // The backlog of a socket one front end at a time uses.
+    unix_socket::listen(path, access, 16).map_err(|e| match e {
+        BindError::InUse => ServerError::SocketInUse(path.to_owned()),
+        BindError::NotASocket => ServerError::NotASocket(path.to_owned()),
+        BindError::Io(e) => ServerError::Io(path.to_owned(), e),
     })
 }
 
 impl Server {
-    /// Listens on `path` and serves `device` to whichever front end connects.
+    /// Listens on `path` (its owner, group and mode from `access`) and serves `device` to
+    /// whichever front end connects.
     pub fn start(
         path: &Path,
+        access: Access,
         device: Arc<BlkDevice>,
         reactors: Vec<ReactorHandle>,
     ) -> Result<Server, ServerError> {
-        let listener = bind(path)?;
+        let listener = bind(path, access)?;
         let current = Current::default();
         let endpoint = Endpoint {
             name: device.options().name.clone(),
