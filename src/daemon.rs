@@ -4,7 +4,7 @@
 
 use crate::export::{self, Export, Transport, Volume};
 use crate::frontend::{Frontend, Refused};
-use crate::qos_options;
+use crate::{image_format, qos_options};
 use pollblk_engine::backend::{Backend, FileBackend, NullBackend, ThinBackend, ThinWorkers};
 use pollblk_engine::device::{BlkDevice, DeviceStats, DiskOptions, GuestStatsOptions};
 use pollblk_engine::qos::{QosConfig, Throttle};
@@ -596,6 +596,18 @@ impl Daemon {
                     ThinBackend::open(opened.pool.clone(), opened.workers.clone(), volume)
                         .map_err(|e| failed(format!("pool {}: {e}", pool.display())))?,
                 )
+            }
+            Volume::File(path) if !export.force_raw && image_format::sniff(path).is_some() => {
+                let format = image_format::sniff(path).expect("just found");
+                return Err(DaemonError::Invalid(format!(
+                    "file {} is a {format} image, not raw: a guest would see the image's \
+                     container, and its writes would corrupt it. Convert it (qemu-img convert \
+                     -O raw {} {}.raw) and serve that, or give format=raw to serve these bytes \
+                     as they are",
+                    path.display(),
+                    path.display(),
+                    path.display()
+                )));
             }
             Volume::File(path) => Arc::new(
                 FileBackend::open(path, export.readonly, export.block_size)

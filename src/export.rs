@@ -117,6 +117,8 @@ pub struct Export {
     pub qos_group: Option<String>,
     /// Owner, group and mode of its vhost-user socket (unset: the daemon's defaults).
     pub socket_access: pollblk_engine::unix_socket::Access,
+    /// `format=raw`: serve a file that looks like another image format as its bytes.
+    pub force_raw: bool,
 }
 
 /// Feature bits the stats virtqueue may use: device-specific (below 24), unassigned in virtio
@@ -206,7 +208,7 @@ fn unknown_option(part: &str) -> String {
 }
 
 /// Every option an export takes; `null` is the one without a value.
-const KNOWN_OPTIONS: [&str; 28] = [
+const KNOWN_OPTIONS: [&str; 29] = [
     "socket",
     "dir",
     "domid",
@@ -235,6 +237,7 @@ const KNOWN_OPTIONS: [&str; 28] = [
     "socket-owner",
     "socket-group",
     "socket-mode",
+    "format",
 ];
 
 /// The `key=value` options of a spec, checked for known keys and present values up front;
@@ -474,6 +477,19 @@ fn rbd_volume(opts: &Options) -> Result<Volume, String> {
     }))
 }
 
+/// `format=raw` (with file=): serve the file as raw bytes even if it looks like an image.
+fn parse_format(opts: &Options, volume: &Volume) -> Result<bool, String> {
+    match opts.get("format") {
+        None => Ok(false),
+        Some("raw") if matches!(volume, Volume::File(_)) => Ok(true),
+        Some("raw") => Err("format=raw goes with file=PATH".into()),
+        Some(other) => Err(format!(
+            "format={other}: pollblk serves raw images only; convert it \
+             (qemu-img convert -O raw IMAGE IMAGE.raw)"
+        )),
+    }
+}
+
 /// `block-size=512|4096`.
 fn parse_block_size(opts: &Options) -> Result<u32, String> {
     match opts.get("block-size") {
@@ -535,6 +551,7 @@ impl std::str::FromStr for Export {
         let provision = opts.on_off("provision")?.unwrap_or(false);
         let guest_stats_bit = parse_guest_stats(&opts)?;
         let volume = parse_volume(&opts, block_size)?;
+        let force_raw = parse_format(&opts, &volume)?;
         if provision && matches!(volume, Volume::Rbd(_)) {
             return Err("provision=on: RBD images cannot reserve space".into());
         }
@@ -552,6 +569,7 @@ impl std::str::FromStr for Export {
             qos: crate::qos_options::parse(opts.parts.iter().copied())?,
             qos_group: opts.get("qos-group").map(str::to_string),
             socket_access: socket_access(&opts)?,
+            force_raw,
         })
     }
 }

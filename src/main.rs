@@ -17,6 +17,7 @@ mod daemon;
 mod export;
 mod frontend;
 mod ids;
+mod image_format;
 mod logging;
 mod notify;
 mod pool_cmd;

@@ -54,11 +54,16 @@ pub enum VolumeCommand {
     /// Delete a volume and free its blocks.
     Delete { dir: PathBuf, name: String },
     /// Grow or shrink a volume (shrinking frees the blocks past the new end).
+    /// Change a volume's size. Growing is safe; shrinking drops whatever the volume holds
+    /// past the new size, so it needs --shrink (and says how much it drops).
     Resize {
         dir: PathBuf,
         name: String,
         #[arg(long, value_parser = crate::export::parse_size)]
         size: u64,
+        /// Allow the volume to get smaller (its data past the new size is lost).
+        #[arg(long)]
+        shrink: bool,
     },
 }
 
@@ -93,11 +98,32 @@ pub fn run(command: PoolCommand) -> Result<(), String> {
                     dir.display()
                 );
             }
-            VolumeCommand::Resize { dir, name, size } => {
+            VolumeCommand::Resize {
+                dir,
+                name,
+                size,
+                shrink,
+            } => {
                 let pool = Pool::open(&dir).map_err(err)?;
+                let volume = pool.volume(&name).map_err(err)?;
+                let old = volume.size_bytes();
+                let bs = u64::from(pool.block_size());
+                // Whole blocks past the new end are dropped; a block cut in two keeps its head.
+                let dropped = volume.mapped_blocks_from(size.div_ceil(bs)) * bs;
+                if size < old && !shrink {
+                    return Err(format!(
+                        "volume {name} is {old} bytes: shrinking it to {size} drops the last \
+                         {} bytes, {dropped} bytes of them holding data; add --shrink to do it",
+                        old - size
+                    ));
+                }
                 pool.volume_resize(&name, size).map_err(err)?;
+                let note = match size < old {
+                    true => format!(" ({dropped} bytes of data dropped)"),
+                    false => String::new(),
+                };
                 println!(
-                    "pollblk: volume {name} resized to {size} bytes in {}",
+                    "pollblk: volume {name} resized from {old} to {size} bytes in {}{note}",
                     dir.display()
                 );
             }

@@ -476,3 +476,67 @@ fn a_front_end_that_is_not_root_reaches_a_socket_it_is_given() {
     );
     assert_eq!(daemon.stop(), Some(0));
 }
+
+#[test]
+fn shrinking_a_volume_needs_shrink_and_says_what_it_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let p = pool.to_str().unwrap();
+    assert_eq!(pollblk(&["pool", "create", p, "--size", "64M"]).0, 0);
+    assert_eq!(
+        pollblk(&["pool", "volume", "create", p, "vm1", "--size", "8M"]).0,
+        0
+    );
+    {
+        // Data in the last 2 MiB of the volume (two 64 KiB blocks), and in its first block.
+        let opened = pollblk_engine::thin::Pool::open(&pool).unwrap();
+        let volume = opened.volume("vm1").unwrap();
+        for offset in [0, 6 << 20, 7 << 20] {
+            opened.write(&volume, offset, &[7u8; 4096]).unwrap();
+        }
+        opened.flush().unwrap();
+    }
+    let (code, _, err) = pollblk(&["pool", "volume", "resize", p, "vm1", "--size", "4M"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(
+            "drops the last 4194304 bytes, 131072 bytes of them holding data; add --shrink"
+        ),
+        "{err}"
+    );
+    let (code, out, err) = pollblk(&[
+        "pool", "volume", "resize", p, "vm1", "--size", "4M", "--shrink",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(131072 bytes of data dropped)"), "{out}");
+    // Growing needs nothing.
+    let (code, _, err) = pollblk(&["pool", "volume", "resize", p, "vm1", "--size", "16M"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn a_qcow2_image_given_as_file_is_refused_unless_format_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut header = b"QFI\xfb\x00\x00\x00\x03".to_vec();
+    header.resize(1 << 20, 0);
+    std::fs::write(d.join("vm.qcow2"), &header).unwrap();
+    let (code, err) = serve(
+        d,
+        &["--export", "vhost-user-blk,socket=q.sock,file=vm.qcow2"],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("file vm.qcow2 is a qcow2 (or qcow) image, not raw")
+            && err.contains("qemu-img convert -O raw")
+            && err.contains("format=raw"),
+        "{err}"
+    );
+    // Told to, it serves the bytes as they are.
+    let export = format!(
+        "vhost-user-blk,socket={},file=vm.qcow2,format=raw",
+        d.join("q.sock").display()
+    );
+    let mut daemon = Daemon::start(d, &["--export".into(), export]);
+    assert_eq!(daemon.stop(), Some(0));
+}

@@ -126,11 +126,16 @@ impl Volume {
         cut
     }
 
-    /// Bytes of this volume backed by data blocks.
+    /// Blocks of this volume backed by data blocks.
     pub fn mapped_blocks(&self) -> u64 {
-        self.map
-            .iter()
-            .filter(|e| e.load(Ordering::Relaxed) != 0)
+        self.mapped_blocks_from(0)
+    }
+
+    /// Blocks from virtual block `first` on backed by data blocks (what shrinking the volume
+    /// to `first` blocks would drop).
+    pub fn mapped_blocks_from(&self, first: u64) -> u64 {
+        (first as usize..self.map.len())
+            .filter(|&i| self.map.at(i).load(Ordering::Relaxed) != 0)
             .count() as u64
     }
 }
