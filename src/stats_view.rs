@@ -226,7 +226,7 @@ fn shown_of<'a>(row: &Row<'a>) -> impl Iterator<Item = (&'a Desc, Shown)> + 'a {
 }
 
 /// Queue statistics summed per disk in a --watch report, in this order.
-const SUMMED: [&str; 9] = [
+const SUMMED: [&str; 10] = [
     "read_ops",
     "write_ops",
     "read_sectors",
@@ -236,6 +236,7 @@ const SUMMED: [&str; 9] = [
     "errors_ioerr",
     "in_flight",
     "throttled_requests",
+    "discard_ops",
 ];
 /// Index in SUMMED of the one gauge (summed as it stands, not as a change).
 const IN_FLIGHT: usize = 7;
@@ -293,10 +294,11 @@ fn disk_summary(rows: &[Row<'_>], secs: f64) -> String {
         return String::new();
     }
     let mut out = format!(
-        "{:<10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>8} {:>9} {:>11}\n",
+        "{:<10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>9} {:>11}\n",
         "disk",
         "r/s",
         "w/s",
+        "discard/s",
         "rMB/s",
         "wMB/s",
         "r_lat",
@@ -317,10 +319,11 @@ fn disk_summary(rows: &[Row<'_>], secs: f64) -> String {
         let v = &d.v;
         let _ = writeln!(
             out,
-            "{:<10} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>10} {:>10} {:>8} {:>9.0} {:>11.0}",
+            "{:<10} {:>10.0} {:>10.0} {:>9.0} {:>9.1} {:>9.1} {:>10} {:>10} {:>8} {:>9.0} {:>11.0}",
             d.name,
             v[0] / secs,
             v[1] / secs,
+            v[9] / secs,
             v[2] * 512.0 / secs / 1e6,
             v[3] * 512.0 / secs / 1e6,
             lat(v[4], v[0]),
@@ -339,38 +342,130 @@ pub fn text(rows: &[Row<'_>], interval: Option<f64>) -> String {
         let _ = writeln!(out, "--- {:.2} s ---", secs);
         out.push_str(&disk_summary(rows, secs));
     }
+    let mut quiet = Vec::new();
     for row in rows {
-        let _ = writeln!(out, "{}", row.0.reader.id());
-        for (desc, shown) in shown_of(row) {
-            let line = match shown {
-                Shown::Scalar { value, rate } => match rate {
-                    // Watching: counters as rates; quiet ones are left out.
-                    Some(rate) if interval.is_some() => {
-                        if rate == 0.0 {
-                            continue;
-                        }
-                        format!("{}/s", human(rate, desc))
-                    }
-                    _ if interval.is_some() && value == 0.0 => continue,
-                    _ => human(value, desc),
-                },
-                Shown::Hist {
-                    count, percentiles, ..
-                } => {
-                    if interval.is_some() && count == 0 {
-                        continue;
-                    }
-                    let mut line = format!("n={count}");
-                    for (p, v) in percentiles {
-                        let _ = write!(line, " p{}<={}", p * 100.0, human(v, desc));
-                    }
-                    line
-                }
-            };
-            let _ = writeln!(out, "  {:<32} {line}", desc.name);
+        let lines = object_lines(row, interval);
+        // Watching, an object with nothing to show (a queue the guest never started) takes
+        // no lines: it is counted at the end.
+        if interval.is_some() && lines.is_empty() {
+            quiet.push(row.0.reader.id());
+            continue;
         }
+        let _ = writeln!(out, "{}", row.0.reader.id());
+        out.push_str(&lines);
+    }
+    if !quiet.is_empty() {
+        let _ = writeln!(
+            out,
+            "({} quiet object(s) not shown: {})",
+            quiet.len(),
+            quiet_names(&quiet)
+        );
     }
     out
+}
+
+/// `pollblk-1/disk0/queue-2` ... `queue-15` as `disk0/queue-2..15`; other ids as they are.
+fn quiet_names(ids: &[&str]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut run: Option<(String, u64, u64)> = None;
+    let flush = |run: &mut Option<(String, u64, u64)>, out: &mut Vec<String>| {
+        if let Some((prefix, first, last)) = run.take() {
+            out.push(match first == last {
+                true => format!("{prefix}{first}"),
+                false => format!("{prefix}{first}..{last}"),
+            });
+        }
+    };
+    for id in ids {
+        let short = id.split_once('/').map_or(*id, |(_, rest)| rest);
+        let numbered = short
+            .rsplit_once('-')
+            .and_then(|(prefix, n)| Some((format!("{prefix}-"), n.parse::<u64>().ok()?)));
+        match (numbered, &mut run) {
+            (Some((prefix, n)), Some((p, _, last))) if *p == prefix && *last + 1 == n => {
+                *last = n;
+            }
+            (Some((prefix, n)), _) => {
+                flush(&mut run, &mut out);
+                run = Some((prefix, n, n));
+            }
+            (None, _) => {
+                flush(&mut run, &mut out);
+                out.push(short.to_string());
+            }
+        }
+    }
+    flush(&mut run, &mut out);
+    out.join(", ")
+}
+
+/// A request class's sectors and total time: the disk line above a --watch report gives
+/// them as MB/s and mean latency.
+fn in_disk_line(name: &str) -> bool {
+    const CLASSES: [&str; 7] = [
+        "read", "write", "flush", "discard", "write_zeroes", "provision", "other",
+    ];
+    ["_sectors", "_time"].iter().any(|suffix| {
+        name.strip_suffix(suffix)
+            .is_some_and(|class| CLASSES.contains(&class))
+    })
+}
+
+/// The lines of one object's statistics (watching: only what moved or is set, and not
+/// what the disk line says).
+fn object_lines(row: &Row<'_>, interval: Option<f64>) -> String {
+    let mut out = String::new();
+    for (desc, shown) in shown_of(row) {
+        if interval.is_some() && in_disk_line(&desc.name) {
+            continue;
+        }
+        let line = match shown {
+            Shown::Scalar { value, rate } => match rate {
+                // Watching: counters as rates; quiet ones are left out.
+                Some(rate) if interval.is_some() => {
+                    if rate == 0.0 {
+                        continue;
+                    }
+                    format!("{}/s", human(rate, desc))
+                }
+                _ if interval.is_some() && value == 0.0 => continue,
+                _ => human(value, desc),
+            },
+            Shown::Hist {
+                count, percentiles, ..
+            } => {
+                if interval.is_some() && count == 0 {
+                    continue;
+                }
+                let mut line = format!("n={count}");
+                for (p, v) in percentiles {
+                    let _ = write!(line, " p{}<{}", p * 100.0, bucket_bound(v, desc));
+                }
+                line
+            }
+        };
+        let _ = writeln!(out, "  {:<32} {line}", desc.name);
+    }
+    out
+}
+
+/// A histogram bucket's upper bound, to the two or three digits it can mean (a log2 bucket
+/// only says the value is between half the bound and the bound): 8.191 us is "8.2us".
+fn bucket_bound(value: f64, desc: &Desc) -> String {
+    if desc.unit() != Some(Unit::Seconds) || value == 0.0 {
+        return human(value, desc);
+    }
+    let (v, unit) = match value {
+        v if v < 1e-6 => (v * 1e9, "ns"),
+        v if v < 1e-3 => (v * 1e6, "us"),
+        v if v < 1.0 => (v * 1e3, "ms"),
+        v => (v, "s"),
+    };
+    match v {
+        v if v < 10.0 => format!("{v:.1}{unit}"),
+        v => format!("{v:.0}{unit}"),
+    }
 }
 
 pub fn json_report(rows: &[Row<'_>], interval: Option<f64>) -> Value {
