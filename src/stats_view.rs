@@ -404,7 +404,13 @@ fn quiet_names(ids: &[&str]) -> String {
 /// them as MB/s and mean latency.
 fn in_disk_line(name: &str) -> bool {
     const CLASSES: [&str; 7] = [
-        "read", "write", "flush", "discard", "write_zeroes", "provision", "other",
+        "read",
+        "write",
+        "flush",
+        "discard",
+        "write_zeroes",
+        "provision",
+        "other",
     ];
     ["_sectors", "_time"].iter().any(|suffix| {
         name.strip_suffix(suffix)

@@ -1109,3 +1109,85 @@ fn linux_guest_gets_the_iops_its_disk_is_limited_to() {
     eprintln!("guest fio on a disk limited to {LIMIT} IOPS: {iops:.1} IOPS");
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// The commands of README's quick-start block, comments left out.
+fn readme_quick_start() -> Vec<String> {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let from = readme
+        .find("<!-- quick-start")
+        .expect("README has a quick-start block");
+    let block = &readme[from..];
+    let start = block.find("```sh\n").expect("a sh block") + "```sh\n".len();
+    let end = start + block[start..].find("```").expect("the block's end");
+    block[start..end]
+        .lines()
+        .map(|l| l.split('#').next().unwrap().trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[test]
+fn readme_quick_start_boots_a_guest_that_writes_to_the_default_disk() {
+    use std::io::Write;
+    if !guest_available("readme_quick_start_boots_a_guest_that_writes_to_the_default_disk") {
+        return;
+    }
+    // Run as written: `cargo run --release` is this build's pollblk with no arguments (a
+    // cargo inside `cargo test` would wait for the build directory's lock), then try.sh.
+    assert_eq!(
+        readme_quick_start(),
+        ["cargo run --release", "tests/guest/try.sh"]
+    );
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let mut daemon = Daemon::start_default(d);
+    let (_one_guest, _) = built_guest();
+    let console = d.join("console.log");
+    let mut guest = Reap(
+        Command::new(repo().join("tests/guest/try.sh"))
+            .current_dir(d)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::fs::File::create(&console).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_guest(&console, "Leave with: poweroff -f", &mut guest);
+    // What a new user types: a write to the disk, then leave.
+    let typed = "dd if=/dev/urandom of=/dev/vda bs=1M count=16 oflag=direct && \
+                 echo QUICK-START-$((6*7))\npoweroff -f\n";
+    guest
+        .0
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(typed.as_bytes())
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while guest.0.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest did not power off"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        text.contains("QUICK-START-42"),
+        "the write did not finish:\n{text}"
+    );
+    // The daemon saw the 16 MiB.
+    let stats = d.join("pollblk-data/stats");
+    let written: u64 = (0..16)
+        .filter_map(|q| {
+            let reader = pollblk_engine::stats::StatsReader::open(
+                &stats.join(format!("disk0.queue-{q}.stats")),
+            )
+            .ok()?;
+            let sample = reader.sample().unwrap();
+            let desc = reader.descs().iter().find(|d| d.name == "write_sectors")?;
+            Some(sample.of(desc)[0])
+        })
+        .sum();
+    assert!(written >= 16 << 11, "{written} sectors written");
+    assert_eq!(daemon.stop(), Some(0));
+}

@@ -44,7 +44,8 @@ RANGE=$(param range 16M)        # length of the discard, write-zeroes and flush 
 WAIT=$(param wait 20)           # seconds to wait for /dev/vda
 MODE=$(param mode verify)       # verify: exercise vda; hotplug: the run-time disk steps;
                                 # pair: vda and vdb written and verified at once;
-                                # rate: fio for RUNTIME s, what a limited disk gives
+                                # rate: fio for RUNTIME s, what a limited disk gives;
+                                # shell: a shell on the console (tests/guest/try.sh)
 
 MiB=1048576
 SIZE_B=$(bytes "$SIZE")
@@ -154,6 +155,16 @@ if [ "$MODE" = hotplug ]; then
 	mark "done"
 	# Time for the host to finish with the removed disk before QEMU exits.
 	sleep "$(param linger 10)"
+	exit 0
+fi
+
+# Shell mode (tests/guest/try.sh): a shell on the console with the disk at /dev/vda;
+# leaving it powers the guest off.
+if [ "$MODE" = shell ]; then
+	echo "pollblk guest: /dev/vda is the served disk ($(($(cat /sys/block/vda/size) / 2048)) MiB)."
+	echo "Try: dd if=/dev/urandom of=/dev/vda bs=1M count=16 oflag=direct; fio is installed."
+	echo "Leave with: poweroff -f"
+	setsid cttyhack sh -l || sh
 	exit 0
 fi
 
