@@ -65,6 +65,40 @@ enum Command {
     },
     /// Call a method of a running daemon's control socket and print the result as JSON.
     Rpc(rpc_cmd::RpcArgs),
+    /// Print shell completions (e.g. `pollblk completions bash > /etc/bash_completion.d/pollblk`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or with --dir write one per command into DIR
+    /// (pollblk.1, pollblk-serve.1, ...).
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// `pollblk completions SHELL`.
+fn completions(shell: clap_complete::Shell) -> Result<(), String> {
+    let mut cli = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cli, "pollblk", &mut std::io::stdout());
+    Ok(())
+}
+
+/// `pollblk man [--dir DIR]`.
+fn man(dir: Option<PathBuf>) -> Result<(), String> {
+    let cli = <Cli as clap::CommandFactory>::command();
+    match dir {
+        None => match clap_mangen::Man::new(cli).render(&mut std::io::stdout()) {
+            // `pollblk man | head` is not a failure.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            result => result.map_err(|e| e.to_string()),
+        },
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            clap_mangen::generate_to(cli, &dir).map_err(|e| format!("{}: {e}", dir.display()))
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -168,9 +202,19 @@ const DEFAULT_POOL_SIZE: u64 = 4 << 30;
 fn main() -> ExitCode {
     // No command at all is `serve` with no options: parsed as such, so its defaults are
     // the ones `serve --help` shows.
-    let command = Cli::parse()
-        .command
-        .unwrap_or_else(|| Cli::parse_from(["pollblk", "serve"]).command.unwrap());
+    let command = match Cli::try_parse() {
+        Ok(cli) => cli
+            .command
+            .unwrap_or_else(|| Cli::parse_from(["pollblk", "serve"]).command.unwrap()),
+        // --help and --version print to stdout and succeed.
+        Err(e) if !e.use_stderr() => e.exit(),
+        // One error style for every mistake: clap's and the daemon's read alike.
+        Err(e) => {
+            let text = e.render().to_string();
+            eprint!("pollblk: error: {}", text.strip_prefix("error: ").unwrap_or(&text));
+            return ExitCode::from(2);
+        }
+    };
     let result = match command {
         Command::Serve(args) => serve(args),
         command => {
@@ -183,6 +227,8 @@ fn main() -> ExitCode {
                 Command::Pool { command } => pool_cmd::run(command),
                 Command::Stats(args) => stats_cmd::run(args),
                 Command::Rpc(args) => rpc_cmd::run(args),
+                Command::Completions { shell } => completions(shell),
+                Command::Man { dir } => man(dir),
                 Command::Serve(_) => unreachable!(),
             }
         }

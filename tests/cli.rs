@@ -540,3 +540,27 @@ fn a_qcow2_image_given_as_file_is_refused_unless_format_raw() {
     let mut daemon = Daemon::start(d, &["--export".into(), export]);
     assert_eq!(daemon.stop(), Some(0));
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_line_itself() {
+    let (code, out, err) = pollblk(&["completions", "bash"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("_pollblk()") && out.contains("--export"),
+        "{out}"
+    );
+    let (code, out, _) = pollblk(&["completions", "zsh"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("#compdef pollblk"), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = pollblk(&["man", "--dir", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let serve = std::fs::read_to_string(dir.path().join("pollblk-serve.1")).unwrap();
+    assert!(
+        serve.contains(".TH pollblk-serve 1") && serve.contains("export"),
+        "{serve}"
+    );
+    let (code, _, err) = pollblk(&["completions", "tcsh"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("tcsh"), "{err}");
+}
