@@ -365,7 +365,8 @@ pub fn text(rows: &[Row<'_>], interval: Option<f64>) -> String {
     out
 }
 
-/// `pollblk-1/disk0/queue-2` ... `queue-15` as `disk0/queue-2..15`; other ids as they are.
+/// `pollblk-1/disk0/queue-2` ... `queue-15` as `pollblk-1/disk0/queue-2..15`; other ids as
+/// they are.
 fn quiet_names(ids: &[&str]) -> String {
     let mut out: Vec<String> = Vec::new();
     let mut run: Option<(String, u64, u64)> = None;
@@ -378,8 +379,7 @@ fn quiet_names(ids: &[&str]) -> String {
         }
     };
     for id in ids {
-        let short = id.split_once('/').map_or(*id, |(_, rest)| rest);
-        let numbered = short
+        let numbered = id
             .rsplit_once('-')
             .and_then(|(prefix, n)| Some((format!("{prefix}-"), n.parse::<u64>().ok()?)));
         match (numbered, &mut run) {
@@ -392,7 +392,7 @@ fn quiet_names(ids: &[&str]) -> String {
             }
             (None, _) => {
                 flush(&mut run, &mut out);
-                out.push(short.to_string());
+                out.push(id.to_string());
             }
         }
     }

@@ -576,7 +576,8 @@ fn watch_of_a_16_queue_disk_with_2_in_use_fits_one_screen() {
     let lines = text.lines().count();
     assert!(lines <= 40, "{lines} lines:\n{text}");
     assert!(
-        text.contains("(14 quiet object(s) not shown: disk0/queue-2..15)"),
+        text.contains("14 quiet object(s) not shown: pollblk-")
+            && text.contains("/disk0/queue-2..15)"),
         "{text}"
     );
     // Latencies to the digits a log2 bucket means, and discards in the disk line.
