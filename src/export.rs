@@ -201,7 +201,7 @@ fn unknown_option(part: &str) -> String {
         Some(near) => format!("unknown export option {part:?}: did you mean {near}=?"),
         None => format!(
             "unknown export option {part:?}; the options are: {}, and the limits (iops-total, \
-             bps-write, ... see README \"Limits\")",
+             bps-write, ... see README, Limits)",
             KNOWN_OPTIONS.join(", ")
         ),
     }

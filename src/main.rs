@@ -211,7 +211,10 @@ fn main() -> ExitCode {
         // One error style for every mistake: clap's and the daemon's read alike.
         Err(e) => {
             let text = e.render().to_string();
-            eprint!("pollblk: error: {}", text.strip_prefix("error: ").unwrap_or(&text));
+            eprint!(
+                "pollblk: error: {}",
+                text.strip_prefix("error: ").unwrap_or(&text)
+            );
             return ExitCode::from(2);
         }
     };

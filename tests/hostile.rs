@@ -1,4 +1,4 @@
-//! The hostile-input table (README "Security"): for each malformed input a guest driver or a
+//! The hostile-input table (docs/security.md): for each malformed input a guest driver or a
 //! front end can send, the outcome pollblk gives it, and after each one a check that another
 //! disk served by the same reactor kept serving and that the attacked disk serves the next
 //! connection. One daemon, one reactor (`--cores 0`) for both disks: the attacked disk and

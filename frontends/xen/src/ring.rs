@@ -133,7 +133,7 @@ impl BlkifRing {
     }
 
     /// Turns a copied request into the engine's request, its buffers into `segs`. What is
-    /// refused, and with which status, follows xen-blkback (README's Xen table).
+    /// refused, and with which status, follows xen-blkback (docs/xen.md's table).
     fn decode(
         &mut self,
         slot: u32,
