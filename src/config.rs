@@ -24,6 +24,7 @@ pub struct Config {
     pub socket_owner: Option<toml::Value>,
     pub socket_group: Option<toml::Value>,
     pub socket_mode: Option<String>,
+    pub thin_commit_period: Option<f64>,
     pub log_level: Option<String>,
     pub log_format: Option<LogFormat>,
     #[serde(default)]

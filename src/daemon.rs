@@ -21,6 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How often a thin pool commits changed mappings besides on FLUSH, unless told otherwise.
+pub const DEFAULT_THIN_COMMIT_PERIOD: Duration = Duration::from_secs(1);
+
 /// Longest disk name: it is also the default serial (GET_ID holds 20 bytes).
 const MAX_NAME: usize = 20;
 /// File descriptors one disk may hold: its listening socket and statistics files, and once
@@ -120,6 +123,35 @@ type Pools = HashMap<PathBuf, OpenPool>;
 struct OpenPool {
     pool: Arc<Pool>,
     workers: Arc<ThinWorkers>,
+    /// Dropping it stops the pool's periodic commits.
+    _committer: Option<std::sync::mpsc::Sender<()>>,
+}
+
+/// Commits `pool`'s metadata every `period` while mappings changed (dm-thin's
+/// commit_period), so space a guest discards without a FLUSH becomes free, and `pool status`
+/// current, within a period. A commit syncs the data first, as a FLUSH does. Stops when the
+/// returned sender is dropped.
+fn start_committer(
+    pool: &Arc<Pool>,
+    period: Duration,
+    label: &str,
+) -> std::io::Result<std::sync::mpsc::Sender<()>> {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let pool = pool.clone();
+    std::thread::Builder::new()
+        .name(format!("thin-commit-{label}"))
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(period)
+            {
+                if pool.has_uncommitted() {
+                    if let Err(e) = pool.flush() {
+                        tracing::error!(error = %e, "periodic commit of a thin pool failed");
+                    }
+                }
+            }
+        })?;
+    Ok(stop)
 }
 
 /// The Xen platforms exports share: one loopback store per directory, one real Xen.
@@ -143,6 +175,8 @@ pub struct Daemon {
     groups: HashMap<String, Arc<Throttle>>,
     /// Owner, group and mode of vhost-user sockets whose export does not say.
     socket_access: Access,
+    /// How often thin pools commit changed mappings besides on FLUSH (None: only then).
+    thin_commit_period: Option<Duration>,
     disks: Vec<Disk>,
 }
 
@@ -185,6 +219,7 @@ impl Daemon {
             platforms: XenPlatforms::default(),
             groups: HashMap::new(),
             socket_access: Access::default(),
+            thin_commit_period: Some(DEFAULT_THIN_COMMIT_PERIOD),
             disks: Vec::new(),
         }
     }
@@ -192,6 +227,11 @@ impl Daemon {
     /// Owner, group and mode of the vhost-user sockets of exports that do not give theirs.
     pub fn set_socket_access(&mut self, access: Access) {
         self.socket_access = access;
+    }
+
+    /// How often pools opened from now on commit changed mappings (None: only on FLUSH).
+    pub fn set_thin_commit_period(&mut self, period: Option<Duration>) {
+        self.thin_commit_period = period;
     }
 
     pub fn disks(&self) -> &[Disk] {
@@ -643,8 +683,16 @@ impl Daemon {
             return Ok(&self.pools[&key]);
         }
         let pool = Arc::new(Pool::open(&key).map_err(|e| failed(e.to_string()))?);
-        let workers = ThinWorkers::start(&pool, &self.pools_opened.to_string())
+        let label = self.pools_opened.to_string();
+        let workers = ThinWorkers::start(&pool, &label)
             .map_err(|e| failed(format!("worker threads: {e}")))?;
+        let committer = match self.thin_commit_period {
+            Some(period) => Some(
+                start_committer(&pool, period, &label)
+                    .map_err(|e| failed(format!("commit thread: {e}")))?,
+            ),
+            None => None,
+        };
         let stats = self
             .stats_dir
             .create::<PoolStat>(&pool_stats_name(&key, self.pools_opened))
@@ -653,7 +701,11 @@ impl Daemon {
             })?;
         pool.publish_stats(stats);
         self.pools_opened += 1;
-        Ok(self.pools.entry(key).or_insert(OpenPool { pool, workers }))
+        Ok(self.pools.entry(key).or_insert(OpenPool {
+            pool,
+            workers,
+            _committer: committer,
+        }))
     }
 
     fn open_device(

@@ -18,6 +18,7 @@ mod export;
 mod frontend;
 mod ids;
 mod image_format;
+mod image_io;
 mod logging;
 mod notify;
 mod pool_cmd;
@@ -159,6 +160,10 @@ struct ServeArgs {
     /// default: the umask's.
     #[arg(long, value_name = "MODE", value_parser = ids::parse_mode)]
     socket_mode: Option<u32>,
+    /// Seconds between commits of a thin pool's changed mappings besides the guests'
+    /// FLUSHes (dm-thin's commit_period; 0: only on FLUSH). Default 1.
+    #[arg(long, value_name = "SECS", value_parser = parse_commit_period)]
+    thin_commit_period: Option<Duration>,
     /// Log level or RUST_LOG-style directives (default: RUST_LOG, else info); the control
     /// socket's log_level changes it at run time.
     #[arg(long, value_name = "LEVEL")]
@@ -185,6 +190,17 @@ fn parse_idle_us(text: &str) -> Result<u64, String> {
 }
 
 const DEFAULT_DIR: &str = "pollblk-data";
+
+/// `--thin-commit-period`: seconds, fractions allowed, 0 for none.
+fn parse_commit_period(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(0.0..=3600.0).contains(&secs) {
+        return Err(format!("{secs} s: expected 0 (only on FLUSH) to 3600"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
 
 /// `--guest-stats-interval`: seconds, fractions allowed.
 fn parse_interval(text: &str) -> Result<Duration, String> {
@@ -279,6 +295,8 @@ struct Settings {
     control_group: Option<u32>,
     /// Owner, group and mode of vhost-user sockets whose export does not give them.
     socket_access: Access,
+    /// Thin pools' commit period besides FLUSH (None: only on FLUSH).
+    thin_commit_period: Option<Duration>,
     log_level: Option<String>,
     log_format: LogFormat,
     persist: Option<PathBuf>,
@@ -396,6 +414,15 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
             Some(g) => Some(g),
             None => group("control-group", &file.control_group)?,
         },
+        thin_commit_period: {
+            let period = match (args.thin_commit_period, file.thin_commit_period) {
+                (Some(p), _) => p,
+                (None, Some(secs)) => parse_commit_period(&secs.to_string())
+                    .map_err(|e| in_file("thin-commit-period", e))?,
+                (None, None) => daemon::DEFAULT_THIN_COMMIT_PERIOD,
+            };
+            Some(period).filter(|p| !p.is_zero())
+        },
         socket_access: Access {
             owner: match args.socket_owner {
                 Some(u) => Some(u),
@@ -506,6 +533,7 @@ fn start_disks(
         .collect();
     let mut daemon = Daemon::new(handles, stats_dir, settings.guest_interval);
     daemon.set_socket_access(settings.socket_access);
+    daemon.set_thin_commit_period(settings.thin_commit_period);
     for entry in &settings.exports {
         if let Err(e) = daemon.add(&entry.spec, entry.name.as_deref()) {
             let _ = daemon.shutdown();

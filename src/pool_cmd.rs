@@ -28,8 +28,8 @@ pub enum PoolCommand {
         #[command(subcommand)]
         command: VolumeCommand,
     },
-    /// Size, used and free space, and each volume's mapped bytes, as of the last flush (works
-    /// while a daemon serves the pool).
+    /// Size, used and free space, and each volume's mapped bytes, as of the last commit
+    /// (works while a daemon serves the pool, which commits every --thin-commit-period).
     Status {
         dir: PathBuf,
         /// {"block_size", "size_bytes", "used_bytes", "free_bytes", "volumes": [{"name",
@@ -53,7 +53,22 @@ pub enum VolumeCommand {
     },
     /// Delete a volume and free its blocks.
     Delete { dir: PathBuf, name: String },
-    /// Grow or shrink a volume (shrinking frees the blocks past the new end).
+    /// Create a volume from a raw image (sparse: holes and zero blocks take no space); `-`
+    /// reads stdin (e.g. from `qemu-img convert -O raw IMAGE /dev/stdout`).
+    Import {
+        dir: PathBuf,
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+    },
+    /// Write a volume to a new raw image file (sparse: blocks never written stay holes);
+    /// `-` writes stdout.
+    Export {
+        dir: PathBuf,
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
     /// Change a volume's size. Growing is safe; shrinking drops whatever the volume holds
     /// past the new size, so it needs --shrink (and says how much it drops).
     Resize {
@@ -125,6 +140,28 @@ pub fn run(command: PoolCommand) -> Result<(), String> {
                 println!(
                     "pollblk: volume {name} resized from {old} to {size} bytes in {}{note}",
                     dir.display()
+                );
+            }
+            VolumeCommand::Import { dir, name, from } => {
+                let pool = Pool::open(&dir).map_err(err)?;
+                let copied = crate::image_io::import(&pool, &name, &from)?;
+                eprintln!(
+                    "pollblk: volume {name} of {} imported from {}: {} bytes, {} of them data",
+                    dir.display(),
+                    from.display(),
+                    copied.bytes,
+                    copied.data_bytes
+                );
+            }
+            VolumeCommand::Export { dir, name, to } => {
+                let pool = Pool::open(&dir).map_err(err)?;
+                let copied = crate::image_io::export(&pool, &name, &to)?;
+                eprintln!(
+                    "pollblk: volume {name} of {} exported to {}: {} bytes, {} of them data",
+                    dir.display(),
+                    to.display(),
+                    copied.bytes,
+                    copied.data_bytes
                 );
             }
             VolumeCommand::Delete { dir, name } => {

@@ -58,6 +58,11 @@ fn bad_arguments_say_what_is_wrong_and_exit_non_zero() {
             stderr.contains(message),
             "{args:?}: expected {message:?} in {stderr:?}"
         );
+        // One error style, whether the argument parser or the daemon found the mistake.
+        assert!(
+            stderr.lines().any(|l| l.starts_with("pollblk: error: ")),
+            "{args:?}: {stderr:?}"
+        );
     }
 }
 
@@ -563,4 +568,99 @@ fn completions_and_man_pages_come_from_the_command_line_itself() {
     let (code, _, err) = pollblk(&["completions", "tcsh"]);
     assert_ne!(code, 0);
     assert!(err.contains("tcsh"), "{err}");
+}
+
+#[test]
+fn a_raw_image_goes_into_a_volume_and_back_out_sparse() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = d.join("pool");
+    let p = pool.to_str().unwrap();
+    assert_eq!(pollblk(&["pool", "create", p, "--size", "256M"]).0, 0);
+    // 64 MiB, sparse, with data in three places (one of them a block of zeroes written out).
+    let image = d.join("golden.raw");
+    let file = std::fs::File::create(&image).unwrap();
+    file.set_len(64 << 20).unwrap();
+    file.write_all_at(&[0xab; 100_000], 1 << 20).unwrap();
+    file.write_all_at(&[0xcd; 4096], 40 << 20).unwrap();
+    file.write_all_at(&vec![0u8; 1 << 20], 50 << 20).unwrap();
+    drop(file);
+    let (code, _, err) = pollblk(&[
+        "pool",
+        "volume",
+        "import",
+        p,
+        "vm1",
+        "--from",
+        image.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("67108864 bytes, 196608 of them data"), "{err}");
+    let (_, out, _) = pollblk(&["pool", "status", p, "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["volumes"][0]["size_bytes"], 64 << 20);
+    // 100,000 bytes from 1 MiB span two 64 KiB blocks, the 4 KiB one more: 3 blocks.
+    assert_eq!(status["volumes"][0]["mapped_bytes"], 3 * 65536);
+    // Out again: the same bytes, and the holes are holes.
+    let back = d.join("back.raw");
+    let (code, _, err) = pollblk(&[
+        "pool",
+        "volume",
+        "export",
+        p,
+        "vm1",
+        "--to",
+        back.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read(&back).unwrap(),
+        std::fs::read(&image).unwrap()
+    );
+    assert!(
+        std::fs::metadata(&back).unwrap().blocks() * 512 < 1 << 20,
+        "not sparse"
+    );
+    // An existing file is not overwritten; a volume name is not taken twice.
+    let (code, _, err) = pollblk(&[
+        "pool",
+        "volume",
+        "export",
+        p,
+        "vm1",
+        "--to",
+        back.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("exists"), "{err}");
+    let (code, _, err) = pollblk(&[
+        "pool",
+        "volume",
+        "import",
+        p,
+        "vm1",
+        "--from",
+        image.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("a volume named vm1 exists already"), "{err}");
+    // From a pipe (as from qemu-img convert): the volume ends where the data does.
+    let piped = Command::new(BIN)
+        .args(["pool", "volume", "import", p, "vm2", "--from", "-"])
+        .stdin(std::fs::File::open(&image).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        piped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+    let out = Command::new(BIN)
+        .args(["pool", "volume", "export", p, "vm2", "--to", "-"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, std::fs::read(&image).unwrap());
+    assert_eq!(pollblk(&["pool", "check", p]).0, 0);
 }

@@ -293,3 +293,36 @@ fn provision_on_a_file_allocates_its_holes() {
     );
     assert_eq!(d.read(0, 0, 4096).1, vec![0; 4096]);
 }
+
+#[test]
+fn space_written_or_discarded_without_a_flush_shows_within_the_commit_period() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let pool = make_pool(dir.path(), "32M");
+    let (_daemon, socket) = serve(dir.path(), &pool);
+    let mut d = BlkDriver::connect(&socket, DriverOptions::default());
+    let wait_for = |what: &str, want: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let used = status(&pool)["used_bytes"].as_u64().unwrap();
+            if used == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: pool status says {used} bytes used, not {want}, 5 s on"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    // Four new blocks, no FLUSH: the daemon's 1 s commit makes them show.
+    assert_eq!(d.write(0, 0, &pattern(4 * BLOCK as usize, 3)), S_OK);
+    wait_for("after writing 4 blocks", 4 * BLOCK);
+    // Discarded, still no FLUSH (fio rw=trim does not flush): the space comes back.
+    let discard = Request {
+        kind: T_DISCARD,
+        out: dwz_segment(0, (4 * BLOCK / 512) as u32, 0),
+        ..Default::default()
+    };
+    assert_eq!(d.run(0, &discard).status, S_OK);
+    wait_for("after discarding them", 0);
+}

@@ -1225,6 +1225,16 @@ impl Pool {
         }
     }
 
+    /// Whether a mapping changed since the last commit (a first write, a discard): what a
+    /// periodic commit looks at before syncing anything.
+    pub fn has_uncommitted(&self) -> bool {
+        self.volumes
+            .read()
+            .unwrap()
+            .iter()
+            .any(|v| v.dirty.iter().any(|w| w.load(Ordering::Acquire) != 0))
+    }
+
     /// Commits made by flushes so far (each one a data sync and a journal sync).
     pub fn commits(&self) -> u64 {
         self.journal.lock().unwrap().last_done
