@@ -260,6 +260,8 @@ impl Reactor {
     /// Asks an idle queue's peer for kicks; true if it may be parked (false: work arrived
     /// in the meantime, and it stays polled).
     fn park(entry: &mut Entry) -> bool {
+        // A parked queue is not published: what it answered goes out now.
+        entry.queue.publish();
         if entry.queue.enable_notification() {
             entry.queue.disable_notification();
             entry.idle_polls = 0;

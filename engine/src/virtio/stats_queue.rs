@@ -103,12 +103,16 @@ impl PolledQueue for GuestStatsQueue {
         // The interval is up: the held buffer goes back, and the driver answers with its
         // statistics. Only a running queue asks: a disabled or broken one would otherwise
         // keep the reactor from ever sleeping.
+        let mut asked = false;
         if self.runs() {
             if let Some(head) = self.protocol.request_if_due(now) {
                 self.give_back(head);
+                asked = true;
             }
         }
-        took
+        // Giving the buffer back is work: a queue reported idle here could be parked before
+        // the reactor publishes it, and the driver would never see its request.
+        took | asked
     }
 
     fn complete(&mut self, _: u32, _: i32, _: u64, _: Option<u64>) {
