@@ -1,13 +1,16 @@
 //! pollblk: the daemon and its command line. The data path lives in the engine and
 //! transport crates; this crate is the host service around them:
 //!
-//! - this file: the CLI (`serve`, `pool`, `stats`, `rpc`) and starting a daemon
+//! - this file: the CLI (`serve`, `pool`, `stats`, `rpc`, `completions`, `man`) and starting a daemon
 //!   (settings from flags and the config file, reactors, signals, sd_notify);
-//! - `export`: the `--export` grammar; `config`: the TOML config file (and --persist);
+//! - `export`: the `--export` grammar (with `qos_options` for limits, `ids` for socket
+//!   owners and modes, `image_format` for refusing non-raw files); `config`: the TOML config
+//!   file (and --persist);
 //! - `daemon`: the served disks (volumes opened, transports started through `frontend`);
 //! - `control`: the JSON-RPC control socket; `rpc_cmd`: its command-line client;
 //! - `stats_cmd` / `stats_view`, `pool_cmd` / `pool_view`: the `stats` and `pool` commands,
-//!   and the views of statistics and pools they share with the control socket;
+//!   and the views of statistics and pools they share with the control socket; `image_io`:
+//!   `pool volume import` / `export`;
 //! - `logging`, `notify`: logs and systemd readiness.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
