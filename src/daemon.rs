@@ -141,8 +141,7 @@ fn start_committer(
     std::thread::Builder::new()
         .name(format!("thin-commit-{label}"))
         .spawn(move || {
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(period)
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(period)
             {
                 if pool.has_uncommitted() {
                     if let Err(e) = pool.flush() {
