@@ -29,13 +29,17 @@ pub enum PoolCommand {
         command: VolumeCommand,
     },
     /// Size, used and free space, and each volume's mapped bytes, as of the last commit
-    /// (works while a daemon serves the pool, which commits every --thin-commit-period).
+    /// (works while a daemon serves the pool, which commits every --thin-commit-period);
+    /// with --control, as they are now in the daemon that serves the pool.
     Status {
         dir: PathBuf,
         /// {"block_size", "size_bytes", "used_bytes", "free_bytes", "volumes": [{"name",
         /// "size_bytes", "mapped_bytes"}]}
         #[arg(long)]
         json: bool,
+        /// Ask the daemon serving the pool through its control socket (live figures).
+        #[arg(long, value_name = "SOCKET")]
+        control: Option<PathBuf>,
     },
     /// Verify the pool's metadata (checksums, every mapped block owned once, free space
     /// agrees); exit 0 only when consistent.
@@ -170,12 +174,25 @@ pub fn run(command: PoolCommand) -> Result<(), String> {
                 println!("pollblk: volume {name} deleted from {}", dir.display());
             }
         },
-        PoolCommand::Status { dir, json } => {
-            let status = Pool::inspect(&dir).map_err(err)?;
+        PoolCommand::Status { dir, json, control } => {
+            let (value, source) = match control {
+                Some(socket) => {
+                    let mut params = serde_json::Map::new();
+                    params.insert("pool".into(), dir.display().to_string().into());
+                    let (value, _) = crate::rpc_cmd::call(&socket, "pool_status", params, 30)?;
+                    (value, "live, from the daemon serving it")
+                }
+                None => (
+                    status_value(&Pool::inspect(&dir).map_err(err)?),
+                    "as of its last commit (a serving daemon commits every \
+                     --thin-commit-period; --control SOCKET asks it for live figures)",
+                ),
+            };
             if json {
-                println!("{}", status_value(&status));
+                println!("{value}");
             } else {
-                print!("{}", status_text(&status));
+                println!("pool {}: {source}", dir.display());
+                print!("{}", status_text(&value));
             }
         }
         PoolCommand::Check { dir } => {

@@ -25,15 +25,18 @@ pub fn status_value(s: &PoolStatus) -> serde_json::Value {
     })
 }
 
-pub fn status_text(s: &PoolStatus) -> String {
+/// The text form of `status_value`'s JSON (from this process or from a daemon).
+pub fn status_text(s: &serde_json::Value) -> String {
     let mut out = format!(
         "block size {}, size {}, used {}, free {}\n",
-        s.block_size, s.size_bytes, s.used_bytes, s.free_bytes
+        s["block_size"], s["size_bytes"], s["used_bytes"], s["free_bytes"]
     );
-    for v in &s.volumes {
+    for v in s["volumes"].as_array().into_iter().flatten() {
         out += &format!(
             "  volume {}: size {}, mapped {}\n",
-            v.name, v.size_bytes, v.mapped_bytes
+            v["name"].as_str().unwrap_or("?"),
+            v["size_bytes"],
+            v["mapped_bytes"]
         );
     }
     out

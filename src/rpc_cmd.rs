@@ -4,7 +4,7 @@
 use serde_json::{json, Map, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -43,17 +43,37 @@ pub fn run(args: RpcArgs) -> Result<(), String> {
             return Err(format!("--param {p:?}: give each key once"));
         }
     }
-    let request = json!({ "jsonrpc": "2.0", "id": 1, "method": args.method, "params": params });
-    let stream = UnixStream::connect(&args.socket).map_err(|e| {
+    let (mut result, file) = call(&args.socket, &args.method, params, args.timeout)?;
+    if let Some(file) = file {
+        // stats_fd: show what the descriptor reads.
+        result["stats"] = crate::stats_view::snapshot_file(file)?;
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&result).expect("a JSON value")
+    );
+    Ok(())
+}
+
+/// Calls `method` on the control socket at `socket`: its result, and the descriptor that
+/// came with it, if any.
+pub fn call(
+    socket: &Path,
+    method: &str,
+    params: Map<String, Value>,
+    timeout_secs: u64,
+) -> Result<(Value, Option<std::fs::File>), String> {
+    let request = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
+    let stream = UnixStream::connect(socket).map_err(|e| {
         format!(
             "{}: {e} (is `pollblk serve` running with this --control?)",
-            args.socket.display()
+            socket.display()
         )
     })?;
     // An export_remove told to wait for the front end answers only after that wait.
     let timeout = match params.get("wait").and_then(Value::as_u64) {
-        Some(wait) => args.timeout.max(wait.saturating_add(10)),
-        None => args.timeout.max(1),
+        Some(wait) => timeout_secs.max(wait.saturating_add(10)),
+        None => timeout_secs.max(1),
     };
     stream
         .set_read_timeout(Some(Duration::from_secs(timeout)))
@@ -63,7 +83,7 @@ pub fn run(args: RpcArgs) -> Result<(), String> {
     let (line, file) = read_reply(&stream).map_err(|e| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
             "{}: no answer in {timeout} s (--timeout): the daemon is busy or stuck",
-            args.socket.display()
+            socket.display()
         ),
         _ => format!("reading the answer: {e}"),
     })?;
@@ -76,16 +96,7 @@ pub fn run(args: RpcArgs) -> Result<(), String> {
             error["code"]
         ));
     }
-    let mut result = reply.get("result").cloned().unwrap_or(Value::Null);
-    if let Some(file) = file {
-        // stats_fd: show what the descriptor reads.
-        result["stats"] = crate::stats_view::snapshot_file(file)?;
-    }
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&result).expect("a JSON value")
-    );
-    Ok(())
+    Ok((reply.get("result").cloned().unwrap_or(Value::Null), file))
 }
 
 /// One reply line and the descriptor sent with its first byte, if any.

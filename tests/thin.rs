@@ -314,8 +314,19 @@ fn space_written_or_discarded_without_a_flush_shows_within_the_commit_period() {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     };
-    // Four new blocks, no FLUSH: the daemon's 1 s commit makes them show.
+    // Four new blocks, no FLUSH: the daemon has them at once (live, through its control
+    // socket), and its 1 s commit makes them show in the pool's metadata.
     assert_eq!(d.write(0, 0, &pattern(4 * BLOCK as usize, 3)), S_OK);
+    let control = dir.path().join("pollblk-data/control.sock");
+    let live: serde_json::Value = serde_json::from_str(&pool_cmd(&[
+        "status",
+        &pool,
+        "--json",
+        "--control",
+        control.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(live["used_bytes"], 4 * BLOCK, "{live}");
     wait_for("after writing 4 blocks", 4 * BLOCK);
     // Discarded, still no FLUSH (fio rw=trim does not flush): the space comes back.
     let discard = Request {
