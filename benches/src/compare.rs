@@ -645,28 +645,20 @@ fn run_all(setup: &Setup, selected: &[&Workload]) -> Result<bool, String> {
     let mut summary = summarize(selected, &samples);
     let wants =
         |group: &str| setup.args.only.is_empty() || setup.args.only.iter().any(|g| g == group);
+    let comparison = crate::daemons::Comparison {
+        pollblk: &setup.pollblk,
+        qsd: &setup.args.qsd,
+        dir: &setup.dir,
+        pairs: setup.args.pairs,
+        runtime: setup.runtime,
+        ramp: setup.ramp,
+        target_core: setup.args.target_core,
+    };
     if wants("qos") {
-        summary.extend(crate::qos::run(&crate::qos::QosSetup {
-            pollblk: &setup.pollblk,
-            qsd: &setup.args.qsd,
-            dir: &setup.dir,
-            pairs: setup.args.pairs,
-            runtime: setup.runtime,
-            ramp: setup.ramp,
-            target_core: setup.args.target_core,
-        })?);
+        summary.extend(crate::qos::run(&comparison)?);
     }
     if wants("scale") {
-        summary.extend(crate::scale::run(&crate::scale::ScaleSetup {
-            pollblk: &setup.pollblk,
-            qsd: &setup.args.qsd,
-            dir: &setup.dir,
-            disks: setup.args.scale_disks,
-            pairs: setup.args.pairs,
-            runtime: setup.runtime,
-            ramp: setup.ramp,
-            target_core: setup.args.target_core,
-        })?);
+        summary.extend(crate::scale::run(&comparison, setup.args.scale_disks)?);
     }
     if setup.args.json {
         let out = json!({

@@ -8,24 +8,14 @@
 //!   driven at QD128, an unlimited victim at QD1; the victim's p99 beside the noisy one,
 //!   and alone.
 
-use crate::compare::{median, stop};
-use crate::daemons::{spawn_pinned, wait_listening};
-use crate::load::{self, DriverKind, LoadResult, LoadSpec, Pattern};
-use serde_json::{json, Value};
+use crate::compare::stop;
+use crate::daemons::{
+    alternate, spawn_pinned, summary, wait_listening, Comparison, Daemon, Sample,
+};
+use crate::load::{self, DriverKind, LoadResult, LoadSpec};
+use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
-
-/// What one comparison runs with.
-pub struct QosSetup<'a> {
-    pub pollblk: &'a Path,
-    pub qsd: &'a Path,
-    pub dir: &'a Path,
-    pub pairs: usize,
-    pub runtime: Duration,
-    pub ramp: Duration,
-    pub target_core: usize,
-}
 
 /// A limit as both daemons spell it.
 #[derive(Clone, Copy)]
@@ -80,21 +70,6 @@ const LIMITS: [Limit; 4] = [
 /// The noisy neighbour's limit in the victim runs.
 const NOISY: Limit = LIMITS[2];
 
-#[derive(Clone, Copy, PartialEq)]
-enum Daemon {
-    Pollblk,
-    Qsd,
-}
-
-impl Daemon {
-    fn name(self) -> &'static str {
-        match self {
-            Daemon::Pollblk => "pollblk",
-            Daemon::Qsd => "qsd",
-        }
-    }
-}
-
 /// One disk of a run: its socket and its limit, if any.
 struct Disk<'a> {
     socket: &'a Path,
@@ -102,7 +77,7 @@ struct Disk<'a> {
 }
 
 /// Runs the group; returns compare's summary rows.
-pub fn run(setup: &QosSetup) -> Result<Vec<Value>, String> {
+pub fn run(setup: &Comparison) -> Result<Vec<Value>, String> {
     let mut rows = Vec::new();
     for limit in LIMITS {
         for depth in [1, 128] {
@@ -114,7 +89,7 @@ pub fn run(setup: &QosSetup) -> Result<Vec<Value>, String> {
                     limit: Some(limit),
                 }];
                 let r = with_daemon(setup, daemon, &disks, |_| {
-                    load::run(&spec(setup, &socket, limit.bs, depth), DriverKind::Lean)
+                    load::run(&setup.reads(&socket, limit.bs, depth), DriverKind::Lean)
                 })?;
                 let off = limit.achieved(&r) / limit.value as f64 - 1.0;
                 Ok(vec![("off the limit, %", 100.0 * off)])
@@ -129,7 +104,7 @@ pub fn run(setup: &QosSetup) -> Result<Vec<Value>, String> {
 }
 
 /// The victim alone, then beside the noisy disk at its limit: its p99s and their ratio.
-fn victim(setup: &QosSetup, daemon: Daemon) -> Result<Vec<(&'static str, f64)>, String> {
+fn victim(setup: &Comparison, daemon: Daemon) -> Result<Sample, String> {
     let (victim, noisy) = (setup.dir.join("qos-0.sock"), setup.dir.join("qos-1.sock"));
     let disks = [
         Disk {
@@ -145,12 +120,12 @@ fn victim(setup: &QosSetup, daemon: Daemon) -> Result<Vec<(&'static str, f64)>, 
     with_daemon(setup, daemon, &disks, |_| {
         let alone = LoadSpec {
             depths: vec![1],
-            ..spec(setup, &victim, 4096, 1)
+            ..setup.reads(&victim, 4096, 1)
         };
         let alone = load::run_many(&alone, &pattern, 1)?;
         let both = LoadSpec {
             depths: vec![1, 128],
-            ..spec(setup, &victim, 4096, 1)
+            ..setup.reads(&victim, 4096, 1)
         };
         let both = load::run_many(&both, &pattern, 2)?;
         let p99 = |r: &LoadResult| r.latency_per_queue_ns[0].value_at_quantile(0.99) as f64 / 1e3;
@@ -167,81 +142,10 @@ fn victim(setup: &QosSetup, daemon: Daemon) -> Result<Vec<(&'static str, f64)>, 
     })
 }
 
-fn spec(setup: &QosSetup, socket: &Path, bs: usize, depth: usize) -> LoadSpec {
-    LoadSpec {
-        socket: socket.to_path_buf(),
-        pattern: Pattern::RandRead,
-        bs,
-        iodepth: depth,
-        queues: 1,
-        runtime: setup.runtime,
-        ramp: setup.ramp,
-        target_pid: None,
-        depths: Vec::new(),
-    }
-}
-
-type Sample = Vec<(&'static str, f64)>;
-
-/// `pairs` runs of `one` for each daemon, alternated.
-fn alternate(
-    setup: &QosSetup,
-    workload: &str,
-    one: impl Fn(Daemon) -> Result<Sample, String>,
-) -> Result<[Vec<Sample>; 2], String> {
-    let mut samples = [Vec::new(), Vec::new()];
-    for pair in 0..setup.pairs {
-        for (i, daemon) in [Daemon::Pollblk, Daemon::Qsd].into_iter().enumerate() {
-            eprintln!(
-                "compare: {workload} on {} (pair {}/{})",
-                daemon.name(),
-                pair + 1,
-                setup.pairs
-            );
-            samples[i]
-                .push(one(daemon).map_err(|e| format!("{workload} on {}: {e}", daemon.name()))?);
-        }
-    }
-    Ok(samples)
-}
-
-/// Per metric, each daemon's median and pollblk's ratio to qsd.
-fn summary(workload: &str, samples: &[Vec<Sample>; 2]) -> Vec<Value> {
-    let metrics: Vec<&str> = samples[0][0].iter().map(|(m, _)| *m).collect();
-    metrics
-        .iter()
-        .enumerate()
-        .map(|(m, metric)| {
-            let mut medians = serde_json::Map::new();
-            for (daemon, runs) in [Daemon::Pollblk, Daemon::Qsd].iter().zip(samples) {
-                let mut values: Vec<f64> = runs.iter().map(|s| s[m].1).collect();
-                if let Some(v) = median(&mut values) {
-                    medians.insert(daemon.name().into(), json!(v));
-                }
-            }
-            let mut ratios = serde_json::Map::new();
-            // A ratio of two errors in percent says nothing: those rows compare as they are.
-            if metric.ends_with('%') {
-                return json!({ "workload": workload, "metric": metric, "medians": medians,
-                    "ratios": ratios });
-            }
-            if let (Some(ours), Some(theirs)) = (
-                medians.get("pollblk").and_then(Value::as_f64),
-                medians.get("qsd").and_then(Value::as_f64),
-            ) {
-                if theirs > 0.0 {
-                    ratios.insert("pollblk/qsd".into(), json!(ours / theirs));
-                }
-            }
-            json!({ "workload": workload, "metric": metric, "medians": medians, "ratios": ratios })
-        })
-        .collect()
-}
-
 /// Starts `daemon` serving `disks` (1 GiB null volumes, read-zeroes off) on the target
 /// core, runs `f`, stops it.
 fn with_daemon<T>(
-    setup: &QosSetup,
+    setup: &Comparison,
     daemon: Daemon,
     disks: &[Disk],
     f: impl FnOnce(&[Disk]) -> Result<T, String>,
@@ -260,7 +164,7 @@ fn with_daemon<T>(
     outcome
 }
 
-fn pollblk_command(setup: &QosSetup, disks: &[Disk]) -> Command {
+fn pollblk_command(setup: &Comparison, disks: &[Disk]) -> Command {
     let mut command = Command::new(setup.pollblk);
     command
         .arg("serve")
@@ -281,7 +185,7 @@ fn pollblk_command(setup: &QosSetup, disks: &[Disk]) -> Command {
 }
 
 /// A null node per disk; a limited one goes through a throttle node of its own group.
-fn qsd_command(setup: &QosSetup, disks: &[Disk]) -> Command {
+fn qsd_command(setup: &Comparison, disks: &[Disk]) -> Command {
     let mut command = Command::new(setup.qsd);
     for (i, d) in disks.iter().enumerate() {
         command.arg("--blockdev").arg(format!(

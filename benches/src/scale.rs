@@ -5,108 +5,44 @@
 //! CPU, RSS and threads while they all sit idle; the same QD1 disk again beside them.
 
 use crate::compare::stop;
-use crate::daemons::{spawn_pinned, wait_listening};
+use crate::daemons::{
+    alternate, spawn_pinned, summary, wait_listening, Comparison, Daemon, Sample,
+};
 use crate::idle;
 use crate::load::{self, DriverKind, LoadSpec, Pattern};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-/// What one scale comparison runs with.
-pub struct ScaleSetup<'a> {
-    pub pollblk: &'a Path,
-    pub qsd: &'a Path,
-    pub dir: &'a Path,
-    pub disks: usize,
-    pub pairs: usize,
-    pub runtime: Duration,
-    pub ramp: Duration,
-    pub target_core: usize,
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Daemon {
-    Pollblk,
-    Qsd,
-}
-
-impl Daemon {
-    fn name(self) -> &'static str {
-        match self {
-            Daemon::Pollblk => "pollblk",
-            Daemon::Qsd => "qsd",
-        }
-    }
-}
-
-/// What one run of one daemon measured, as (metric label, value).
-type Sample = Vec<(&'static str, f64)>;
-
-/// Runs the pairs (pollblk, then qemu-storage-daemon) and returns compare's summary rows:
-/// per metric the median of each daemon and pollblk's ratio to qsd.
-pub fn run(setup: &ScaleSetup) -> Result<Vec<Value>, String> {
-    if setup.disks < 2 || setup.disks > idle::MAX_IDLE {
+/// Runs the pairs (pollblk, then qemu-storage-daemon) with `disks` disks each; returns
+/// compare's summary rows.
+pub fn run(setup: &Comparison, disks: usize) -> Result<Vec<Value>, String> {
+    if !(2..=idle::MAX_IDLE).contains(&disks) {
         return Err(format!("--scale-disks must be 2..={}", idle::MAX_IDLE));
     }
     raise_open_files();
-    let daemons = [Daemon::Pollblk, Daemon::Qsd];
-    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); daemons.len()];
-    for pair in 0..setup.pairs {
-        for (i, &daemon) in daemons.iter().enumerate() {
-            eprintln!(
-                "compare: scale, {} disks on {} (pair {}/{})",
-                setup.disks,
-                daemon.name(),
-                pair + 1,
-                setup.pairs
-            );
-            samples[i].push(run_one(setup, daemon)?);
-        }
-    }
-    let workload = format!("scale: {} null disks, all attached", setup.disks);
-    let labels: Vec<&str> = samples[0][0].iter().map(|(label, _)| *label).collect();
-    Ok(labels
-        .iter()
-        .enumerate()
-        .map(|(m, label)| {
-            let mut medians = serde_json::Map::new();
-            for (daemon, runs) in daemons.iter().zip(&samples) {
-                let mut values: Vec<f64> = runs.iter().map(|s| s[m].1).collect();
-                if let Some(v) = crate::compare::median(&mut values) {
-                    medians.insert(daemon.name().into(), json!(v));
-                }
-            }
-            let mut ratios = serde_json::Map::new();
-            if let (Some(ours), Some(theirs)) = (
-                medians.get("pollblk").and_then(Value::as_f64),
-                medians.get("qsd").and_then(Value::as_f64),
-            ) {
-                if theirs > 0.0 {
-                    ratios.insert("pollblk/qsd".into(), json!(ours / theirs));
-                }
-            }
-            json!({ "workload": workload, "metric": label, "medians": medians, "ratios": ratios })
-        })
-        .collect())
+    let workload = format!("scale: {disks} null disks, all attached");
+    let samples = alternate(setup, &workload, |daemon| run_one(setup, disks, daemon))?;
+    Ok(summary(&workload, &samples))
 }
 
 /// One daemon's run: start, QD1 alone, all attached and idle, QD1 beside them.
-fn run_one(setup: &ScaleSetup, daemon: Daemon) -> Result<Sample, String> {
+fn run_one(setup: &Comparison, disks: usize, daemon: Daemon) -> Result<Sample, String> {
     let sockets = setup.dir.join(format!("scale-{}", daemon.name()));
     let _ = std::fs::remove_dir_all(&sockets);
     std::fs::create_dir_all(&sockets).map_err(|e| format!("{}: {e}", sockets.display()))?;
     let pattern = format!("{}/d{{}}.sock", sockets.display());
-    let last = idle::socket_of(&pattern, setup.disks - 1);
+    let last = idle::socket_of(&pattern, disks - 1);
     let mut command = match daemon {
-        Daemon::Pollblk => pollblk_command(setup, &sockets, &pattern)?,
-        Daemon::Qsd => qsd_command(setup, &pattern),
+        Daemon::Pollblk => pollblk_command(setup, disks, &sockets, &pattern)?,
+        Daemon::Qsd => qsd_command(setup, disks, &pattern),
     };
     let started = Instant::now();
     let mut child = spawn_pinned(&mut command, setup.target_core, &sockets)?;
     let outcome = wait_listening(&mut child, &last).and_then(|()| {
         let startup = started.elapsed();
-        measure(setup, &child, &pattern, &last, startup)
+        measure(setup, disks, &child, &pattern, &last, startup)
     });
     stop(&mut child);
     let _ = std::fs::remove_dir_all(&sockets);
@@ -114,7 +50,8 @@ fn run_one(setup: &ScaleSetup, daemon: Daemon) -> Result<Sample, String> {
 }
 
 fn measure(
-    setup: &ScaleSetup,
+    setup: &Comparison,
+    disks: usize,
     child: &Child,
     pattern: &str,
     last: &Path,
@@ -122,19 +59,12 @@ fn measure(
 ) -> Result<Sample, String> {
     let pid = child.id();
     let spec = LoadSpec {
-        socket: last.to_path_buf(),
-        pattern: Pattern::RandRead,
-        bs: 4096,
-        iodepth: 1,
-        queues: 1,
-        runtime: setup.runtime,
-        ramp: setup.ramp,
         target_pid: Some(pid),
-        depths: Vec::new(),
+        ..setup.reads(last, 4096, 1)
     };
     let alone = load::run(&spec, DriverKind::Lean)?;
     let attach_started = Instant::now();
-    let idle_front_ends = idle::connect(pattern, setup.disks - 1)?;
+    let idle_front_ends = idle::connect(pattern, disks - 1)?;
     let attach = attach_started.elapsed();
     let idle = load::run(
         &LoadSpec {
@@ -166,14 +96,19 @@ fn measure(
 }
 
 /// pollblk serving every disk from a config file, as an operator's would.
-fn pollblk_command(setup: &ScaleSetup, dir: &Path, pattern: &str) -> Result<Command, String> {
+fn pollblk_command(
+    setup: &Comparison,
+    disks: usize,
+    dir: &Path,
+    pattern: &str,
+) -> Result<Command, String> {
     let config = dir.join("disks.toml");
     let mut text = format!(
         "stats-dir = \"{}\"\ncontrol = \"{}\"\n",
         dir.join("stats").display(),
         dir.join("control.sock").display()
     );
-    for i in 0..setup.disks {
+    for i in 0..disks {
         text += &format!(
             "[[export]]\nspec = \"vhost-user-blk,socket={},null,size=64M,read-zeroes=off,\
              num-queues=1\"\n",
@@ -191,9 +126,9 @@ fn pollblk_command(setup: &ScaleSetup, dir: &Path, pattern: &str) -> Result<Comm
 }
 
 /// qemu-storage-daemon with a null-co node and a vhost-user-blk export per disk, one process.
-fn qsd_command(setup: &ScaleSetup, pattern: &str) -> Command {
+fn qsd_command(setup: &Comparison, disks: usize, pattern: &str) -> Command {
     let mut command = Command::new(setup.qsd);
-    for i in 0..setup.disks {
+    for i in 0..disks {
         command
             .arg("--blockdev")
             .arg(format!(
