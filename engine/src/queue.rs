@@ -542,37 +542,65 @@ mod tests {
         }
     }
 
+    /// A queue over `backend` whose ring holds FLUSH requests 0 to `requests - 1`.
+    fn script_queue(backend: Arc<dyn Backend>, requests: u32) -> RequestQueue<ScriptRing> {
+        let device = Arc::new(BlkDevice::new(DiskOptions::named("t", 1), backend));
+        let ring = ScriptRing {
+            next: 0,
+            last: requests,
+            taken: [0; 8],
+            answered: Vec::new(),
+            kick: EventFd::new(0).unwrap(),
+        };
+        RequestQueue::new(device, ring, Stats::private(), true)
+    }
+
+    /// What a reactor lends a queue it polls: an io_uring, a completer, the clock.
+    struct Poller {
+        uring: io_uring::IoUring,
+        completer: Completer,
+        clock: Clock,
+        ops: usize,
+        /// Kept open for the completer, as a reactor keeps its end.
+        _completions: crossbeam_channel::Receiver<(u64, i32)>,
+    }
+
+    impl Poller {
+        fn new() -> Poller {
+            let (tx, completions) = crossbeam_channel::unbounded();
+            Poller {
+                _completions: completions,
+                uring: io_uring::IoUring::new(64).unwrap(),
+                completer: Completer::new(tx, Arc::new(EventFd::new(0).unwrap())),
+                clock: Clock::get(),
+                ops: 0,
+            }
+        }
+
+        /// Polls `queue` once, letting it take up to `batch` requests.
+        fn poll(&mut self, queue: &mut RequestQueue<ScriptRing>, batch: usize) -> bool {
+            let mut io = IoCtx::new(
+                self.uring.submission(),
+                &self.completer,
+                &mut self.ops,
+                64,
+                1 << 60,
+                &self.clock,
+            )
+            .with_batch(batch);
+            queue.poll(&mut io)
+        }
+    }
+
     #[test]
     fn a_request_the_backend_refuses_waits_and_nothing_overtakes_it() {
         let backend = Arc::new(BusyBackend {
             inner: NullBackend::new(1 << 20, true),
             busy: AtomicU32::new(2),
         });
-        let device = Arc::new(BlkDevice::new(DiskOptions::named("t", 1), backend.clone()));
-        let ring = ScriptRing {
-            next: 0,
-            last: 3,
-            taken: [0; 8],
-            answered: Vec::new(),
-            kick: EventFd::new(0).unwrap(),
-        };
-        let mut queue = RequestQueue::new(device, ring, Stats::private(), true);
-        let mut uring = io_uring::IoUring::new(64).unwrap();
-        let (tx, _rx) = crossbeam_channel::unbounded();
-        let completer = Completer::new(tx, Arc::new(EventFd::new(0).unwrap()));
-        let clock = Clock::get();
-        let mut ops = 0;
-        let mut poll = |queue: &mut RequestQueue<ScriptRing>| {
-            let mut io = IoCtx::new(
-                uring.submission(),
-                &completer,
-                &mut ops,
-                64,
-                1 << 60,
-                &clock,
-            );
-            queue.poll(&mut io)
-        };
+        let mut queue = script_queue(backend, 3);
+        let mut poller = Poller::new();
+        let mut poll = |queue: &mut RequestQueue<ScriptRing>| poller.poll(queue, AVAIL_BATCH);
         // Request 0 is refused: held, not failed; 1 and 2 stay in the ring behind it.
         poll(&mut queue);
         assert!(queue.ring.answered.is_empty());
@@ -596,67 +624,21 @@ mod tests {
             inner: NullBackend::new(1 << 20, true),
             busy: AtomicU32::new(1),
         });
-        let device = Arc::new(BlkDevice::new(DiskOptions::named("t", 1), backend));
-        let ring = ScriptRing {
-            next: 0,
-            last: 2,
-            taken: [0; 8],
-            answered: Vec::new(),
-            kick: EventFd::new(0).unwrap(),
-        };
-        let mut queue = RequestQueue::new(device, ring, Stats::private(), true);
-        let mut uring = io_uring::IoUring::new(64).unwrap();
-        let (tx, _rx) = crossbeam_channel::unbounded();
-        let completer = Completer::new(tx, Arc::new(EventFd::new(0).unwrap()));
-        let clock = Clock::get();
-        let mut ops = 0;
-        let mut io = IoCtx::new(
-            uring.submission(),
-            &completer,
-            &mut ops,
-            64,
-            1 << 60,
-            &clock,
-        );
-        queue.poll(&mut io);
+        let mut queue = script_queue(backend, 2);
+        let mut poller = Poller::new();
+        poller.poll(&mut queue, AVAIL_BATCH);
         queue.stop();
         // The held request completes (a stop waits for it); request 1 is not taken.
-        queue.poll(&mut io);
+        poller.poll(&mut queue, AVAIL_BATCH);
         assert_eq!(queue.ring.answered, [(0, Status::Ok)]);
         assert_eq!((queue.in_flight(), queue.ring.next), (0, 1));
     }
 
     #[test]
     fn a_poll_takes_no_more_than_its_batch() {
-        let device = Arc::new(BlkDevice::new(
-            DiskOptions::named("t", 1),
-            Arc::new(NullBackend::new(1 << 20, true)),
-        ));
-        let ring = ScriptRing {
-            next: 0,
-            last: 5,
-            taken: [0; 8],
-            answered: Vec::new(),
-            kick: EventFd::new(0).unwrap(),
-        };
-        let mut queue = RequestQueue::new(device, ring, Stats::private(), true);
-        let mut uring = io_uring::IoUring::new(64).unwrap();
-        let (tx, _rx) = crossbeam_channel::unbounded();
-        let completer = Completer::new(tx, Arc::new(EventFd::new(0).unwrap()));
-        let clock = Clock::get();
-        let mut ops = 0;
-        let mut poll = |queue: &mut RequestQueue<ScriptRing>| {
-            let mut io = IoCtx::new(
-                uring.submission(),
-                &completer,
-                &mut ops,
-                64,
-                1 << 60,
-                &clock,
-            )
-            .with_batch(2);
-            queue.poll(&mut io)
-        };
+        let mut queue = script_queue(Arc::new(NullBackend::new(1 << 20, true)), 5);
+        let mut poller = Poller::new();
+        let mut poll = |queue: &mut RequestQueue<ScriptRing>| poller.poll(queue, 2);
         // Five requests wait; each poll takes two, in ring order.
         for taken in [2, 4, 5] {
             assert!(poll(&mut queue));
