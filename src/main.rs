@@ -393,6 +393,13 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
         (None, None) => Duration::from_secs(5),
     };
     let data = PathBuf::from(DEFAULT_DIR);
+    let thin_commit_period = thin_commit_period(args.thin_commit_period, &file, &in_file)?;
+    let socket_flags = Access {
+        owner: args.socket_owner,
+        group: args.socket_group,
+        mode: args.socket_mode,
+    };
+    let socket_access = socket_access(socket_flags, &file, &in_file)?;
     Ok(Settings {
         exports,
         cores,
@@ -417,39 +424,8 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
             Some(g) => Some(g),
             None => group("control-group", &file.control_group)?,
         },
-        thin_commit_period: {
-            let period = match (args.thin_commit_period, file.thin_commit_period) {
-                (Some(p), _) => p,
-                (None, Some(secs)) => parse_commit_period(&secs.to_string())
-                    .map_err(|e| in_file("thin-commit-period", e))?,
-                (None, None) => daemon::DEFAULT_THIN_COMMIT_PERIOD,
-            };
-            Some(period).filter(|p| !p.is_zero())
-        },
-        socket_access: Access {
-            owner: match args.socket_owner {
-                Some(u) => Some(u),
-                None => file
-                    .socket_owner
-                    .as_ref()
-                    .map(|v| config::group_text(v).and_then(|u| ids::parse_user(&u)))
-                    .transpose()
-                    .map_err(|e| in_file("socket-owner", e))?,
-            },
-            group: match args.socket_group {
-                Some(g) => Some(g),
-                None => group("socket-group", &file.socket_group)?,
-            },
-            mode: match args.socket_mode {
-                Some(m) => Some(m),
-                None => file
-                    .socket_mode
-                    .as_deref()
-                    .map(ids::parse_mode)
-                    .transpose()
-                    .map_err(|e| in_file("socket-mode", e))?,
-            },
-        },
+        thin_commit_period,
+        socket_access,
         log_level: args.log_level.or(file.log_level),
         log_format: args
             .log_format
@@ -523,6 +499,57 @@ fn checked_cores(settings: &Settings) -> Result<Vec<usize>, String> {
         )),
         None => Ok(cores),
     }
+}
+
+/// The thin pools' commit period: the flag's, else the config file's, else the default;
+/// None for 0 (only on FLUSH).
+fn thin_commit_period(
+    flag: Option<Duration>,
+    file: &config::Config,
+    in_file: &dyn Fn(&str, String) -> String,
+) -> Result<Option<Duration>, String> {
+    let period = match (flag, file.thin_commit_period) {
+        (Some(p), _) => p,
+        (None, Some(secs)) => {
+            parse_commit_period(&secs.to_string()).map_err(|e| in_file("thin-commit-period", e))?
+        }
+        (None, None) => daemon::DEFAULT_THIN_COMMIT_PERIOD,
+    };
+    Ok(Some(period).filter(|p| !p.is_zero()))
+}
+
+/// Owner, group and mode of vhost-user sockets: each flag given, else the config file's.
+fn socket_access(
+    flags: Access,
+    file: &config::Config,
+    in_file: &dyn Fn(&str, String) -> String,
+) -> Result<Access, String> {
+    let from_file =
+        |key: &str, value: Option<&toml::Value>, parse: fn(&str) -> Result<u32, String>| {
+            value
+                .map(|v| config::group_text(v).and_then(|text| parse(&text)))
+                .transpose()
+                .map_err(|e| in_file(key, e))
+        };
+    Ok(Access {
+        owner: match flags.owner {
+            Some(uid) => Some(uid),
+            None => from_file("socket-owner", file.socket_owner.as_ref(), ids::parse_user)?,
+        },
+        group: match flags.group {
+            Some(gid) => Some(gid),
+            None => from_file("socket-group", file.socket_group.as_ref(), ids::parse_group)?,
+        },
+        mode: match flags.mode {
+            Some(mode) => Some(mode),
+            None => file
+                .socket_mode
+                .as_deref()
+                .map(ids::parse_mode)
+                .transpose()
+                .map_err(|e| in_file("socket-mode", e))?,
+        },
+    })
 }
 
 /// A daemon serving every configured disk; on an error none is left served.

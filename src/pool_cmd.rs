@@ -4,7 +4,7 @@
 use crate::pool_view::{status_text, status_value};
 use clap::Subcommand;
 use pollblk_engine::thin::{self, Pool, DEFAULT_BLOCK_SIZE};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
 pub enum PoolCommand {
@@ -108,93 +108,8 @@ pub fn run(command: PoolCommand) -> Result<(), String> {
                 s.block_size
             );
         }
-        PoolCommand::Volume { command } => match command {
-            VolumeCommand::Create { dir, name, size } => {
-                let pool = Pool::open(&dir).map_err(err)?;
-                pool.volume_create(&name, size).map_err(err)?;
-                println!(
-                    "pollblk: volume {name} ({size} bytes) created in {}",
-                    dir.display()
-                );
-            }
-            VolumeCommand::Resize {
-                dir,
-                name,
-                size,
-                shrink,
-            } => {
-                let pool = Pool::open(&dir).map_err(err)?;
-                let volume = pool.volume(&name).map_err(err)?;
-                let old = volume.size_bytes();
-                let bs = u64::from(pool.block_size());
-                // Whole blocks past the new end are dropped; a block cut in two keeps its head.
-                let dropped = volume.mapped_blocks_from(size.div_ceil(bs)) * bs;
-                if size < old && !shrink {
-                    return Err(format!(
-                        "volume {name} is {old} bytes: shrinking it to {size} drops the last \
-                         {} bytes, {dropped} bytes of them holding data; add --shrink to do it",
-                        old - size
-                    ));
-                }
-                pool.volume_resize(&name, size).map_err(err)?;
-                let note = match size < old {
-                    true => format!(" ({dropped} bytes of data dropped)"),
-                    false => String::new(),
-                };
-                println!(
-                    "pollblk: volume {name} resized from {old} to {size} bytes in {}{note}",
-                    dir.display()
-                );
-            }
-            VolumeCommand::Import { dir, name, from } => {
-                let pool = Pool::open(&dir).map_err(err)?;
-                let copied = crate::image_io::import(&pool, &name, &from)?;
-                eprintln!(
-                    "pollblk: volume {name} of {} imported from {}: {} bytes, {} of them data",
-                    dir.display(),
-                    from.display(),
-                    copied.bytes,
-                    copied.data_bytes
-                );
-            }
-            VolumeCommand::Export { dir, name, to } => {
-                let pool = Pool::open(&dir).map_err(err)?;
-                let copied = crate::image_io::export(&pool, &name, &to)?;
-                eprintln!(
-                    "pollblk: volume {name} of {} exported to {}: {} bytes, {} of them data",
-                    dir.display(),
-                    to.display(),
-                    copied.bytes,
-                    copied.data_bytes
-                );
-            }
-            VolumeCommand::Delete { dir, name } => {
-                let pool = Pool::open(&dir).map_err(err)?;
-                pool.volume_delete(&name).map_err(err)?;
-                println!("pollblk: volume {name} deleted from {}", dir.display());
-            }
-        },
-        PoolCommand::Status { dir, json, control } => {
-            let (value, source) = match control {
-                Some(socket) => {
-                    let mut params = serde_json::Map::new();
-                    params.insert("pool".into(), dir.display().to_string().into());
-                    let (value, _) = crate::rpc_cmd::call(&socket, "pool_status", params, 30)?;
-                    (value, "live, from the daemon serving it")
-                }
-                None => (
-                    status_value(&Pool::inspect(&dir).map_err(err)?),
-                    "as of its last commit (a serving daemon commits every \
-                     --thin-commit-period; --control SOCKET asks it for live figures)",
-                ),
-            };
-            if json {
-                println!("{value}");
-            } else {
-                println!("pool {}: {source}", dir.display());
-                print!("{}", status_text(&value));
-            }
-        }
+        PoolCommand::Volume { command } => run_volume(command)?,
+        PoolCommand::Status { dir, json, control } => status(&dir, json, control)?,
         PoolCommand::Check { dir } => {
             let status = thin::check(&dir).map_err(|e| {
                 // Opening errors name the directory already; the others do not.
@@ -212,6 +127,102 @@ pub fn run(command: PoolCommand) -> Result<(), String> {
                 status.size_bytes
             );
         }
+    }
+    Ok(())
+}
+
+/// `pollblk pool volume ...`.
+fn run_volume(command: VolumeCommand) -> Result<(), String> {
+    let err = |e: thin::ThinError| e.to_string();
+    match command {
+        VolumeCommand::Create { dir, name, size } => {
+            let pool = Pool::open(&dir).map_err(err)?;
+            pool.volume_create(&name, size).map_err(err)?;
+            println!(
+                "pollblk: volume {name} ({size} bytes) created in {}",
+                dir.display()
+            );
+        }
+        VolumeCommand::Resize {
+            dir,
+            name,
+            size,
+            shrink,
+        } => {
+            let pool = Pool::open(&dir).map_err(err)?;
+            let volume = pool.volume(&name).map_err(err)?;
+            let old = volume.size_bytes();
+            let bs = u64::from(pool.block_size());
+            // Whole blocks past the new end are dropped; a block cut in two keeps its head.
+            let dropped = volume.mapped_blocks_from(size.div_ceil(bs)) * bs;
+            if size < old && !shrink {
+                return Err(format!(
+                    "volume {name} is {old} bytes: shrinking it to {size} drops the last \
+                     {} bytes, {dropped} bytes of them holding data; add --shrink to do it",
+                    old - size
+                ));
+            }
+            pool.volume_resize(&name, size).map_err(err)?;
+            let note = match size < old {
+                true => format!(" ({dropped} bytes of data dropped)"),
+                false => String::new(),
+            };
+            println!(
+                "pollblk: volume {name} resized from {old} to {size} bytes in {}{note}",
+                dir.display()
+            );
+        }
+        VolumeCommand::Import { dir, name, from } => {
+            let pool = Pool::open(&dir).map_err(err)?;
+            let copied = crate::image_io::import(&pool, &name, &from)?;
+            eprintln!(
+                "pollblk: volume {name} of {} imported from {}: {} bytes, {} of them data",
+                dir.display(),
+                from.display(),
+                copied.bytes,
+                copied.data_bytes
+            );
+        }
+        VolumeCommand::Export { dir, name, to } => {
+            let pool = Pool::open(&dir).map_err(err)?;
+            let copied = crate::image_io::export(&pool, &name, &to)?;
+            eprintln!(
+                "pollblk: volume {name} of {} exported to {}: {} bytes, {} of them data",
+                dir.display(),
+                to.display(),
+                copied.bytes,
+                copied.data_bytes
+            );
+        }
+        VolumeCommand::Delete { dir, name } => {
+            let pool = Pool::open(&dir).map_err(err)?;
+            pool.volume_delete(&name).map_err(err)?;
+            println!("pollblk: volume {name} deleted from {}", dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// `pollblk pool status`: the last commit's figures, or with `control` the daemon's live ones.
+fn status(dir: &Path, json: bool, control: Option<PathBuf>) -> Result<(), String> {
+    let (value, source) = match control {
+        Some(socket) => {
+            let mut params = serde_json::Map::new();
+            params.insert("pool".into(), dir.display().to_string().into());
+            let (value, _) = crate::rpc_cmd::call(&socket, "pool_status", params, 30)?;
+            (value, "live, from the daemon serving it")
+        }
+        None => (
+            status_value(&Pool::inspect(dir).map_err(|e| e.to_string())?),
+            "as of its last commit (a serving daemon commits every \
+                 --thin-commit-period; --control SOCKET asks it for live figures)",
+        ),
+    };
+    if json {
+        println!("{value}");
+    } else {
+        println!("pool {}: {source}", dir.display());
+        print!("{}", status_text(&value));
     }
     Ok(())
 }

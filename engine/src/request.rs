@@ -370,11 +370,6 @@ impl RequestSlot {
         matches!(self.plan, Plan::One { preflush: true, .. }) && self.next_op == 1
     }
 
-    /// Whether no operation of the plan was started yet.
-    pub fn nothing_started(&self) -> bool {
-        self.next_op == 0
-    }
-
     /// The bytes a read, write, discard or write-zeroes covers (its sectors as planned).
     pub fn bytes(&self) -> u64 {
         self.sectors * blk::SECTOR_SIZE
