@@ -5,25 +5,11 @@ pub fn parse_group(text: &str) -> Result<u32, String> {
     if let Ok(gid) = text.parse::<u32>() {
         return Ok(gid);
     }
-    let name = std::ffi::CString::new(text).map_err(|_| format!("bad group name {text:?}"))?;
-    // SAFETY: a C struct of integers and pointers: all zeroes is a valid value.
-    let mut group: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16384];
-    let mut found: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: getgrnam_r fills `group` with pointers into `buf`, both alive for the call.
-    let rc = unsafe {
-        libc::getgrnam_r(
-            name.as_ptr(),
-            &mut group,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    if rc != 0 || found.is_null() {
-        return Err(format!("no group named {text:?}"));
-    }
-    Ok(group.gr_gid)
+    // SAFETY: getgrnam_r with the buffers `by_name` passes, as its signature says.
+    by_name(text, "group", |name, entry, buf, len, found| unsafe {
+        libc::getgrnam_r(name, entry, buf, len, found)
+    })
+    .map(|group: libc::group| group.gr_gid)
 }
 
 /// A user name or number.
@@ -31,25 +17,36 @@ pub fn parse_user(text: &str) -> Result<u32, String> {
     if let Ok(uid) = text.parse::<u32>() {
         return Ok(uid);
     }
-    let name = std::ffi::CString::new(text).map_err(|_| format!("bad user name {text:?}"))?;
-    // SAFETY: a C struct of integers and pointers: all zeroes is a valid value.
-    let mut user: libc::passwd = unsafe { std::mem::zeroed() };
+    // SAFETY: getpwnam_r with the buffers `by_name` passes, as its signature says.
+    by_name(text, "user", |name, entry, buf, len, found| unsafe {
+        libc::getpwnam_r(name, entry, buf, len, found)
+    })
+    .map(|user: libc::passwd| user.pw_uid)
+}
+
+/// The entry a get*nam_r call (`get`) finds for `name`; `what` names it in errors. Its
+/// string pointers dangle once this returns: only its ids may be read.
+fn by_name<T>(
+    name: &str,
+    what: &str,
+    get: impl FnOnce(*const libc::c_char, *mut T, *mut libc::c_char, usize, *mut *mut T) -> i32,
+) -> Result<T, String> {
+    let c_name = std::ffi::CString::new(name).map_err(|_| format!("bad {what} name {name:?}"))?;
+    // SAFETY: group and passwd are C structs of integers and pointers: all zeroes is valid.
+    let mut entry: T = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16384];
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwnam_r fills `user` with pointers into `buf`, both alive for the call.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            name.as_ptr(),
-            &mut user,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut found,
-        )
-    };
+    let mut found: *mut T = std::ptr::null_mut();
+    let rc = get(
+        c_name.as_ptr(),
+        &mut entry,
+        buf.as_mut_ptr(),
+        buf.len(),
+        &mut found,
+    );
     if rc != 0 || found.is_null() {
-        return Err(format!("no user named {text:?}"));
+        return Err(format!("no {what} named {name:?}"));
     }
-    Ok(user.pw_uid)
+    Ok(entry)
 }
 
 /// Permission bits in octal (`660`, `0660`, `0o660`).

@@ -828,6 +828,18 @@ fn stale_pages(d: &Path, src: &mut Qmp, dst: &mut Qmp) -> Vec<StalePage> {
 }
 
 /// Waits until the console log shows `marker`; fails at once if QEMU exits first.
+/// Waits until the guest powers off (QEMU exits) by `deadline`; fails with its console.
+fn wait_powered_off(qemu: &mut Reap, console: &Path, deadline: std::time::Instant) {
+    while qemu.0.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest did not power off; its console:\n{}",
+            std::fs::read_to_string(console).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 fn wait_for_guest(log: &Path, marker: &str, qemu: &mut Reap) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
     loop {
@@ -909,13 +921,7 @@ fn linux_guest_gets_a_disk_added_grown_and_removed_at_run_time() {
     assert!(!sock_b.exists(), "the removed disk's socket is gone");
 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while qemu.0.try_wait().unwrap().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the guest did not power off"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_powered_off(&mut qemu, &log, deadline);
     let text = std::fs::read_to_string(&log).unwrap();
     let marks = markers(&text);
     for m in &marks {
@@ -995,14 +1001,7 @@ fn four_linux_guests_with_two_disks_each_on_one_daemon() {
         .collect();
     let deadline = started + std::time::Duration::from_secs(1200);
     for (qemu, log) in &mut guests {
-        while qemu.0.try_wait().unwrap().is_none() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a guest did not finish; its console:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
+        wait_powered_off(qemu, log, deadline);
     }
     for (g, (_, log)) in guests.iter().enumerate() {
         let text = std::fs::read_to_string(log).unwrap();
@@ -1085,14 +1084,7 @@ fn linux_guest_gets_the_iops_its_disk_is_limited_to() {
             .unwrap(),
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
-    while qemu.0.try_wait().unwrap().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the guest did not finish; console:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_powered_off(&mut qemu, &log, deadline);
     let text = std::fs::read_to_string(&log).unwrap();
     let marks = markers(&text);
     assert!(
@@ -1163,13 +1155,7 @@ fn readme_quick_start_boots_a_guest_that_writes_to_the_default_disk() {
         .write_all(typed.as_bytes())
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
-    while guest.0.try_wait().unwrap().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the guest did not power off"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_powered_off(&mut guest, &console, deadline);
     let text = std::fs::read_to_string(&console).unwrap();
     assert!(
         text.contains("QUICK-START-42"),
