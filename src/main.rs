@@ -597,7 +597,8 @@ fn announce(
         }) = spec.parse()
         {
             println!(
-                "pollblk: serving {DEFAULT_DIR}/pool, volume disk0 on {}\nAttach a guest with:\n{}",
+                "pollblk: serving {DEFAULT_DIR}/pool, volume disk0 on {}\nAttach a guest with:\n{}\n\
+                 (or, from the source tree, boot a ready-made test guest on it: tests/guest/try.sh)",
                 socket.display(),
                 qemu_command_line(&socket, num_queues)
             );
