@@ -156,7 +156,7 @@ impl ThinBackend {
         };
         let (at, slot) = self
             .pool
-            .map_one(&self.volume, offset, iov_len(iov, iov_count))?;
+            .map_one(&self.volume, offset, iov_len(iov, iov_count), write)?;
         let entry = if write {
             opcode::Writev::new(fd, iov, iov_count).offset(at).build()
         } else {
@@ -194,6 +194,7 @@ fn errno(e: &ThinError) -> i32 {
     match e {
         ThinError::NoSpace => libc::ENOSPC,
         ThinError::OutOfRange => libc::EINVAL,
+        ThinError::ReadOnly(_) => libc::EROFS,
         ThinError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
         _ => libc::EIO,
     }

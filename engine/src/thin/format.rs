@@ -11,9 +11,16 @@ use std::fmt;
 
 /// Superblock magic.
 pub const MAGIC: [u8; 8] = *b"PBLKTHIN";
-/// Metadata format version this build writes and reads. A pool of another version is refused
-/// with a message naming both.
-pub const FORMAT_VERSION: u32 = 1;
+/// Newest metadata format version this build reads and writes. Version 2 added
+/// `Record::VolumeCopy` (snapshots and clones); a version 1 pool is read as it is and
+/// upgraded (its superblock rewritten as version 2) the first time a volume is copied, so an
+/// older pollblk refuses it from then on instead of misreading the new records. A pool of a
+/// newer version is refused with a message naming both.
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest metadata format version this build reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
+/// First format version with `Record::VolumeCopy`.
+pub const COPY_FORMAT_VERSION: u32 = 2;
 /// Encoded superblock size.
 pub const SUPERBLOCK_SIZE: usize = 64;
 /// Record frame header size.
@@ -40,8 +47,8 @@ impl fmt::Display for FormatError {
             FormatError::NotAPool => write!(f, "not a pollblk thin pool (bad magic)"),
             FormatError::UnsupportedVersion(v) => write!(
                 f,
-                "pool metadata format {v} is not supported by this pollblk (it reads format \
-                 {FORMAT_VERSION})"
+                "pool metadata format {v} is not supported by this pollblk (it reads formats \
+                 {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})"
             ),
             FormatError::Checksum => write!(f, "metadata checksum mismatch"),
             FormatError::Corrupt(what) => write!(f, "corrupt metadata: {what}"),
@@ -54,6 +61,8 @@ impl std::error::Error for FormatError {}
 /// What a pool is; rewritten (atomically, by rename) at every checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Superblock {
+    /// Metadata format version (OLDEST_FORMAT_VERSION..=FORMAT_VERSION).
+    pub version: u32,
     /// Data block size in bytes: a power of two from 4 KiB to 2 MiB.
     pub block_size: u32,
     /// Blocks in the data file.
@@ -69,7 +78,8 @@ impl Superblock {
     pub fn encode(&self) -> [u8; SUPERBLOCK_SIZE] {
         let mut b = [0u8; SUPERBLOCK_SIZE];
         b[0..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        assert!((OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&self.version));
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
         b[12..16].copy_from_slice(&self.block_size.to_le_bytes());
         b[16..24].copy_from_slice(&self.data_blocks.to_le_bytes());
         b[24..32].copy_from_slice(&self.generation.to_le_bytes());
@@ -83,13 +93,14 @@ impl Superblock {
             return Err(FormatError::NotAPool);
         }
         let version = u32_at(b, 8);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(FormatError::UnsupportedVersion(version));
         }
         if crc32c::crc32c(&b[..SUPERBLOCK_SIZE - 4]) != u32_at(b, SUPERBLOCK_SIZE - 4) {
             return Err(FormatError::Checksum);
         }
         let sb = Superblock {
+            version,
             block_size: u32_at(b, 12),
             data_blocks: u64_at(b, 16),
             generation: u64_at(b, 24),
@@ -115,6 +126,18 @@ pub enum Record {
     VolumeDelete {
         id: u32,
     },
+    /// Volume `id` named `name` is created as a copy of volume `from` as the records before
+    /// this one left it (its size and every map entry): a snapshot (read-only) or a clone
+    /// (writable). The copy shares every mapped data block with `from` until one of them
+    /// maps that virtual block elsewhere. `from` 0 copies nothing: an empty volume of size 0
+    /// (a checkpoint writes a snapshot of a since-changed volume as that, a resize and its
+    /// entries). Format version 2 on.
+    VolumeCopy {
+        from: u32,
+        id: u32,
+        snapshot: bool,
+        name: String,
+    },
     VolumeResize {
         id: u32,
         size_bytes: u64,
@@ -138,6 +161,7 @@ const TAG_VOLUME_DELETE: u8 = 2;
 const TAG_VOLUME_RESIZE: u8 = 3;
 const TAG_MAP: u8 = 4;
 const TAG_COMMIT: u8 = 5;
+const TAG_VOLUME_COPY: u8 = 6;
 
 impl Record {
     /// Appends the framed record to `out`.
@@ -160,6 +184,20 @@ impl Record {
             Record::VolumeDelete { id } => {
                 out.push(TAG_VOLUME_DELETE);
                 out.extend_from_slice(&id.to_le_bytes());
+            }
+            Record::VolumeCopy {
+                from,
+                id,
+                snapshot,
+                name,
+            } => {
+                assert!(name.len() <= MAX_NAME);
+                out.push(TAG_VOLUME_COPY);
+                out.extend_from_slice(&from.to_le_bytes());
+                out.extend_from_slice(&id.to_le_bytes());
+                out.push(u8::from(*snapshot));
+                out.push(name.len() as u8);
+                out.extend_from_slice(name.as_bytes());
             }
             Record::VolumeResize { id, size_bytes } => {
                 out.push(TAG_VOLUME_RESIZE);
@@ -211,21 +249,21 @@ impl Record {
             }
         };
         let record = match p[0] {
-            TAG_VOLUME_CREATE => {
-                if p.len() < 14 {
-                    return Err(FormatError::Corrupt("record payload size"));
-                }
-                let name_len = usize::from(p[13]);
-                need(14 + name_len)?;
-                if name_len > MAX_NAME {
-                    return Err(FormatError::Corrupt("volume name length"));
-                }
-                let name = std::str::from_utf8(&p[14..])
-                    .map_err(|_| FormatError::Corrupt("volume name is not UTF-8"))?
-                    .to_string();
-                Record::VolumeCreate {
-                    id: u32_at(p, 1),
-                    size_bytes: u64_at(p, 5),
+            TAG_VOLUME_CREATE => Record::VolumeCreate {
+                name: name_at(p, 13)?,
+                id: u32_at(p, 1),
+                size_bytes: u64_at(p, 5),
+            },
+            TAG_VOLUME_COPY => {
+                let name = name_at(p, 10)?;
+                Record::VolumeCopy {
+                    from: u32_at(p, 1),
+                    id: u32_at(p, 5),
+                    snapshot: match p[9] {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(FormatError::Corrupt("volume copy kind")),
+                    },
                     name,
                 }
             }
@@ -303,6 +341,23 @@ fn count_frames(mut b: &[u8]) -> u64 {
     n
 }
 
+/// The name that ends payload `p`: its length byte at `at`, then its bytes.
+fn name_at(p: &[u8], at: usize) -> Result<String, FormatError> {
+    let Some(&len) = p.get(at) else {
+        return Err(FormatError::Corrupt("record payload size"));
+    };
+    let len = usize::from(len);
+    if p.len() != at + 1 + len {
+        return Err(FormatError::Corrupt("record payload size"));
+    }
+    if len > MAX_NAME {
+        return Err(FormatError::Corrupt("volume name length"));
+    }
+    Ok(std::str::from_utf8(&p[at + 1..])
+        .map_err(|_| FormatError::Corrupt("volume name is not UTF-8"))?
+        .to_string())
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
@@ -336,6 +391,18 @@ mod tests {
                 vblock: 3,
                 pblock: UNMAPPED,
             },
+            Record::VolumeCopy {
+                from: 7,
+                id: 8,
+                snapshot: true,
+                name: "disk0-before".into(),
+            },
+            Record::VolumeCopy {
+                from: 8,
+                id: 9,
+                snapshot: false,
+                name: "c".into(),
+            },
             Record::VolumeDelete { id: 7 },
         ]
     }
@@ -360,6 +427,7 @@ mod tests {
     #[test]
     fn superblock_round_trips_and_refuses_other_versions_and_damage() {
         let sb = Superblock {
+            version: FORMAT_VERSION,
             block_size: 65536,
             data_blocks: 1234,
             generation: 9,
@@ -367,11 +435,14 @@ mod tests {
         let b = sb.encode();
         assert_eq!(Superblock::decode(&b), Ok(sb));
         let mut other = b;
-        other[8..12].copy_from_slice(&2u32.to_le_bytes());
+        other[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         assert_eq!(
             Superblock::decode(&other),
-            Err(FormatError::UnsupportedVersion(2))
+            Err(FormatError::UnsupportedVersion(FORMAT_VERSION + 1))
         );
+        // Version 1 pools (before snapshots) are read as they are.
+        let v1 = Superblock { version: 1, ..sb };
+        assert_eq!(Superblock::decode(&v1.encode()), Ok(v1));
         let mut flipped = b;
         flipped[20] ^= 1;
         assert_eq!(Superblock::decode(&flipped), Err(FormatError::Checksum));
@@ -394,7 +465,7 @@ mod tests {
         let b = journal(3, &[&records[..2], &records[2..]]);
         let (all, len, next) = read_commits(&b, 3, 0);
         assert_eq!(all, records);
-        assert_eq!((len, next), (b.len(), 7));
+        assert_eq!((len, next), (b.len(), 9));
         // Every torn tail keeps exactly the commits that were whole.
         let first_commit_end = journal(3, &[&records[..2]]).len();
         for cut in 0..b.len() {

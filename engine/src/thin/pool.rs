@@ -6,6 +6,7 @@
 //! data block + 1), and a new mapping is installed with compare-and-swap. Allocation, commits
 //! and volume management take locks; they are not per-request work for an overwrite or a read.
 
+use super::alloc::Allocator;
 use super::format::{self, FormatError, Record, Superblock, UNMAPPED};
 use super::stable::StableArray;
 use crate::stats::sets::PoolStat;
@@ -14,8 +15,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 /// Journal size past which a flush also writes a checkpoint.
 const CHECKPOINT_AFTER_BYTES: u64 = 8 << 20;
@@ -31,6 +32,8 @@ pub enum ThinError {
     VolumeExists(String),
     /// An offset or length outside the volume, or not in whole sectors.
     OutOfRange,
+    /// A write to a snapshot.
+    ReadOnly(String),
     Invalid(String),
     Format(FormatError),
     Io(io::Error),
@@ -43,6 +46,7 @@ impl std::fmt::Display for ThinError {
             ThinError::NoVolume(n) => write!(f, "no volume named {n:?}"),
             ThinError::VolumeExists(n) => write!(f, "a volume named {n:?} exists already"),
             ThinError::OutOfRange => write!(f, "range outside the volume"),
+            ThinError::ReadOnly(n) => write!(f, "volume {n:?} is a snapshot: read-only"),
             ThinError::Invalid(why) => write!(f, "{why}"),
             ThinError::Format(e) => write!(f, "{e}"),
             ThinError::Io(e) => write!(f, "{e}"),
@@ -64,13 +68,20 @@ impl From<FormatError> for ThinError {
     }
 }
 
-/// One thin volume.
+/// One thin volume, snapshot or clone.
 pub struct Volume {
     pub id: u32,
     pub name: String,
+    /// A snapshot: read-only, its map never changes.
+    pub snapshot: bool,
+    /// The volume this one was copied from while that one lives (0: none). A checkpoint
+    /// writes a clone of a snapshot as its differences from the snapshot.
+    pub(super) origin: AtomicU32,
+    /// Changes wait while a snapshot of this volume is taken (see snapshot.rs).
+    pub(super) frozen: AtomicBool,
     size_bytes: AtomicU64,
     /// Per virtual block: 0 = unmapped, else data block + 1. Grows in place (see stable.rs).
-    map: StableArray,
+    pub(super) map: StableArray,
     /// One bit per virtual block changed since the last commit.
     dirty: StableArray,
 }
@@ -82,10 +93,37 @@ impl Volume {
         Volume {
             id,
             name,
+            snapshot: false,
+            origin: AtomicU32::new(0),
+            frozen: AtomicBool::new(false),
             size_bytes: AtomicU64::new(size_bytes),
             map: StableArray::new(blocks, max),
             dirty: StableArray::new(blocks.div_ceil(64), max.div_ceil(64)),
         }
+    }
+
+    /// A volume holding `from`'s size and map (the caller counts the shared references).
+    pub(super) fn copy_of(
+        from: &Volume,
+        id: u32,
+        name: String,
+        snapshot: bool,
+        block_size: u32,
+    ) -> Volume {
+        let mut copy = Volume::new(id, name, from.size_bytes(), block_size);
+        copy.snapshot = snapshot;
+        copy.origin = AtomicU32::new(from.id);
+        for (to, e) in copy.map.iter().zip(from.map.iter()) {
+            to.store(e.load(Ordering::Acquire), Ordering::Relaxed);
+        }
+        copy
+    }
+
+    /// The data blocks this volume maps.
+    pub(super) fn mapped(&self) -> impl Iterator<Item = u64> + '_ {
+        self.map
+            .iter()
+            .filter_map(|e| e.load(Ordering::Acquire).checked_sub(1))
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -100,7 +138,7 @@ impl Volume {
         }
     }
 
-    fn mark_dirty(&self, v: u64) {
+    pub(super) fn mark_dirty(&self, v: u64) {
         self.dirty
             .at((v / 64) as usize)
             .fetch_or(1 << (v % 64), Ordering::AcqRel);
@@ -140,223 +178,14 @@ impl Volume {
     }
 }
 
-/// Free-space accounting for the data blocks of a pool.
-///
-/// The blocks are split into shards, each a bitmap behind its own lock, and a thread
-/// allocates from the shard its hint names, moving on only when that one is full: concurrent
-/// first writes on different threads take different locks. Counts are exact at all times (no
-/// block sits reserved in a cache that `status` would have to explain). Blocks unmapped in
-/// memory wait in `pending_free` until their unmapping is durable (see `Pool::flush`).
-struct Allocator {
-    shards: Box<[Mutex<Shard>]>,
-    shard_blocks: u64,
-    data_blocks: u64,
-    used: AtomicU64,
-    pending_free: Mutex<Vec<u64>>,
-    /// Fullness level last warned about (0: below 90%, 1: 90% or more, 2: full); a warning
-    /// is logged once per crossing upwards and re-armed when space comes back.
-    warned: std::sync::atomic::AtomicU8,
-    /// Published statistics (`Pool::publish_stats`); blocks_used follows `used`.
-    stats: std::sync::OnceLock<Stats<PoolStat>>,
-}
-
-/// Blocks [base, base + blocks) of the pool.
-struct Shard {
-    base: u64,
-    blocks: u64,
-    bits: Vec<u64>,
-    used: u64,
-    cursor: u64,
-}
-
-/// Most shards a pool's allocator has.
-const MAX_SHARDS: u64 = 8;
-/// Fewest blocks per shard (smaller pools have fewer shards).
-const MIN_SHARD_BLOCKS: u64 = 1024;
-
-impl Shard {
-    fn is_used(&self, i: u64) -> bool {
-        self.bits[(i / 64) as usize] & (1 << (i % 64)) != 0
-    }
-
-    fn set(&mut self, i: u64, used: bool) {
-        let (w, bit) = ((i / 64) as usize, 1u64 << (i % 64));
-        if used {
-            debug_assert!(self.bits[w] & bit == 0);
-            self.bits[w] |= bit;
-            self.used += 1;
-        } else {
-            debug_assert!(self.bits[w] & bit != 0);
-            self.bits[w] &= !bit;
-            self.used -= 1;
-        }
-    }
-
-    fn allocate(&mut self) -> Option<u64> {
-        if self.used == self.blocks {
-            return None;
-        }
-        let words = self.bits.len() as u64;
-        for k in 0..=words {
-            let w = (self.cursor / 64 + k) % words;
-            let word = self.bits[w as usize];
-            if word != u64::MAX {
-                let i = w * 64 + u64::from(word.trailing_ones());
-                if i < self.blocks {
-                    self.set(i, true);
-                    self.cursor = i + 1;
-                    return Some(self.base + i);
-                }
-            }
-        }
-        None
-    }
-}
-
-thread_local! {
-    /// Which shard this thread tries first.
-    static SHARD_HINT: u64 = {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    };
-}
-
-impl Allocator {
-    fn new(data_blocks: u64) -> Allocator {
-        let count = (data_blocks / MIN_SHARD_BLOCKS).clamp(1, MAX_SHARDS);
-        let shard_blocks = data_blocks.div_ceil(count);
-        let shards = (0..count)
-            .map(|i| {
-                let base = i * shard_blocks;
-                let blocks = shard_blocks.min(data_blocks - base);
-                Mutex::new(Shard {
-                    base,
-                    blocks,
-                    bits: vec![0; blocks.div_ceil(64) as usize],
-                    used: 0,
-                    cursor: 0,
-                })
-            })
-            .collect();
-        Allocator {
-            shards,
-            shard_blocks,
-            data_blocks,
-            used: AtomicU64::new(0),
-            pending_free: Mutex::new(Vec::new()),
-            warned: std::sync::atomic::AtomicU8::new(0),
-            stats: std::sync::OnceLock::new(),
-        }
-    }
-
-    fn shard_of(&self, p: u64) -> (&Mutex<Shard>, u64) {
-        let shard = &self.shards[(p / self.shard_blocks) as usize];
-        (shard, p % self.shard_blocks)
-    }
-
-    fn used(&self) -> u64 {
-        self.used.load(Ordering::Acquire)
-    }
-
-    fn is_used(&self, p: u64) -> bool {
-        let (shard, i) = self.shard_of(p);
-        shard.lock().unwrap().is_used(i)
-    }
-
-    fn mark_used(&self, p: u64) {
-        let (shard, i) = self.shard_of(p);
-        shard.lock().unwrap().set(i, true);
-        self.used.fetch_add(1, Ordering::AcqRel);
-        self.count_used(1);
-    }
-
-    /// Keeps the published blocks_used equal to `used` (atomic adds: many threads allocate).
-    fn count_used(&self, delta: i64) {
-        if let Some(stats) = self.stats.get() {
-            if delta > 0 {
-                stats.shared_add(PoolStat::BlocksUsed, delta as u64);
-            } else {
-                stats.shared_sub(PoolStat::BlocksUsed, delta.unsigned_abs());
-            }
-        }
-    }
-
-    fn release(&self, p: u64) {
-        let (shard, i) = self.shard_of(p);
-        let mut shard = shard.lock().unwrap();
-        assert!(
-            shard.is_used(i),
-            "freeing data block {p} that is not in use"
-        );
-        shard.set(i, false);
-        drop(shard);
-        self.used.fetch_sub(1, Ordering::AcqRel);
-        self.count_used(-1);
-        self.warned.fetch_min(self.level(), Ordering::AcqRel);
-    }
-
-    fn allocate(&self) -> Option<u64> {
-        let first = SHARD_HINT.with(|h| *h) as usize;
-        let n = self.shards.len();
-        for k in 0..n {
-            if let Some(p) = self.shards[(first + k) % n].lock().unwrap().allocate() {
-                self.used.fetch_add(1, Ordering::AcqRel);
-                self.count_used(1);
-                self.note_level();
-                return Some(p);
-            }
-        }
-        None
-    }
-
-    /// Holds an unmapped block until its unmapping is durable.
-    fn defer_free(&self, p: u64) {
-        self.pending_free.lock().unwrap().push(p);
-    }
-
-    fn take_pending(&self) -> Vec<u64> {
-        std::mem::take(&mut self.pending_free.lock().unwrap())
-    }
-
-    /// Puts back blocks taken for freeing when the commit that would free them failed.
-    fn restore_pending(&self, blocks: Vec<u64>) {
-        self.pending_free.lock().unwrap().extend(blocks);
-    }
-
-    fn level(&self) -> u8 {
-        let used = self.used();
-        if used == self.data_blocks {
-            2
-        } else if used * 10 >= self.data_blocks * 9 {
-            1
-        } else {
-            0
-        }
-    }
-
-    fn note_level(&self) {
-        let level = self.level();
-        if self.warned.fetch_max(level, Ordering::AcqRel) < level {
-            tracing::warn!(
-                used_blocks = self.used(),
-                data_blocks = self.data_blocks,
-                "thin pool {}",
-                if level == 2 {
-                    "is full: writes that need a new block fail"
-                } else {
-                    "is 90% full"
-                }
-            );
-        }
-    }
-}
-
 /// The journal being appended to.
-struct Journal {
+pub(super) struct Journal {
     /// Number of the last flush commit that completed (commits are numbered from 1).
     last_done: u64,
+    /// The pool's metadata format version (the superblock's).
+    pub(super) version: u32,
     file: File,
-    generation: u64,
+    pub(super) generation: u64,
     next_seq: u64,
     len: u64,
     buf: Vec<u8>,
@@ -377,6 +206,13 @@ pub struct VolumeStatus {
     pub name: String,
     pub size_bytes: u64,
     pub mapped_bytes: u64,
+    /// Mapped bytes no other volume shares: what deleting this one frees.
+    pub owned_bytes: u64,
+    /// Mapped bytes shared with a snapshot, its volume or other clones.
+    pub shared_bytes: u64,
+    pub snapshot: bool,
+    /// The volume this one was copied from, while it exists.
+    pub origin: Option<String>,
 }
 
 /// Keeps data blocks looked up by I/O in progress from being handed out again (an SRCU-like
@@ -384,7 +220,7 @@ pub struct VolumeStatus {
 /// it looked up; a flush, before it frees the blocks it unmapped, moves to the next epoch and
 /// waits until every I/O pinned to the previous one has finished. I/O that starts after the
 /// move looks up after the unmapping and cannot reach the freed blocks.
-struct Epochs {
+pub(super) struct Epochs {
     current: AtomicU64,
     pinned: [AtomicU64; 2],
 }
@@ -402,7 +238,7 @@ impl Drop for Pin<'_> {
 }
 
 impl Epochs {
-    fn pin(&self) -> Pin<'_> {
+    pub(super) fn pin(&self) -> Pin<'_> {
         Pin {
             epochs: self,
             slot: self.pin_raw(),
@@ -425,7 +261,7 @@ impl Epochs {
     }
 
     /// Moves to the next epoch and waits until no I/O is pinned to the previous one.
-    fn wait_for_readers(&self) {
+    pub(super) fn wait_for_readers(&self) {
         let old = self.current.fetch_add(1, Ordering::SeqCst);
         let slot = (old & 1) as usize;
         while self.pinned[slot].load(Ordering::SeqCst) != 0 {
@@ -436,23 +272,27 @@ impl Epochs {
 
 /// An open thin pool.
 pub struct Pool {
-    epochs: Epochs,
+    pub(super) epochs: Epochs,
     /// A commit failed after its sync: nothing can be promised any more (see `poison`).
     poisoned: std::sync::atomic::AtomicBool,
     /// One grace period at a time: two overlapping ones would each wait on one slot only.
-    grace: Mutex<()>,
+    pub(super) grace: Mutex<()>,
+    /// Changes to a frozen volume wait here for its thaw (snapshot.rs).
+    pub(super) thaw: (Mutex<()>, Condvar),
+    /// Held by one snapshot or clone at a time.
+    pub(super) copies: Mutex<()>,
     /// Flush commits started (group commit: see `flush`).
     commits_started: AtomicU64,
     /// Holds an exclusive flock on DIR/lock while the pool is open: two processes (a daemon
     /// and the pool tool) must never change one pool at once.
     _lock: Option<File>,
-    dir: PathBuf,
-    block_size: u32,
-    data_blocks: u64,
+    pub(super) dir: PathBuf,
+    pub(super) block_size: u32,
+    pub(super) data_blocks: u64,
     data: File,
-    volumes: RwLock<Vec<Arc<Volume>>>,
-    alloc: Allocator,
-    journal: Mutex<Journal>,
+    pub(super) volumes: RwLock<Vec<Arc<Volume>>>,
+    pub(super) alloc: Allocator,
+    pub(super) journal: Mutex<Journal>,
 }
 
 fn checkpoint_path(dir: &Path, generation: u64) -> PathBuf {
@@ -514,11 +354,87 @@ fn check_volume_size(size_bytes: u64, block_size: u32) -> Result<(), ThinError> 
     Ok(())
 }
 
-fn index_of(volumes: &[Arc<Volume>], name: &str) -> Result<usize, ThinError> {
+pub(super) fn check_volume_name(name: &str) -> Result<(), ThinError> {
+    if name.is_empty()
+        || name.len() > format::MAX_NAME
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(ThinError::Invalid(format!(
+            "volume name {name:?}: 1-{} characters of A-Z a-z 0-9 - _ .",
+            format::MAX_NAME
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn index_of(volumes: &[Arc<Volume>], name: &str) -> Result<usize, ThinError> {
     volumes
         .iter()
         .position(|v| v.name == name)
         .ok_or_else(|| ThinError::NoVolume(name.into()))
+}
+
+/// The records of a checkpoint: every volume and its map entries, in creation order. A
+/// clone of a snapshot is written as a copy of the snapshot plus the entries where it
+/// differs (a snapshot's map never changes), so a hundred clones of one image take little
+/// more than the image.
+fn checkpoint_records(volumes: &[Arc<Volume>]) -> Vec<Record> {
+    let mut records = Vec::new();
+    for (at, v) in volumes.iter().enumerate() {
+        let origin = v.origin.load(Ordering::Acquire);
+        let base = volumes[..at].iter().find(|o| o.id == origin && o.snapshot);
+        let size_bytes = v.size_bytes();
+        match base {
+            Some(o) => {
+                records.push(Record::VolumeCopy {
+                    from: o.id,
+                    id: v.id,
+                    snapshot: v.snapshot,
+                    name: v.name.clone(),
+                });
+                if size_bytes != o.size_bytes() {
+                    records.push(Record::VolumeResize {
+                        id: v.id,
+                        size_bytes,
+                    });
+                }
+            }
+            // A snapshot of a volume: a copy of nothing, sized, then its entries.
+            None if v.snapshot => {
+                records.push(Record::VolumeCopy {
+                    from: 0,
+                    id: v.id,
+                    snapshot: true,
+                    name: v.name.clone(),
+                });
+                records.push(Record::VolumeResize {
+                    id: v.id,
+                    size_bytes,
+                });
+            }
+            None => records.push(Record::VolumeCreate {
+                id: v.id,
+                size_bytes,
+                name: v.name.clone(),
+            }),
+        }
+        for (vb, e) in v.map.iter().enumerate() {
+            let value = e.load(Ordering::Acquire);
+            let inherited = base
+                .and_then(|o| o.map.get(vb))
+                .map_or(0, |e| e.load(Ordering::Acquire));
+            if value != inherited {
+                records.push(Record::Map {
+                    id: v.id,
+                    vblock: vb as u64,
+                    pblock: value.checked_sub(1).unwrap_or(UNMAPPED),
+                });
+            }
+        }
+    }
+    records
 }
 
 /// Takes every volume's dirty bits: (volume index, word, bits) for each non-empty word.
@@ -576,7 +492,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Writes `bytes` to `path` durably, replacing it atomically (write, fsync, rename, fsync dir).
-fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+pub(super) fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = File::create(&tmp)?;
     f.write_all(bytes)?;
@@ -658,6 +574,7 @@ impl Pool {
         replace_file(dir, &format!("checkpoint.{generation}"), &checkpoint)?;
         replace_file(dir, &format!("journal.{generation}"), &[])?;
         let sb = Superblock {
+            version: format::FORMAT_VERSION,
             block_size,
             data_blocks,
             generation,
@@ -676,6 +593,31 @@ impl Pool {
     /// while a daemon serves the pool: what the last completed commit left on disk.
     pub fn inspect(dir: &Path) -> Result<PoolStatus, ThinError> {
         Ok(Pool::load(dir, false)?.status())
+    }
+
+    /// Checks what sharing may look like: a data block mapped by several volumes (a snapshot
+    /// and its volume, clones) is mapped at the same virtual block in each, and never twice
+    /// in one volume. Anything else is damage a copy could not have made.
+    fn check_sharing(&self) -> Result<(), ThinError> {
+        let volumes = self.volumes.read().unwrap();
+        let mut mappings: Vec<(u64, u64, u32)> = Vec::new();
+        for v in volumes.iter() {
+            for (vb, e) in v.map.iter().enumerate() {
+                if let Some(p) = e.load(Ordering::Relaxed).checked_sub(1) {
+                    mappings.push((p, vb as u64, v.id));
+                }
+            }
+        }
+        mappings.sort_unstable();
+        for pair in mappings.windows(2) {
+            let ((p, vb, id), (q, wb, jd)) = (pair[0], pair[1]);
+            if p == q && (vb != wb || id == jd) {
+                return Err(ThinError::Format(FormatError::Corrupt(
+                    "a data block is mapped twice other than by a snapshot or clone",
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn load(dir: &Path, writable: bool) -> Result<Pool, ThinError> {
@@ -705,6 +647,8 @@ impl Pool {
         let pool = Pool {
             poisoned: std::sync::atomic::AtomicBool::new(false),
             grace: Mutex::new(()),
+            thaw: (Mutex::new(()), Condvar::new()),
+            copies: Mutex::new(()),
             commits_started: AtomicU64::new(0),
             epochs: Epochs {
                 current: AtomicU64::new(0),
@@ -719,6 +663,7 @@ impl Pool {
             alloc: Allocator::new(sb.data_blocks),
             journal: Mutex::new(Journal {
                 last_done: 0,
+                version: sb.version,
                 file: OpenOptions::new()
                     .read(true)
                     .write(writable)
@@ -757,7 +702,37 @@ impl Pool {
                     }
                     volumes.push(Volume::new(*id, name.clone(), *size_bytes, self.block_size));
                 }
-                Record::VolumeDelete { id } => volumes.retain(|v| v.id != *id),
+                Record::VolumeCopy {
+                    from,
+                    id,
+                    snapshot,
+                    name,
+                } => {
+                    if volumes.iter().any(|v| v.id == *id || v.name == *name) {
+                        return Err(corrupt("volume created twice"));
+                    }
+                    let copy = if *from == 0 {
+                        let mut empty = Volume::new(*id, name.clone(), 0, self.block_size);
+                        empty.snapshot = *snapshot;
+                        empty
+                    } else {
+                        let from = volumes
+                            .iter()
+                            .find(|v| v.id == *from)
+                            .ok_or(corrupt("copy of an unknown volume"))?;
+                        Volume::copy_of(from, *id, name.clone(), *snapshot, self.block_size)
+                    };
+                    volumes.push(copy);
+                }
+                Record::VolumeDelete { id } => {
+                    volumes.retain(|v| v.id != *id);
+                    // As `volume_delete` does: an id may be given out again.
+                    for v in &volumes {
+                        let _ =
+                            v.origin
+                                .compare_exchange(*id, 0, Ordering::Relaxed, Ordering::Relaxed);
+                    }
+                }
                 Record::VolumeResize { id, size_bytes } => {
                     let at = volumes
                         .iter()
@@ -786,14 +761,14 @@ impl Pool {
                 Record::Commit { .. } => {}
             }
         }
+        // Reference counts follow from the maps: they are never stored, so they cannot
+        // disagree with them.
         for v in &volumes {
-            for e in v.map.iter() {
-                let value = e.load(Ordering::Relaxed);
-                if value != 0 {
-                    if self.alloc.is_used(value - 1) {
-                        return Err(corrupt("a data block is mapped twice"));
-                    }
-                    self.alloc.mark_used(value - 1);
+            for p in v.mapped() {
+                if self.alloc.is_used(p) {
+                    self.alloc.share(p);
+                } else {
+                    self.alloc.mark_used(p);
                 }
             }
         }
@@ -818,17 +793,7 @@ impl Pool {
 
     /// Creates a volume and commits it.
     pub fn volume_create(&self, name: &str, size_bytes: u64) -> Result<Arc<Volume>, ThinError> {
-        if name.is_empty()
-            || name.len() > format::MAX_NAME
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
-            return Err(ThinError::Invalid(format!(
-                "volume name {name:?}: 1-{} characters of A-Z a-z 0-9 - _ .",
-                format::MAX_NAME
-            )));
-        }
+        check_volume_name(name)?;
         check_volume_size(size_bytes, self.block_size)?;
         // Lock order everywhere: journal, then volumes.
         let mut journal = self.journal.lock().unwrap();
@@ -859,9 +824,16 @@ impl Pool {
         let id = volumes[at].id;
         self.append_commit_locked(&mut journal, &[Record::VolumeDelete { id }])?;
         let volume = volumes.remove(at);
+        for v in volumes.iter() {
+            // Its clones live on as volumes of their own.
+            let _ = v
+                .origin
+                .compare_exchange(id, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
         self.count_volumes(&volumes);
         drop(volumes);
         drop(journal);
+        // Blocks a snapshot's clones still map lose one reference and stay.
         let freeing = volume
             .map
             .iter()
@@ -878,6 +850,9 @@ impl Pool {
     pub fn volume_resize(&self, name: &str, size_bytes: u64) -> Result<(), ThinError> {
         check_volume_size(size_bytes, self.block_size)?;
         let old = self.volume(name)?;
+        if old.snapshot {
+            return Err(ThinError::ReadOnly(name.into()));
+        }
         let bs = u64::from(self.block_size);
         if size_bytes < old.size_bytes() {
             if !size_bytes.is_multiple_of(bs) {
@@ -919,7 +894,7 @@ impl Pool {
         }
     }
 
-    fn count_volumes(&self, volumes: &[Arc<Volume>]) {
+    pub(super) fn count_volumes(&self, volumes: &[Arc<Volume>]) {
         if let Some(stats) = self.alloc.stats.get() {
             stats.set(PoolStat::Volumes, volumes.len() as u64);
         }
@@ -928,26 +903,44 @@ impl Pool {
     pub fn status(&self) -> PoolStatus {
         let bs = u64::from(self.block_size);
         let used = self.alloc.used();
+        let volumes = self.volumes.read().unwrap();
         PoolStatus {
             block_size: self.block_size,
             size_bytes: self.data_blocks * bs,
             used_bytes: used * bs,
             free_bytes: (self.data_blocks - used) * bs,
-            volumes: self
-                .volumes
-                .read()
-                .unwrap()
+            volumes: volumes
                 .iter()
-                .map(|v| VolumeStatus {
-                    name: v.name.clone(),
-                    size_bytes: v.size_bytes(),
-                    mapped_bytes: v.mapped_blocks() * bs,
-                })
+                .map(|v| self.volume_status(v, &volumes))
                 .collect(),
         }
     }
 
-    fn check_range(&self, v: &Volume, offset: u64, len: u64) -> Result<(), ThinError> {
+    fn volume_status(&self, v: &Volume, volumes: &[Arc<Volume>]) -> VolumeStatus {
+        let bs = u64::from(self.block_size);
+        let (mut owned, mut shared) = (0, 0);
+        for p in v.mapped() {
+            match self.alloc.is_shared(p) {
+                true => shared += bs,
+                false => owned += bs,
+            }
+        }
+        let origin = v.origin.load(Ordering::Acquire);
+        VolumeStatus {
+            name: v.name.clone(),
+            size_bytes: v.size_bytes(),
+            mapped_bytes: owned + shared,
+            owned_bytes: owned,
+            shared_bytes: shared,
+            snapshot: v.snapshot,
+            origin: volumes
+                .iter()
+                .find(|o| o.id == origin)
+                .map(|o| o.name.clone()),
+        }
+    }
+
+    pub(super) fn check_range(&self, v: &Volume, offset: u64, len: u64) -> Result<(), ThinError> {
         let end = offset.checked_add(len).ok_or(ThinError::OutOfRange)?;
         if end > v.size_bytes() || !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
             return Err(ThinError::OutOfRange);
@@ -993,7 +986,7 @@ impl Pool {
     pub fn write(&self, v: &Volume, offset: u64, data: &[u8]) -> Result<(), ThinError> {
         self.check_range(v, offset, data.len() as u64)?;
         self.check_poisoned()?;
-        let _pin = self.epochs.pin();
+        let _pin = self.pin_to_change(v)?;
         let mut done = 0;
         for (vb, within, n) in self.pieces(offset, data.len() as u64) {
             self.write_block(v, vb, within, Some(&data[done..done + n as usize]))?;
@@ -1004,7 +997,7 @@ impl Pool {
 
     /// Writes `data` at `within` of virtual block `vb`, allocating the block if unmapped;
     /// with `data` None it only makes sure the block is allocated (zero-filled if new).
-    fn write_block(
+    pub(super) fn write_block(
         &self,
         v: &Volume,
         vb: u64,
@@ -1013,7 +1006,11 @@ impl Pool {
     ) -> Result<(), ThinError> {
         let bs = u64::from(self.block_size);
         loop {
-            if let Some(p) = v.lookup(vb) {
+            let old = v.lookup(vb);
+            let shared = old.filter(|&p| self.alloc.is_shared(p));
+            if let (Some(p), None) = (old, shared) {
+                // Ours alone: in place. (Only a snapshot of this volume could share it
+                // meanwhile, and that waits for this change: see snapshot.rs.)
                 if let Some(data) = data {
                     self.data.write_all_at(data, p * bs + within)?;
                 }
@@ -1021,20 +1018,30 @@ impl Pool {
             }
             // A new block is made whole before it is mapped: its previous contents (another
             // volume's freed data) are never visible, and a commit never journals a mapping
-            // whose data is not written yet (the data sync before the commit covers it).
+            // whose data is not written yet (the data sync before the commit covers it). A
+            // shared block is copied into it first (copy on write).
             let p = self.alloc.allocate().ok_or(ThinError::NoSpace)?;
-            if let Err(e) = self.fill_new_block(p, within, data) {
+            let filled = match shared {
+                Some(from) => self.copy_block(from, p, within, data),
+                None => self.fill_new_block(p, within, data),
+            };
+            if let Err(e) = filled {
                 self.alloc.release(p);
                 return Err(e.into());
             }
+            let expected = old.map_or(0, |o| o + 1);
             match v.map.at(vb as usize).compare_exchange(
-                0,
+                expected,
                 p + 1,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
                     v.mark_dirty(vb);
+                    if let Some(from) = shared {
+                        // The other mappings keep it; ours goes once this is durable.
+                        self.alloc.defer_unref(from);
+                    }
                     return Ok(());
                 }
                 Err(_) => {
@@ -1044,6 +1051,21 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// Copy on write: new data block `p` gets shared block `from`'s contents with `data` (or
+    /// nothing: a provisioned copy) at `within`.
+    fn copy_block(&self, from: u64, p: u64, within: u64, data: Option<&[u8]>) -> io::Result<()> {
+        let bs = u64::from(self.block_size);
+        let mut block = vec![0u8; bs as usize];
+        let covered = data.is_some_and(|d| d.len() as u64 == bs);
+        if !covered {
+            self.data.read_exact_at(&mut block, from * bs)?;
+        }
+        if let Some(data) = data {
+            block[within as usize..within as usize + data.len()].copy_from_slice(data);
+        }
+        self.data.write_all_at(&block, p * bs)
     }
 
     /// Gives new data block `p` its contents: `data` at `within` and zeroes elsewhere. The
@@ -1089,6 +1111,7 @@ impl Pool {
     /// the ends are left as they are, which DISCARD allows.
     pub fn discard(&self, v: &Volume, offset: u64, len: u64) -> Result<(), ThinError> {
         self.check_range(v, offset, len)?;
+        let _pin = self.pin_to_change(v)?;
         let bs = u64::from(self.block_size);
         for (vb, _, n) in self.pieces(offset, len) {
             if n == bs {
@@ -1102,8 +1125,8 @@ impl Pool {
         let old = v.map.at(vb as usize).swap(0, Ordering::AcqRel);
         if old != 0 {
             v.mark_dirty(vb);
-            // Free for reuse only once the unmapping is durable (see Allocator).
-            self.alloc.defer_free(old - 1);
+            // Unreferenced only once the unmapping is durable (see Allocator).
+            self.alloc.defer_unref(old - 1);
         }
     }
 
@@ -1118,7 +1141,7 @@ impl Pool {
         unmap: bool,
     ) -> Result<(), ThinError> {
         self.check_range(v, offset, len)?;
-        let _pin = self.epochs.pin();
+        let _pin = self.pin_to_change(v)?;
         let bs = u64::from(self.block_size);
         let zeroes = vec![0u8; bs as usize];
         for (vb, within, n) in self.pieces(offset, len) {
@@ -1135,7 +1158,7 @@ impl Pool {
     /// fail for lack of space.
     pub fn provision(&self, v: &Volume, offset: u64, len: u64) -> Result<(), ThinError> {
         self.check_range(v, offset, len)?;
-        let _pin = self.epochs.pin();
+        let _pin = self.pin_to_change(v)?;
         for (vb, within, _) in self.pieces(offset, len) {
             self.write_block(v, vb, within, None)?;
         }
@@ -1155,12 +1178,35 @@ impl Pool {
         }
         self.check_poisoned()?;
         let this_commit = self.commits_started.fetch_add(1, Ordering::SeqCst) + 1;
+        let volumes = self.volumes.read().unwrap();
+        let freeing = self.commit_locked(&mut journal, &volumes, &[])?;
+        drop(volumes);
+        self.release_after_grace(freeing);
+        journal.last_done = this_commit;
+        if let Some(stats) = self.alloc.stats.get() {
+            stats.shared_add(PoolStat::MetadataCommits, 1);
+        }
+        if journal.len > CHECKPOINT_AFTER_BYTES {
+            self.checkpoint_locked(&mut journal)?;
+        }
+        Ok(())
+    }
+
+    /// Commits every map change made so far, then `then` (in the same commit): syncs the
+    /// data file, then journals the changed map entries and syncs the journal. Returns the
+    /// references whose removal this made durable, for `release_after_grace`. On failure
+    /// the changes stay pending for the next commit and the pool is poisoned.
+    pub(super) fn commit_locked(
+        &self,
+        journal: &mut Journal,
+        volumes: &[Arc<Volume>],
+        then: &[Record],
+    ) -> Result<Vec<u64>, ThinError> {
         // Taken before the map is read: every block in it was unmapped (and marked dirty)
         // before this point, so its unmapping is in this commit or an earlier one.
         let freeing = self.alloc.take_pending();
-        let volumes = self.volumes.read().unwrap();
         // Put back if the commit fails, so the changes go into the next one.
-        let taken = take_dirty(&volumes);
+        let taken = take_dirty(volumes);
         let mut records = Vec::new();
         for &(vi, w, bits) in &taken {
             let v = &volumes[vi];
@@ -1176,6 +1222,7 @@ impl Pool {
                 });
             }
         }
+        records.extend_from_slice(then);
         // Data first: a mapping must never be durable before the data it points to.
         let committed = self
             .data
@@ -1185,27 +1232,18 @@ impl Pool {
                 if records.is_empty() {
                     Ok(())
                 } else {
-                    self.append_commit_locked(&mut journal, &records)
+                    self.append_commit_locked(journal, &records)
                 }
             });
         if let Err(e) = committed {
-            put_back_dirty(&volumes, &taken);
+            put_back_dirty(volumes, &taken);
             self.alloc.restore_pending(freeing);
             // After a failed sync the kernel may have dropped the dirty pages it could not
             // write: a later sync that "succeeds" proves nothing. Refuse from here on.
             self.poison(&e);
             return Err(e);
         }
-        drop(volumes);
-        self.release_after_grace(freeing);
-        journal.last_done = this_commit;
-        if let Some(stats) = self.alloc.stats.get() {
-            stats.shared_add(PoolStat::MetadataCommits, 1);
-        }
-        if journal.len > CHECKPOINT_AFTER_BYTES {
-            self.checkpoint_locked(&mut journal)?;
-        }
-        Ok(())
+        Ok(freeing)
     }
 
     /// Marks the pool failed: every later write and flush returns EIO. Reopening the pool
@@ -1217,7 +1255,7 @@ impl Pool {
         }
     }
 
-    fn check_poisoned(&self) -> Result<(), ThinError> {
+    pub(super) fn check_poisoned(&self) -> Result<(), ThinError> {
         if self.poisoned.load(Ordering::Acquire) {
             Err(ThinError::Io(io::Error::from_raw_os_error(libc::EIO)))
         } else {
@@ -1241,7 +1279,7 @@ impl Pool {
     }
 
     /// Appends records and their Commit marker, then syncs the journal.
-    fn append_commit_locked(
+    pub(super) fn append_commit_locked(
         &self,
         journal: &mut Journal,
         records: &[Record],
@@ -1283,24 +1321,7 @@ impl Pool {
         let volumes = self.volumes.read().unwrap();
         // The checkpoint holds every entry: the dirty bits are covered (put back on failure).
         let taken = take_dirty(&volumes);
-        let mut records = Vec::new();
-        for v in volumes.iter() {
-            records.push(Record::VolumeCreate {
-                id: v.id,
-                size_bytes: v.size_bytes(),
-                name: v.name.clone(),
-            });
-            for (vb, e) in v.map.iter().enumerate() {
-                let value = e.load(Ordering::Acquire);
-                if value != 0 {
-                    records.push(Record::Map {
-                        id: v.id,
-                        vblock: vb as u64,
-                        pblock: value - 1,
-                    });
-                }
-            }
-        }
+        let records = checkpoint_records(&volumes);
         let restore = |e: ThinError| {
             put_back_dirty(&volumes, &taken);
             self.alloc.restore_pending(freeing.clone());
@@ -1325,6 +1346,7 @@ impl Pool {
             .open(journal_path(&self.dir, generation))
             .map_err(|e| restore(e.into()))?;
         let sb = Superblock {
+            version: journal.version,
             block_size: self.block_size,
             data_blocks: self.data_blocks,
             generation,
@@ -1339,6 +1361,7 @@ impl Pool {
         }
         *journal = Journal {
             last_done: journal.last_done,
+            version: journal.version,
             file: next_journal,
             generation,
             next_seq: 0,
@@ -1352,16 +1375,16 @@ impl Pool {
         Ok(())
     }
 
-    /// Frees blocks whose unmapping is durable, once no I/O that may have looked them up
-    /// before the unmapping is still using them.
-    fn release_after_grace(&self, freeing: Vec<u64>) {
+    /// Drops the references of mappings whose removal is durable (freeing each block whose
+    /// last one it was), once no I/O that may have looked them up before is still using them.
+    pub(super) fn release_after_grace(&self, freeing: Vec<u64>) {
         if freeing.is_empty() {
             return;
         }
         let _one_at_a_time = self.grace.lock().unwrap();
         self.epochs.wait_for_readers();
         for p in freeing {
-            self.alloc.release(p);
+            self.alloc.unref(p);
         }
     }
 
@@ -1375,20 +1398,29 @@ impl Pool {
         std::os::fd::AsRawFd::as_raw_fd(&self.data)
     }
 
-    /// For an I/O that lies within one mapped block: its offset in the data file and a pinned
-    /// epoch slot, which the caller must pass to `unpin` once the I/O is done (the block stays
-    /// allocated to this volume until then). None when the range is unmapped, spans blocks or
-    /// is out of range: take the general path.
-    pub fn map_one(&self, v: &Volume, offset: u64, len: u64) -> Option<(u64, usize)> {
+    /// For an I/O that lies within one mapped block (for a write: one this volume owns alone
+    /// and may change now): its offset in the data file and a pinned epoch slot, which the
+    /// caller must pass to `unpin` once the I/O is done (the block stays allocated to this
+    /// volume until then). None when the range is unmapped, shared, spans blocks or is out of
+    /// range, or the volume may not be written now: take the general path.
+    pub fn map_one(&self, v: &Volume, offset: u64, len: u64, write: bool) -> Option<(u64, usize)> {
         let bs = u64::from(self.block_size);
         if len == 0
             || self.check_range(v, offset, len).is_err()
             || offset / bs != (offset + len - 1) / bs
+            || (write && v.snapshot)
         {
             return None;
         }
         let slot = self.epochs.pin_raw();
-        match v.lookup(offset / bs) {
+        // After the pin (see `pin_to_change`): a snapshot either waits for this write or
+        // this write sees the volume frozen, and then the block shared.
+        let found = match v.lookup(offset / bs) {
+            Some(_) if write && v.frozen.load(Ordering::SeqCst) => None,
+            Some(p) if write && self.alloc.is_shared(p) => None,
+            found => found,
+        };
+        match found {
             Some(p) => Some((p * bs + offset % bs, slot)),
             None => {
                 self.unpin(slot);
@@ -1404,78 +1436,12 @@ impl Pool {
 }
 
 /// Verifies the durable state of a pool (superblock, checkpoint and journal checksums, every
-/// mapped block inside the data file and owned once) and reports what it holds; writes
+/// mapped block inside the data file, shared only as snapshots and clones share; reference
+/// counts are derived from the maps, so they agree by construction) and reports what it
+/// holds, shared and owned bytes per volume included; writes
 /// nothing, takes no lock, so it works on a pool a daemon serves. Inconsistency is an error.
 pub fn check(dir: &Path) -> Result<PoolStatus, ThinError> {
-    Pool::inspect(dir)
-}
-
-#[cfg(test)]
-mod allocator_tests {
-    use super::{Allocator, MIN_SHARD_BLOCKS};
-
-    #[test]
-    fn fullness_is_reported_once_per_crossing_and_rearmed_when_space_returns() {
-        let a = Allocator::new(10);
-        let got: Vec<u64> = (0..8).map(|_| a.allocate().unwrap()).collect();
-        assert_eq!(got, (0..8).collect::<Vec<_>>());
-        assert_eq!(a.warned.load(std::sync::atomic::Ordering::Relaxed), 0);
-        a.allocate().unwrap();
-        assert_eq!(
-            a.warned.load(std::sync::atomic::Ordering::Relaxed),
-            1,
-            "90% crossed"
-        );
-        a.allocate().unwrap();
-        assert_eq!(
-            a.warned.load(std::sync::atomic::Ordering::Relaxed),
-            2,
-            "full"
-        );
-        assert_eq!(a.allocate(), None);
-        a.release(3);
-        assert_eq!(
-            a.warned.load(std::sync::atomic::Ordering::Relaxed),
-            1,
-            "re-armed"
-        );
-        a.release(4);
-        a.release(5);
-        assert_eq!(
-            a.warned.load(std::sync::atomic::Ordering::Relaxed),
-            0,
-            "re-armed"
-        );
-        assert_eq!(a.allocate(), Some(3), "freed blocks are found again");
-    }
-
-    #[test]
-    fn threads_allocate_from_their_shards_and_every_block_is_handed_out_once() {
-        let blocks = 5 * MIN_SHARD_BLOCKS + 17;
-        let a = std::sync::Arc::new(Allocator::new(blocks));
-        assert_eq!(a.shards.len(), 5);
-        let threads: Vec<_> = (0..4)
-            .map(|_| {
-                let a = a.clone();
-                std::thread::spawn(move || {
-                    let mut mine = Vec::new();
-                    while let Some(p) = a.allocate() {
-                        mine.push(p);
-                    }
-                    mine
-                })
-            })
-            .collect();
-        let mut all: Vec<u64> = threads
-            .into_iter()
-            .flat_map(|t| t.join().unwrap())
-            .collect();
-        all.sort_unstable();
-        assert_eq!(
-            all,
-            (0..blocks).collect::<Vec<_>>(),
-            "each block once, none lost"
-        );
-        assert_eq!(a.used(), blocks);
-    }
+    let pool = Pool::load(dir, false)?;
+    pool.check_sharing()?;
+    Ok(pool.status())
 }

@@ -5,20 +5,20 @@ use super::format::{Superblock, FORMAT_VERSION};
 use super::{Pool, ThinError};
 use std::collections::HashMap;
 
-const BS: u32 = 4096;
+pub(super) const BS: u32 = 4096;
 const SECTOR: u64 = 512;
 
 /// xorshift, seeded per test for reproducible sequences.
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub(super) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
@@ -28,13 +28,13 @@ struct Model {
     volumes: HashMap<String, Vec<u8>>,
 }
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
+pub(super) fn pattern(seed: u64, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (seed as u8).wrapping_mul(31).wrapping_add(i as u8) | 1)
         .collect()
 }
 
-fn read_all(pool: &Pool, name: &str) -> Vec<u8> {
+pub(super) fn read_all(pool: &Pool, name: &str) -> Vec<u8> {
     let v = pool.volume(name).unwrap();
     let mut buf = vec![0u8; v.size_bytes() as usize];
     pool.read(&v, 0, &mut buf).unwrap();
