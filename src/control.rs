@@ -362,7 +362,7 @@ struct Method {
     run: fn(&Shared, &Params) -> CallResult,
 }
 
-const METHODS: [Method; 15] = [
+const METHODS: [Method; 18] = [
     Method {
         name: "export_add",
         params: &["spec", "name"],
@@ -427,6 +427,21 @@ const METHODS: [Method; 15] = [
         name: "volume_delete",
         params: &["pool", "volume"],
         run: volume_delete,
+    },
+    Method {
+        name: "volume_snapshot",
+        params: &["pool", "volume", "snapshot"],
+        run: volume_snapshot,
+    },
+    Method {
+        name: "volume_clone",
+        params: &["pool", "snapshot", "volume"],
+        run: volume_clone,
+    },
+    Method {
+        name: "volume_inflate",
+        params: &["pool", "volume"],
+        run: volume_inflate,
     },
     Method {
         name: "log_level",
@@ -633,6 +648,50 @@ fn volume_delete(shared: &Shared, p: &Params) -> CallResult {
         .volume_delete(volume)
         .map_err(|e| failed(format!("pool {}: {e}", dir.display())))?;
     value(json!({ "pool": dir, "volume": volume }))
+}
+
+/// Takes a snapshot of a volume, served or not: its changes wait for the copy ("paused_us").
+fn volume_snapshot(shared: &Shared, p: &Params) -> CallResult {
+    let dir = Path::new(p.str("pool")?);
+    let (volume, snapshot) = (p.str("volume")?, p.str("snapshot")?);
+    let daemon = shared.daemon();
+    let made = pool_of(&daemon, dir)?
+        .volume_snapshot(volume, snapshot)
+        .map_err(|e| failed(format!("pool {}: {e}", dir.display())))?;
+    tracing::info!(pool = %dir.display(), volume, snapshot,
+        paused_us = made.paused.as_micros() as u64, "snapshot taken");
+    value(json!({
+        "pool": dir,
+        "volume": volume,
+        "snapshot": snapshot,
+        "shared_bytes": made.shared_bytes,
+        "paused_us": made.paused.as_micros() as u64,
+    }))
+}
+
+fn volume_clone(shared: &Shared, p: &Params) -> CallResult {
+    let dir = Path::new(p.str("pool")?);
+    let (snapshot, volume) = (p.str("snapshot")?, p.str("volume")?);
+    let daemon = shared.daemon();
+    let made = pool_of(&daemon, dir)?
+        .volume_clone(snapshot, volume)
+        .map_err(|e| failed(format!("pool {}: {e}", dir.display())))?;
+    value(json!({
+        "pool": dir,
+        "snapshot": snapshot,
+        "volume": volume,
+        "shared_bytes": made.shared_bytes,
+    }))
+}
+
+fn volume_inflate(shared: &Shared, p: &Params) -> CallResult {
+    let dir = Path::new(p.str("pool")?);
+    let volume = p.str("volume")?;
+    let daemon = shared.daemon();
+    let copied = pool_of(&daemon, dir)?
+        .volume_inflate(volume)
+        .map_err(|e| failed(format!("pool {}: {e}", dir.display())))?;
+    value(json!({ "pool": dir, "volume": volume, "copied_bytes": copied }))
 }
 
 fn log_level(shared: &Shared, p: &Params) -> CallResult {

@@ -631,6 +631,14 @@ impl Daemon {
         Ok(match &export.volume {
             Volume::Thin { pool, volume } => {
                 let opened = self.pool(pool)?;
+                let is_snapshot = opened.pool.volume(volume).is_ok_and(|v| v.snapshot);
+                if is_snapshot && !export.readonly {
+                    return Err(DaemonError::Invalid(format!(
+                        "volume {volume} of pool {} is a snapshot, which is read-only: serve \
+                         it with readonly=on (or clone it: pollblk pool volume clone)",
+                        pool.display()
+                    )));
+                }
                 Arc::new(
                     ThinBackend::open(opened.pool.clone(), opened.workers.clone(), volume)
                         .map_err(|e| failed(format!("pool {}: {e}", pool.display())))?,

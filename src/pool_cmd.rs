@@ -34,7 +34,9 @@ pub enum PoolCommand {
     Status {
         dir: PathBuf,
         /// {"block_size", "size_bytes", "used_bytes", "free_bytes", "volumes": [{"name",
-        /// "size_bytes", "mapped_bytes"}]}
+        /// "size_bytes", "mapped_bytes", "owned_bytes", "shared_bytes", "snapshot",
+        /// "origin"}]}; owned_bytes is what deleting the volume would free (a block copied
+        /// on write counts as shared until the copy is committed).
         #[arg(long)]
         json: bool,
         /// Ask the daemon serving the pool through its control socket (live figures).
@@ -55,8 +57,25 @@ pub enum VolumeCommand {
         #[arg(long, value_parser = crate::export::parse_size)]
         size: u64,
     },
-    /// Delete a volume and free its blocks.
+    /// Delete a volume, snapshot or clone and free the blocks no other volume shares.
     Delete { dir: PathBuf, name: String },
+    /// Take SNAPSHOT of VOLUME: a read-only copy of what it holds now, sharing its blocks
+    /// (it takes space only as the two diverge). For a volume being served, ask the daemon:
+    /// `pollblk rpc volume_snapshot`.
+    Snapshot {
+        dir: PathBuf,
+        volume: String,
+        snapshot: String,
+    },
+    /// Create writable volume NEW from SNAPSHOT, sharing every block with it until written.
+    Clone {
+        dir: PathBuf,
+        snapshot: String,
+        new: String,
+    },
+    /// Make a clone own every block it shares (copying them), so deleting its snapshot or
+    /// the other clones frees nothing it uses.
+    Inflate { dir: PathBuf, name: String },
     /// Create a volume from a raw image (sparse: holes and zero blocks take no space); `-`
     /// reads stdin (e.g. from `qemu-img convert -O raw IMAGE /dev/stdout`).
     Import {
@@ -192,6 +211,36 @@ fn run_volume(command: VolumeCommand) -> Result<(), String> {
                 to.display(),
                 copied.bytes,
                 copied.data_bytes
+            );
+        }
+        VolumeCommand::Snapshot {
+            dir,
+            volume,
+            snapshot,
+        } => {
+            let pool = Pool::open(&dir).map_err(err)?;
+            let made = pool.volume_snapshot(&volume, &snapshot).map_err(err)?;
+            println!(
+                "pollblk: snapshot {snapshot} of volume {volume} taken in {} ({} bytes shared)",
+                dir.display(),
+                made.shared_bytes
+            );
+        }
+        VolumeCommand::Clone { dir, snapshot, new } => {
+            let pool = Pool::open(&dir).map_err(err)?;
+            let made = pool.volume_clone(&snapshot, &new).map_err(err)?;
+            println!(
+                "pollblk: volume {new} cloned from snapshot {snapshot} in {} ({} bytes shared)",
+                dir.display(),
+                made.shared_bytes
+            );
+        }
+        VolumeCommand::Inflate { dir, name } => {
+            let pool = Pool::open(&dir).map_err(err)?;
+            let copied = pool.volume_inflate(&name).map_err(err)?;
+            println!(
+                "pollblk: volume {name} of {} inflated: {copied} bytes copied, it shares none",
+                dir.display()
             );
         }
         VolumeCommand::Delete { dir, name } => {

@@ -13,6 +13,10 @@ pub fn status_value(s: &PoolStatus) -> serde_json::Value {
                 "name": v.name,
                 "size_bytes": v.size_bytes,
                 "mapped_bytes": v.mapped_bytes,
+                "owned_bytes": v.owned_bytes,
+                "shared_bytes": v.shared_bytes,
+                "snapshot": v.snapshot,
+                "origin": v.origin,
             })
         })
         .collect();
@@ -32,11 +36,21 @@ pub fn status_text(s: &serde_json::Value) -> String {
         s["block_size"], s["size_bytes"], s["used_bytes"], s["free_bytes"]
     );
     for v in s["volumes"].as_array().into_iter().flatten() {
+        let kind = match v["snapshot"].as_bool() {
+            Some(true) => "snapshot",
+            _ => "volume",
+        };
+        let origin = match v["origin"].as_str() {
+            Some(o) => format!(" (of {o})"),
+            None => String::new(),
+        };
         out += &format!(
-            "  volume {}: size {}, mapped {}\n",
+            "  {kind} {}{origin}: size {}, mapped {} (owned {}, shared {})\n",
             v["name"].as_str().unwrap_or("?"),
             v["size_bytes"],
-            v["mapped_bytes"]
+            v["mapped_bytes"],
+            v["owned_bytes"],
+            v["shared_bytes"]
         );
     }
     out

@@ -127,9 +127,23 @@ fn a_full_pool_fails_the_write_with_ioerr_and_keeps_serving() {
 fn sigkill_at_fifty_points_loses_no_flushed_write_and_leaves_a_consistent_pool() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let pool = make_pool(dir.path(), "16M");
-    let blocks = 16u64;
-    // What each block held at the last completed flush (zeroes at first).
-    let mut flushed: Vec<Vec<u8>> = vec![vec![0; 4096]; blocks as usize];
+    let flushed = vec![vec![0; 4096]; 16];
+    kill_while_writing(&pool, 50, flushed, || serve(dir.path(), &pool), |_, _| {});
+}
+
+/// SIGKILLs the daemon `crashes` times while a front end writes 4 KiB at the start of each of
+/// the first blocks of the disk `serve` starts (and flushes now and then), `flushed` holding
+/// what each block holds at first. After each kill the pool passes `pool check`, every
+/// flushed write reads back, and each block holds its flushed contents or a write made since.
+/// `after` runs after each restart (crash number, the restarted daemon).
+fn kill_while_writing(
+    pool: &str,
+    crashes: u64,
+    mut flushed: Vec<Vec<u8>>,
+    mut serve: impl FnMut() -> (Daemon, std::path::PathBuf),
+    mut after: impl FnMut(u64, &Daemon),
+) {
+    let blocks = flushed.len() as u64;
     let mut seed = 0x9e37_79b9u64;
     let mut next = move || {
         seed ^= seed << 13;
@@ -137,8 +151,8 @@ fn sigkill_at_fifty_points_loses_no_flushed_write_and_leaves_a_consistent_pool()
         seed ^= seed << 17;
         seed
     };
-    for crash in 0..50u64 {
-        let (mut daemon, socket) = serve(dir.path(), &pool);
+    for crash in 0..crashes {
+        let (mut daemon, socket) = serve();
         let mut d = BlkDriver::connect(&socket, DriverOptions::default());
         // Everything flushed before reads back intact.
         for b in 0..blocks {
@@ -197,7 +211,7 @@ fn sigkill_at_fifty_points_loses_no_flushed_write_and_leaves_a_consistent_pool()
         // Unflushed writes may or may not have survived; whatever a block holds now must be
         // its flushed contents or the unflushed write, and it becomes the new baseline.
         let out = Command::new(BIN)
-            .args(["pool", "check", &pool])
+            .args(["pool", "check", pool])
             .output()
             .unwrap();
         assert!(
@@ -205,7 +219,7 @@ fn sigkill_at_fifty_points_loses_no_flushed_write_and_leaves_a_consistent_pool()
             "crash {crash}: pool check failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let (_daemon, socket) = serve(dir.path(), &pool);
+        let (daemon, socket) = serve();
         let mut d = BlkDriver::connect(&socket, DriverOptions::default());
         for b in 0..blocks as usize {
             let got = d.read(0, b as u64 * BLOCK / 512, 4096).1;
@@ -216,6 +230,7 @@ fn sigkill_at_fifty_points_loses_no_flushed_write_and_leaves_a_consistent_pool()
             );
             flushed[b] = got;
         }
+        after(crash, &daemon);
     }
 }
 
@@ -336,4 +351,198 @@ fn space_written_or_discarded_without_a_flush_shows_within_the_commit_period() {
     };
     assert_eq!(d.run(0, &discard).status, S_OK);
     wait_for("after discarding them", 0);
+}
+
+/// `--export` for volume `volume` of `pool` on DIR/VOLUME.sock, plus `extra`.
+fn volume_export(dir: &Path, pool: &str, volume: &str, extra: &str) -> [String; 2] {
+    [
+        "--export".into(),
+        format!(
+            "vhost-user-blk,socket={},pool={pool},volume={volume}{extra}",
+            dir.join(format!("{volume}.sock")).display()
+        ),
+    ]
+}
+
+#[test]
+fn a_served_volume_is_snapshotted_live_and_its_snapshot_and_clone_are_served_beside_it() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let pool = make_pool(dir.path(), "64M");
+    let control = dir.path().join("control.sock");
+    let mut args = volume_export(dir.path(), &pool, "v0", "").to_vec();
+    args.extend(["--control".into(), control.display().to_string()]);
+    let _daemon = Daemon::start(dir.path(), &args);
+    let mut v0 = BlkDriver::connect(&dir.path().join("v0.sock"), DriverOptions::default());
+    let before = pattern(2 * BLOCK as usize, 1);
+    assert_eq!(v0.write(0, 0, &before), S_OK);
+    // No flush: a completed write is in the snapshot all the same.
+    let rpc = |method: &str, params: &[&str]| common::rpc(dir.path(), &control, method, params);
+    let snap = rpc(
+        "volume_snapshot",
+        &[&format!("pool={pool}"), "volume=v0", "snapshot=s"],
+    )
+    .unwrap();
+    assert_eq!(snap["shared_bytes"], 2 * BLOCK, "{snap}");
+    assert!(snap["paused_us"].as_u64().unwrap() < 1_000_000, "{snap}");
+    assert_eq!(v0.write(0, 8, &pattern(4096, 2)), S_OK);
+
+    // The snapshot is served read-only only, and reads as it was taken.
+    let s_export = |extra: &str| {
+        format!(
+            "vhost-user-blk,socket={},pool={pool},volume=s{extra}",
+            dir.path().join("s.sock").display()
+        )
+    };
+    let refused = rpc("export_add", &[&format!("spec={}", s_export(""))]).unwrap_err();
+    assert!(
+        refused.contains("is a snapshot") && refused.contains("readonly=on"),
+        "{refused}"
+    );
+    rpc(
+        "export_add",
+        &[&format!("spec={}", s_export(",readonly=on"))],
+    )
+    .unwrap();
+    let mut s = BlkDriver::connect(&dir.path().join("s.sock"), DriverOptions::default());
+    assert_ne!(s.offered & F_RO, 0, "the snapshot is offered read-only");
+    assert_eq!(s.read(0, 0, before.len()).1, before);
+    assert_eq!(s.write(0, 0, &pattern(4096, 3)), S_IOERR);
+
+    // A clone of it, served writable beside both.
+    rpc(
+        "volume_clone",
+        &[&format!("pool={pool}"), "snapshot=s", "volume=c"],
+    )
+    .unwrap();
+    let c_spec = format!(
+        "vhost-user-blk,socket={},pool={pool},volume=c",
+        dir.path().join("c.sock").display()
+    );
+    rpc("export_add", &[&format!("spec={c_spec}")]).unwrap();
+    let mut c = BlkDriver::connect(&dir.path().join("c.sock"), DriverOptions::default());
+    assert_eq!(c.read(0, 0, before.len()).1, before);
+    let mine = pattern(4096, 4);
+    assert_eq!(c.write(0, 16, &mine), S_OK);
+    let mut want = before.clone();
+    want[16 * 512..16 * 512 + 4096].copy_from_slice(&mine);
+    assert_eq!(c.read(0, 0, want.len()).1, want);
+    assert_eq!(
+        s.read(0, 0, before.len()).1,
+        before,
+        "the snapshot unchanged"
+    );
+    assert_eq!(v0.read(0, 16, 4096).1, before[16 * 512..16 * 512 + 4096]);
+
+    // A served snapshot cannot be deleted; the status shows what each owns and shares.
+    let busy = rpc("volume_delete", &[&format!("pool={pool}"), "volume=s"]).unwrap_err();
+    assert!(busy.contains("export_remove it first"), "{busy}");
+    // A copy's old block counts as shared until the copy is committed.
+    assert_eq!(flush(&mut c), S_OK);
+    let status = rpc("pool_status", &[&format!("pool={pool}")]).unwrap();
+    let of = |name: &str| {
+        status["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(of("s")["snapshot"], true);
+    assert_eq!(of("c")["origin"], "s");
+    // v0 copied block 0 on its write, c copied block 0 too: s owns its block 0 alone.
+    assert_eq!(
+        (
+            of("c")["owned_bytes"].as_u64(),
+            of("c")["shared_bytes"].as_u64()
+        ),
+        (Some(BLOCK), Some(BLOCK)),
+        "{status}"
+    );
+    assert_eq!(of("s")["owned_bytes"], BLOCK, "{status}");
+}
+
+#[test]
+fn sigkill_while_a_clone_is_written_keeps_its_served_snapshot_exact() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let pool = make_pool(dir.path(), "16M");
+    let image: Vec<Vec<u8>> = (0..16).map(|b| pattern(4096, 50 + b)).collect();
+    {
+        let (_daemon, socket) = serve(dir.path(), &pool);
+        let mut d = BlkDriver::connect(&socket, DriverOptions::default());
+        for (b, data) in image.iter().enumerate() {
+            assert_eq!(d.write(0, b as u64 * BLOCK / 512, data), S_OK);
+        }
+        assert_eq!(flush(&mut d), S_OK);
+    }
+    pool_cmd(&["volume", "snapshot", &pool, "v0", "s"]);
+    pool_cmd(&["volume", "clone", &pool, "s", "c"]);
+    let serve_both = || {
+        let mut args = volume_export(dir.path(), &pool, "c", "").to_vec();
+        args.extend(volume_export(dir.path(), &pool, "s", ",readonly=on"));
+        (Daemon::start(dir.path(), &args), dir.path().join("c.sock"))
+    };
+    kill_while_writing(&pool, 25, image.clone(), serve_both, |crash, _| {
+        let mut s = BlkDriver::connect(&dir.path().join("s.sock"), DriverOptions::default());
+        for (b, want) in image.iter().enumerate() {
+            assert_eq!(
+                &s.read(0, b as u64 * BLOCK / 512, 4096).1,
+                want,
+                "crash {crash}: snapshot block {b} changed"
+            );
+        }
+    });
+}
+
+#[test]
+fn pool_volume_snapshot_clone_inflate_and_status_from_the_command_line() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let pool = make_pool(dir.path(), "16M");
+    {
+        let (_daemon, socket) = serve(dir.path(), &pool);
+        let mut d = BlkDriver::connect(&socket, DriverOptions::default());
+        assert_eq!(d.write(0, 0, &pattern(3 * BLOCK as usize, 9)), S_OK);
+        assert_eq!(flush(&mut d), S_OK);
+    }
+    let out = pool_cmd(&["volume", "snapshot", &pool, "v0", "gold"]);
+    assert!(out.contains("snapshot gold of volume v0"), "{out}");
+    pool_cmd(&["volume", "clone", &pool, "gold", "vm1"]);
+    let s = status(&pool);
+    assert_eq!(
+        s["used_bytes"],
+        3 * BLOCK,
+        "a clone takes no data blocks: {s}"
+    );
+    assert_eq!(s["volumes"][2]["shared_bytes"], 3 * BLOCK);
+    let text = pool_cmd(&["status", &pool]);
+    assert!(text.contains("snapshot gold (of v0)"), "{text}");
+    assert!(text.contains("volume vm1 (of gold)"), "{text}");
+    let out = pool_cmd(&["volume", "inflate", &pool, "vm1"]);
+    assert!(
+        out.contains(&format!("{} bytes copied", 3 * BLOCK)),
+        "{out}"
+    );
+    assert_eq!(status(&pool)["used_bytes"], 6 * BLOCK);
+    // Mistakes are named.
+    let fails = |args: &[&str]| {
+        let out = Command::new(BIN).arg("pool").args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = fails(&["volume", "clone", &pool, "v0", "x"]);
+    assert!(e.contains("not a snapshot"), "{e}");
+    let e = fails(&["volume", "snapshot", &pool, "nope", "x"]);
+    assert!(e.contains("no volume named \"nope\""), "{e}");
+    let e = fails(&["volume", "snapshot", &pool, "v0", "vm1"]);
+    assert!(e.contains("exists already"), "{e}");
+    let e = fails(&["volume", "resize", &pool, "gold", "--size", "1G"]);
+    assert!(e.contains("is a snapshot: read-only"), "{e}");
+    pool_cmd(&["volume", "delete", &pool, "gold"]);
+    pool_cmd(&["volume", "delete", &pool, "v0"]);
+    assert_eq!(
+        status(&pool)["used_bytes"],
+        3 * BLOCK,
+        "vm1 keeps its own copy"
+    );
+    pool_cmd(&["check", &pool]);
 }
