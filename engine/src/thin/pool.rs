@@ -1054,7 +1054,8 @@ impl Pool {
     }
 
     /// Copy on write: new data block `p` gets shared block `from`'s contents with `data` (or
-    /// nothing: a provisioned copy) at `within`.
+    /// nothing: a provisioned copy) at `within`. Pages of zeroes stay holes, as in the block
+    /// copied (a golden image's blocks hold file system free space).
     fn copy_block(&self, from: u64, p: u64, within: u64, data: Option<&[u8]>) -> io::Result<()> {
         let bs = u64::from(self.block_size);
         let mut block = vec![0u8; bs as usize];
@@ -1065,7 +1066,46 @@ impl Pool {
         if let Some(data) = data {
             block[within as usize..within as usize + data.len()].copy_from_slice(data);
         }
-        self.data.write_all_at(&block, p * bs)
+        if covered || !self.clear_block(p, data.is_none()) {
+            return self.data.write_all_at(&block, p * bs);
+        }
+        const PAGE: usize = 4096;
+        let mut page = 0;
+        while page < block.len() {
+            let data_page = |at: usize| block[at..at + PAGE].iter().any(|&b| b != 0);
+            if !data_page(page) {
+                page += PAGE;
+                continue;
+            }
+            let run = page;
+            while page < block.len() && data_page(page) {
+                page += PAGE;
+            }
+            self.data
+                .write_all_at(&block[run..page], p * bs + run as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Makes data block `p` read as zeroes without writing them: a hole, or with `allocate`
+    /// zeroed space the file system has set aside (a provisioned block must not run out of
+    /// room later). False where the file system cannot.
+    fn clear_block(&self, p: u64, allocate: bool) -> bool {
+        let bs = u64::from(self.block_size);
+        let mode = match allocate {
+            true => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            false => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        };
+        // SAFETY: fallocate on a descriptor we own.
+        let done = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&self.data),
+                mode,
+                (p * bs) as libc::off_t,
+                bs as libc::off_t,
+            )
+        };
+        done == 0
     }
 
     /// Gives new data block `p` its contents: `data` at `within` and zeroes elsewhere. The
@@ -1078,23 +1118,7 @@ impl Pool {
         if data.is_some_and(|d| d.len() as u64 == bs) {
             return self.data.write_all_at(data.unwrap(), start);
         }
-        // A provisioned block (no data) must really hold space: ZERO_RANGE allocates zeroed
-        // space; a block being written can be a hole around its data.
-        let mode = if data.is_some() {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-        } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-        };
-        // SAFETY: fallocate on a descriptor we own.
-        let punched = unsafe {
-            libc::fallocate(
-                std::os::fd::AsRawFd::as_raw_fd(&self.data),
-                mode,
-                start as libc::off_t,
-                bs as libc::off_t,
-            )
-        } == 0;
-        if punched {
+        if self.clear_block(p, data.is_none()) {
             if let Some(data) = data {
                 self.data.write_all_at(data, start + within)?;
             }

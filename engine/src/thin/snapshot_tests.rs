@@ -462,3 +462,25 @@ fn after_a_crash_a_volume_never_holds_what_a_volume_it_shared_with_wrote() {
     );
     pool.verify_refs().unwrap();
 }
+
+#[test]
+fn a_copy_on_write_keeps_the_holes_of_the_block_it_copies() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let big = 64 << 10;
+    let pool = Pool::create(&path, 16 * big, big as u32).unwrap();
+    let v = pool.volume_create("v", 4 * big).unwrap();
+    pool.write(&v, 0, &[1; 4096]).unwrap();
+    pool.volume_snapshot("v", "s").unwrap();
+    let allocated = || std::fs::metadata(path.join("data")).unwrap().blocks() * 512;
+    let before = allocated();
+    pool.write(&v, 32 << 10, &[2; 4096]).unwrap();
+    let mut want = vec![0u8; big as usize];
+    want[..4096].fill(1);
+    want[32 << 10..(32 << 10) + 4096].fill(2);
+    assert_eq!(read_all(&pool, "v")[..big as usize], want[..]);
+    // Two pages of data, not a whole 64 KiB block (where the file system makes holes).
+    let grew = allocated() - before;
+    assert!(grew <= 16 << 10, "the copy took {grew} bytes");
+}
