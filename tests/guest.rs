@@ -1177,3 +1177,179 @@ fn readme_quick_start_boots_a_guest_that_writes_to_the_default_disk() {
     assert!(written >= 16 << 11, "{written} sectors written");
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// Runs `program ARGS` and returns its stdout; fails the test if it fails.
+fn run_tool(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The golden-image workflow: an ext4 image with files and their checksums, imported into
+/// a thin pool, snapshotted and cloned three times; one guest mounts the snapshot (served
+/// read-only) and the three clones, checks every file, writes a file of its own to each
+/// clone. Afterwards the snapshot is byte for byte the image, each clone holds its own
+/// file and no other's, and the pool checks clean.
+#[test]
+fn linux_guest_mounts_three_clones_of_an_imported_image() {
+    if !guest_available("linux_guest_mounts_three_clones_of_an_imported_image") {
+        return;
+    }
+    if !have("mkfs.ext4") || !have("debugfs") {
+        assert!(
+            !guest_required(),
+            "mkfs.ext4 and debugfs (e2fsprogs) are needed"
+        );
+        eprintln!("SKIPPED linux_guest_mounts_three_clones_of_an_imported_image: no e2fsprogs");
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let files = d.join("files");
+    std::fs::create_dir(&files).unwrap();
+    for i in 0..12u8 {
+        let data = common::pattern(4096 * (1 + 37 * i as usize), i);
+        std::fs::write(files.join(format!("file{i}")), data).unwrap();
+    }
+    let sums = run_tool(
+        "sh",
+        &["-c", &format!("cd {} && sha256sum file*", files.display())],
+    );
+    std::fs::write(files.join("SHA256SUMS"), sums).unwrap();
+    let image = d.join("golden.raw");
+    run_tool(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-d",
+            path_str(&files),
+            path_str(&image),
+            "64M",
+        ],
+    );
+    let pool = d.join("pool");
+    let p = path_str(&pool);
+    let bin = common::BIN;
+    run_tool(bin, &["pool", "create", p, "--size", "1G"]);
+    run_tool(
+        bin,
+        &[
+            "pool",
+            "volume",
+            "import",
+            p,
+            "image",
+            "--from",
+            path_str(&image),
+        ],
+    );
+    run_tool(bin, &["pool", "volume", "snapshot", p, "image", "gold"]);
+    run_tool(bin, &["pool", "volume", "delete", p, "image"]);
+    let mut args = Vec::new();
+    for (name, extra) in [
+        ("gold", ",readonly=on,num-queues=2"),
+        ("vm0", ""),
+        ("vm1", ""),
+        ("vm2", ""),
+    ] {
+        if name != "gold" {
+            run_tool(bin, &["pool", "volume", "clone", p, "gold", name]);
+        }
+        args.push("--export".to_string());
+        args.push(format!(
+            "vhost-user-blk,socket={},pool={p},volume={name},name={name}{extra}",
+            d.join(format!("{name}.sock")).display()
+        ));
+    }
+    let mut daemon = Daemon::start(d, &args);
+    let (_one_guest, guest_dir) = built_guest();
+    let log = d.join("console.log");
+    let append = "pollblk.mode=clones pollblk.clones=3 pollblk.size=1M pollblk.range=1M";
+    let mut qemu = guest_qemu(
+        &guest_dir,
+        &d.join("gold.sock"),
+        &log,
+        &d.join("qmp.sock"),
+        append,
+    );
+    for (i, name) in ["vm0", "vm1", "vm2"].iter().enumerate() {
+        qemu.arg("-chardev")
+            .arg(format!(
+                "socket,id=c{i},path={}",
+                d.join(format!("{name}.sock")).display()
+            ))
+            .args([
+                "-device",
+                &format!("vhost-user-blk-pci,chardev=c{i},num-queues=1"),
+            ]);
+    }
+    let mut qemu = Reap(qemu.spawn().unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+    wait_powered_off(&mut qemu, &log, deadline);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let marks = markers(&text);
+    let mut steps = vec![
+        "snapshot-mount rc=0".to_string(),
+        "snapshot-files rc=0".into(),
+        "snapshot-untouched rc=0".into(),
+        "summary failed=0".into(),
+        "done".into(),
+    ];
+    for i in 0..3 {
+        for s in ["mount", "files", "fresh", "mine", "umount"] {
+            steps.push(format!("clone-{i}-{s} rc=0"));
+        }
+    }
+    for step in &steps {
+        assert!(
+            marks.iter().any(|m| m == step),
+            "the guest never reported {step:?}; console:\n{text}"
+        );
+    }
+    assert_eq!(daemon.stop(), Some(0));
+
+    run_tool(bin, &["pool", "check", p]);
+    let export = |name: &str| {
+        let to = d.join(format!("{name}.out"));
+        run_tool(
+            bin,
+            &["pool", "volume", "export", p, name, "--to", path_str(&to)],
+        );
+        to
+    };
+    let gold = export("gold");
+    assert!(
+        std::fs::read(&gold).unwrap() == std::fs::read(&image).unwrap(),
+        "the snapshot is no longer the image it was taken of"
+    );
+    for i in 0..3 {
+        let clone = export(&format!("vm{i}"));
+        run_tool("e2fsck", &["-fn", path_str(&clone)]);
+        let mine = run_tool("debugfs", &["-R", "cat /mine", path_str(&clone)]);
+        let lines: std::collections::BTreeSet<&str> = mine.lines().collect();
+        assert_eq!(
+            lines.into_iter().collect::<Vec<_>>(),
+            vec![format!("clone {i}").as_str()],
+            "vm{i} holds another clone's writes"
+        );
+    }
+    // Each clone owns the few blocks it wrote and shares the rest with the snapshot.
+    let status: serde_json::Value =
+        serde_json::from_str(&run_tool(bin, &["pool", "status", p, "--json"])).unwrap();
+    for v in status["volumes"].as_array().unwrap() {
+        if v["name"] != "gold" {
+            let (owned, shared) = (
+                v["owned_bytes"].as_u64().unwrap(),
+                v["shared_bytes"].as_u64().unwrap(),
+            );
+            assert!(owned > 0 && owned < shared, "{v}");
+        }
+    }
+}

@@ -60,14 +60,23 @@ pub struct CompareArgs {
     /// Core the generator runs on.
     #[arg(long, default_value_t = 1)]
     bench_core: usize,
-    /// Workload groups to run: null, file, file-shm, thin, stats, idle, scale, qos, baseline,
-    /// rbd
+    /// Workload groups to run: null, file, file-shm, thin, stats, idle, scale, qos, snapshot,
+    /// baseline, rbd
     /// (default: all but baseline and rbd, which need --baseline and --ceph-conf).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     only: Vec<String>,
     /// Disks the `scale` group serves from one daemon (all but one attached idle).
     #[arg(long, default_value_t = 1000, value_name = "N")]
     scale_disks: usize,
+    /// The `snapshot` group's served volume, mapped in full (on /dev/shm: 4 KiB per block).
+    #[arg(long, default_value = "64g", value_parser = parse_size)]
+    snapshot_size: u64,
+    /// The `snapshot` group's image that 100 clones are made of.
+    #[arg(long, default_value = "10g", value_parser = parse_size)]
+    image_size: u64,
+    /// The `snapshot` group's half-sparse raw image to import.
+    #[arg(long, default_value = "4g", value_parser = parse_size)]
+    import_size: u64,
     /// Generator front end: lean (pollblk-bench's own minimal driver) or blkio (libblkio).
     #[arg(long, default_value = "lean")]
     driver: DriverKind,
@@ -519,7 +528,8 @@ pub fn run(args: CompareArgs) -> Result<bool, String> {
         return Err("--size must be at least 1m and a multiple of 4k".into());
     }
     let known = [
-        "null", "file", "file-shm", "thin", "stats", "idle", "scale", "qos", "baseline", "rbd",
+        "null", "file", "file-shm", "thin", "stats", "idle", "scale", "qos", "snapshot",
+        "baseline", "rbd",
     ];
     if let Some(bad) = args.only.iter().find(|g| !known.contains(&g.as_str())) {
         return Err(format!(
@@ -659,6 +669,14 @@ fn run_all(setup: &Setup, selected: &[&Workload]) -> Result<bool, String> {
     }
     if wants("scale") {
         summary.extend(crate::scale::run(&comparison, setup.args.scale_disks)?);
+    }
+    if wants("snapshot") {
+        let sizes = crate::snapshot::Sizes {
+            snapshot: setup.args.snapshot_size,
+            image: setup.args.image_size,
+            import: setup.args.import_size,
+        };
+        summary.extend(crate::snapshot::run(&comparison, &sizes)?);
     }
     if setup.args.json {
         let out = json!({
@@ -1210,7 +1228,7 @@ fn print_table(rows: &[Value], to_stderr: bool) {
 }
 
 /// Column order of the tables.
-const COLUMNS: [&str; 9] = [
+const COLUMNS: [&str; 10] = [
     "pollblk",
     "qsd",
     "pollblk-poll",
@@ -1220,6 +1238,7 @@ const COLUMNS: [&str; 9] = [
     "baseline",
     "baseline-thin",
     "rbd-bench",
+    "reference",
 ];
 
 fn format_value(v: Option<f64>) -> String {

@@ -11,6 +11,7 @@ mod many;
 mod qos;
 mod report;
 mod scale;
+mod snapshot;
 
 use clap::{Args, Parser, Subcommand};
 use load::{DriverKind, LoadSpec, Pattern};

@@ -1,11 +1,13 @@
 //! The thin pool's metadata reader on hostile bytes: a journal of arbitrary records (volumes
-//! created, deleted, resized, blocks mapped anywhere, commit markers anywhere), framed with
+//! created, copied (snapshots, clones, copies of nothing or of unknown volumes), deleted,
+//! resized, blocks mapped anywhere, commit markers anywhere), framed with
 //! valid checksums so they reach the replay, then with arbitrary bytes flipped and the tail
 //! cut, opened as a pool.
 //!
 //! Invariants: opening either fails with an error or gives a pool whose state passes
-//! `thin::check` (every mapped block inside the data file and owned once) and whose volumes
-//! read without error; the record decoder never reads past its input.
+//! `thin::check` (every mapped block inside the data file, shared only at one virtual block)
+//! and whose volumes read without error and whose reference counts agree with the maps; the
+//! record decoder never reads past its input.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -25,6 +27,12 @@ enum Spec {
     },
     Delete {
         id: u8,
+    },
+    Copy {
+        from: u8,
+        id: u8,
+        snapshot: bool,
+        name: u8,
     },
     Resize {
         id: u8,
@@ -74,6 +82,17 @@ fuzz_target!(|input: Input| {
             Spec::Delete { id } => Record::VolumeDelete {
                 id: u32::from(id % 8),
             },
+            Spec::Copy {
+                from,
+                id,
+                snapshot,
+                name,
+            } => Record::VolumeCopy {
+                from: u32::from(from % 8),
+                id: u32::from(id % 8),
+                snapshot,
+                name: format!("v{}", name % 4),
+            },
             Spec::Resize { id, blocks } => Record::VolumeResize {
                 id: u32::from(id % 8),
                 size_bytes: u64::from(blocks) * u64::from(BLOCK),
@@ -103,6 +122,7 @@ fuzz_target!(|input: Input| {
     let Ok(pool) = Pool::open(dir.path()) else {
         return;
     };
+    pool.verify_refs().expect("reference counts agree with the maps");
     let status = pool.status();
     let mut buf = vec![0u8; BLOCK as usize];
     for v in &status.volumes {

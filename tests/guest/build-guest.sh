@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the pollblk test guest into OUTDIR:
 #   OUTDIR/vmlinuz            Debian's linux-image-amd64 kernel
-#   OUTDIR/initramfs.cpio.gz  busybox + fio + virtio-blk modules + guest-init.sh as /init
+#   OUTDIR/initramfs.cpio.gz  busybox + fio + virtio-blk and ext4 modules + guest-init.sh as /init
 #   OUTDIR/kernel-version
 # Re-running is cheap: nothing is rebuilt while OUTDIR/stamp matches the inputs.
 set -euo pipefail
@@ -95,7 +95,9 @@ visit() {
 	done
 	load_order+=("$name")
 }
-for m in virtio virtio_ring virtio_pci virtio_blk; do
+# ext4 (and the crc32c its checksums ask the crypto API for): the clones test mounts
+# file systems.
+for m in virtio virtio_ring virtio_pci virtio_blk crc32c_generic ext4; do
 	visit "$m"
 done
 

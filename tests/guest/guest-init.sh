@@ -45,7 +45,8 @@ WAIT=$(param wait 20)           # seconds to wait for /dev/vda
 MODE=$(param mode verify)       # verify: exercise vda; hotplug: the run-time disk steps;
                                 # pair: vda and vdb written and verified at once;
                                 # rate: fio for RUNTIME s, what a limited disk gives;
-                                # shell: a shell on the console (tests/guest/try.sh)
+                                # shell: a shell on the console (tests/guest/try.sh);
+                                # clones: ext4 on a snapshot (vda) and its clones
 
 MiB=1048576
 SIZE_B=$(bytes "$SIZE")
@@ -173,6 +174,43 @@ fi
 if [ "$MODE" = rate ]; then
 	run_fio fio-rate --filename=/dev/vda --direct=1 --rw=randrw --bs=4k --iodepth="$IODEPTH" \
 		--ioengine="$IOENGINE" --size="$SIZE" --time_based --runtime="$RUNTIME" --name=rate
+	mark "summary failed=$failed"
+	mark "done"
+	exit 0
+fi
+
+# Clones mode: vda is a snapshot of an ext4 image (served read-only), vdb and on its
+# CLONES clones. Every file system is mounted and its files checked against SHA256SUMS;
+# each clone gets a file of its own (mine: "clone N" lines), read again after a remount;
+# the snapshot must have none.
+if [ "$MODE" = clones ]; then
+	mkdir -p /mnt
+	mount -t ext4 -o ro,noload /dev/vda /mnt
+	step snapshot-mount $?
+	(cd /mnt && sha256sum -c -s SHA256SUMS)
+	step snapshot-files $?
+	[ ! -e /mnt/mine ]
+	step snapshot-untouched $?
+	umount /mnt
+	n=0 # (wait_for uses i)
+	for d in vdb vdc vdd vde vdf vdg; do
+		[ $n -lt "$(param clones 3)" ] || break
+		wait_for "[ -b /dev/$d ]" "$WAIT"
+		mount -t ext4 "/dev/$d" /mnt
+		step "clone-$n-mount" $?
+		(cd /mnt && sha256sum -c -s SHA256SUMS)
+		step "clone-$n-files" $?
+		[ ! -e /mnt/mine ]
+		step "clone-$n-fresh" $?
+		yes "clone $n" | head -c 262144 >/mnt/mine
+		umount /mnt
+		mount -t ext4 "/dev/$d" /mnt
+		[ "$(sort -u /mnt/mine)" = "clone $n" ]
+		step "clone-$n-mine" $?
+		umount /mnt
+		step "clone-$n-umount" $?
+		n=$((n + 1))
+	done
 	mark "summary failed=$failed"
 	mark "done"
 	exit 0
