@@ -47,7 +47,8 @@
 //!   disagree with the maps. `check` verifies the one shape sharing can have (a block shared
 //!   by several volumes sits at the same virtual block in each).
 //! - A block with more than one reference is never written in place. A write to it fills a
-//!   new block (the old contents, then the write) before mapping it, as for any new block.
+//!   new block (the old contents, then the write; cow.rs) before mapping it, as for any new
+//!   block.
 //! - In memory, the reference of a mapping that went away (copy on write, DISCARD, a deleted
 //!   volume) is dropped only once that removal is durable, as a block unmapped is freed only
 //!   then: until it is, a crash maps the block again in that volume, so no other volume may
@@ -76,6 +77,7 @@
 //! it is served (growing works under I/O: the map grows in place, see stable.rs).
 
 mod alloc;
+mod cow;
 pub mod format;
 mod pool;
 mod snapshot;

@@ -289,7 +289,7 @@ pub struct Pool {
     pub(super) dir: PathBuf,
     pub(super) block_size: u32,
     pub(super) data_blocks: u64,
-    data: File,
+    pub(super) data: File,
     pub(super) volumes: RwLock<Vec<Arc<Volume>>>,
     pub(super) alloc: Allocator,
     pub(super) journal: Mutex<Journal>,
@@ -1062,44 +1062,10 @@ impl Pool {
         }
     }
 
-    /// Copy on write: new data block `p` gets shared block `from`'s contents with `data` (or
-    /// nothing: a provisioned copy) at `within`. Pages of zeroes stay holes, as in the block
-    /// copied (a golden image's blocks hold file system free space).
-    fn copy_block(&self, from: u64, p: u64, within: u64, data: Option<&[u8]>) -> io::Result<()> {
-        let bs = u64::from(self.block_size);
-        let mut block = vec![0u8; bs as usize];
-        let covered = data.is_some_and(|d| d.len() as u64 == bs);
-        if !covered {
-            self.data.read_exact_at(&mut block, from * bs)?;
-        }
-        if let Some(data) = data {
-            block[within as usize..within as usize + data.len()].copy_from_slice(data);
-        }
-        if covered || !self.clear_block(p, data.is_none()) {
-            return self.data.write_all_at(&block, p * bs);
-        }
-        const PAGE: usize = 4096;
-        let mut page = 0;
-        while page < block.len() {
-            let data_page = |at: usize| block[at..at + PAGE].iter().any(|&b| b != 0);
-            if !data_page(page) {
-                page += PAGE;
-                continue;
-            }
-            let run = page;
-            while page < block.len() && data_page(page) {
-                page += PAGE;
-            }
-            self.data
-                .write_all_at(&block[run..page], p * bs + run as u64)?;
-        }
-        Ok(())
-    }
-
     /// Makes data block `p` read as zeroes without writing them: a hole, or with `allocate`
     /// zeroed space the file system has set aside (a provisioned block must not run out of
     /// room later). False where the file system cannot.
-    fn clear_block(&self, p: u64, allocate: bool) -> bool {
+    pub(super) fn clear_block(&self, p: u64, allocate: bool) -> bool {
         let bs = u64::from(self.block_size);
         let mode = match allocate {
             true => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,

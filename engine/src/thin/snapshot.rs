@@ -111,62 +111,109 @@ impl Pool {
         if live {
             self.flush()?;
         }
+        // Made and counted before the freeze, which then only catches up with what changed
+        // meanwhile. Counting a block shared early only makes its volume copy it sooner.
+        let copy = Volume::copy_of(&source, 0, name.into(), snapshot, self.block_size);
+        for p in copy.mapped() {
+            self.alloc.share(p);
+        }
         let started = Instant::now();
         if live {
             self.freeze(&source);
         }
-        let copied = self.copy_frozen(&source, name, snapshot);
+        let committed = self.commit_copy(&source, copy);
         if live {
             self.thaw(&source);
         }
-        let paused = if live {
-            started.elapsed()
-        } else {
-            Duration::ZERO
+        let paused = match live {
+            true => started.elapsed(),
+            false => Duration::ZERO,
         };
-        let shared_bytes = copied? * u64::from(self.block_size);
         Ok(Snapshot {
             paused,
-            shared_bytes,
+            shared_bytes: committed? * u64::from(self.block_size),
         })
     }
 
-    /// Commits the copy of `source` (which nothing changes meanwhile) and makes it; returns
-    /// the blocks it shares.
-    fn copy_frozen(&self, source: &Volume, name: &str, snapshot: bool) -> Result<u64, ThinError> {
+    /// Brings `copy` up to date with `source` (which nothing changes meanwhile), commits it
+    /// and makes it a volume of the pool; returns the blocks it shares.
+    fn commit_copy(&self, source: &Volume, mut copy: Volume) -> Result<u64, ThinError> {
         // Lock order everywhere: journal, then volumes.
         let mut journal = self.journal.lock().unwrap();
         let mut volumes = self.volumes.write().unwrap();
-        index_of(&volumes, &source.name)?;
-        if volumes.iter().any(|v| v.name == name) {
-            return Err(ThinError::VolumeExists(name.into()));
+        let ready = index_of(&volumes, &source.name)
+            .and_then(|_| match volumes.iter().any(|v| v.name == copy.name) {
+                true => Err(ThinError::VolumeExists(copy.name.clone())),
+                false => Ok(()),
+            })
+            .and_then(|()| self.upgrade_locked(&mut journal));
+        if let Err(e) = ready {
+            self.drop_refs(&copy);
+            return Err(e);
         }
-        self.upgrade_locked(&mut journal)?;
-        let id = volumes.iter().map(|v| v.id + 1).max().unwrap_or(1);
+        self.catch_up(source, &mut copy);
+        copy.id = volumes.iter().map(|v| v.id + 1).max().unwrap_or(1);
         let record = Record::VolumeCopy {
             from: source.id,
-            id,
-            snapshot,
-            name: name.into(),
+            id: copy.id,
+            snapshot: copy.snapshot,
+            name: copy.name.clone(),
         };
-        let freeing = if source.snapshot {
-            self.append_commit_locked(&mut journal, std::slice::from_ref(&record))?;
-            Vec::new()
-        } else {
-            self.commit_locked(&mut journal, &volumes, std::slice::from_ref(&record))?
+        let then = std::slice::from_ref(&record);
+        let committed = match source.snapshot {
+            true => self
+                .append_commit_locked(&mut journal, then)
+                .map(|()| Vec::new()),
+            false => self.commit_locked(&mut journal, &volumes, then),
         };
-        let copy = Volume::copy_of(source, id, name.into(), snapshot, self.block_size);
-        let mut shared = 0;
-        for p in copy.mapped() {
-            self.alloc.share(p);
-            shared += 1;
-        }
+        let freeing = match committed {
+            Ok(freeing) => freeing,
+            Err(e) => {
+                self.drop_refs(&copy);
+                return Err(e);
+            }
+        };
+        let shared = copy.mapped().count() as u64;
         volumes.push(Arc::new(copy));
         self.count_volumes(&volumes);
         drop(volumes);
         drop(journal);
         self.release_after_grace(freeing);
         Ok(shared)
+    }
+
+    /// Makes `copy`, taken from `source` before the freeze, what `source` holds now: each
+    /// entry that changed meanwhile drops its old block's reference and counts its new one.
+    fn catch_up(&self, source: &Volume, copy: &mut Volume) {
+        if copy.map.len() != source.map.len() || copy.size_bytes() != source.size_bytes() {
+            // Resized meanwhile: copied again whole.
+            self.drop_refs(copy);
+            *copy = Volume::copy_of(source, 0, copy.name.clone(), copy.snapshot, self.block_size);
+            for p in copy.mapped() {
+                self.alloc.share(p);
+            }
+            return;
+        }
+        for (mine, theirs) in copy.map.iter().zip(source.map.iter()) {
+            let (was, now) = (mine.load(Ordering::Relaxed), theirs.load(Ordering::Acquire));
+            if was != now {
+                if let Some(p) = was.checked_sub(1) {
+                    self.alloc.unref(p);
+                }
+                if let Some(p) = now.checked_sub(1) {
+                    self.alloc.share(p);
+                }
+                mine.store(now, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Gives back the references of a copy that is not made after all. They were never
+    /// durable and no I/O could reach them, so they go at once.
+    fn drop_refs(&self, copy: &Volume) {
+        for p in copy.mapped() {
+            self.alloc.unref(p);
+        }
     }
 
     /// Moves a format version 1 pool to version 2 before its first `VolumeCopy` record: an
