@@ -18,15 +18,25 @@ pub struct Copied {
     pub data_bytes: u64,
 }
 
-/// Creates volume `name` in `pool` from the raw image `from` (`-`: stdin).
+/// Creates volume `name` in `pool` from the raw image `from` (`-`: stdin). An import that
+/// fails part way (the pool full, a read error) leaves no volume behind.
 pub fn import(pool: &Pool, name: &str, from: &Path) -> Result<Copied, String> {
     if pool.volume(name).is_ok() {
         return Err(format!("a volume named {name} exists already"));
     }
+    let copied = if from == Path::new("-") {
+        import_stream(pool, name, &mut std::io::stdin().lock())
+    } else {
+        import_file(pool, name, from)
+    };
+    copied.map_err(|e| match pool.volume_delete(name) {
+        Ok(()) => format!("{e} (nothing imported: volume {name} removed)"),
+        Err(_) => e,
+    })
+}
+
+fn import_file(pool: &Pool, name: &str, from: &Path) -> Result<Copied, String> {
     let bs = u64::from(pool.block_size());
-    if from == Path::new("-") {
-        return import_stream(pool, name, &mut std::io::stdin().lock(), bs);
-    }
     let file = std::fs::File::open(from).map_err(|e| format!("{}: {e}", from.display()))?;
     let len = file
         .metadata()
@@ -75,7 +85,8 @@ pub fn import(pool: &Pool, name: &str, from: &Path) -> Result<Copied, String> {
 }
 
 /// From a pipe: the size is known at the end; the volume grows as the data comes.
-fn import_stream(pool: &Pool, name: &str, input: &mut dyn Read, bs: u64) -> Result<Copied, String> {
+fn import_stream(pool: &Pool, name: &str, input: &mut dyn Read) -> Result<Copied, String> {
+    let bs = u64::from(pool.block_size());
     const FIRST_SIZE: u64 = 1 << 30;
     let mut size = FIRST_SIZE;
     let volume = pool.volume_create(name, size).map_err(|e| e.to_string())?;

@@ -664,3 +664,38 @@ fn a_raw_image_goes_into_a_volume_and_back_out_sparse() {
     assert_eq!(out.stdout, std::fs::read(&image).unwrap());
     assert_eq!(pollblk(&["pool", "check", p]).0, 0);
 }
+
+#[test]
+fn an_import_that_fills_the_pool_fails_and_leaves_no_volume() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = d.join("pool");
+    let p = pool.to_str().unwrap();
+    assert_eq!(pollblk(&["pool", "create", p, "--size", "1M"]).0, 0);
+    assert_eq!(
+        pollblk(&["pool", "volume", "create", p, "keep", "--size", "1M"]).0,
+        0
+    );
+    let image = d.join("big.raw");
+    let file = std::fs::File::create(&image).unwrap();
+    file.write_all_at(&vec![7u8; 2 << 20], 0).unwrap();
+    drop(file);
+    let (code, _, err) = pollblk(&[
+        "pool",
+        "volume",
+        "import",
+        p,
+        "big",
+        "--from",
+        image.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("the pool is full"), "{err}");
+    assert!(err.contains("volume big removed"), "{err}");
+    let (_, out, _) = pollblk(&["pool", "status", p, "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["volumes"].as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(status["used_bytes"], 0, "every block given back: {status}");
+    assert_eq!(pollblk(&["pool", "check", p]).0, 0);
+}
