@@ -12,7 +12,7 @@ seconds=${1:-30}
 shift || true
 targets=("$@")
 if ((${#targets[@]} == 0)); then
-	targets=(chain blkif vhost_user backend_channel stats_reader thin_metadata thin_model)
+	targets=(chain blkif vhost_user backend_channel stats_reader thin_metadata thin_model nbd)
 fi
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build --debug-assertions

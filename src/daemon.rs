@@ -157,6 +157,8 @@ fn start_committer(
 #[derive(Default)]
 struct XenPlatforms {
     loopbacks: HashMap<PathBuf, Arc<Loopback>>,
+    /// NBD listeners by address, alive while an export uses them.
+    nbd: HashMap<pollblk_nbd::server::Address, std::sync::Weak<pollblk_nbd::server::Listener>>,
     #[cfg(feature = "xen")]
     xen: Option<Arc<pollblk_xen::xen::Xen>>,
 }
@@ -264,7 +266,9 @@ impl Daemon {
     fn check_conflicts(&self, export: &Export) -> Result<(), DaemonError> {
         for other in &self.disks {
             let theirs = &other.export;
-            if theirs.transport == export.transport {
+            // NBD exports share a listener (told apart by name: the listener refuses twins).
+            let nbd = matches!(export.transport, Transport::Nbd { .. });
+            if theirs.transport == export.transport && !nbd {
                 return Err(DaemonError::Invalid(format!(
                     "{} is already served by {}",
                     export.transport, other.name
@@ -844,7 +848,78 @@ impl Daemon {
             }
             #[cfg(not(feature = "xen"))]
             Transport::Xen { .. } => unreachable!("xen-blkif parses only with the xen feature"),
+            Transport::Nbd { address } => {
+                let access = export.socket_access.or(self.socket_access);
+                self.start_nbd(address, access, export, device, reactors)
+            }
         }
+    }
+
+    /// Offers `device` as an NBD export on `address`, starting its listener unless another
+    /// export has.
+    fn start_nbd(
+        &mut self,
+        address: &pollblk_nbd::server::Address,
+        access: pollblk_engine::unix_socket::Access,
+        export: &Export,
+        device: &Arc<BlkDevice>,
+        reactors: Vec<ReactorHandle>,
+    ) -> Result<Box<dyn Frontend>, DaemonError> {
+        use pollblk_nbd::server::{Export as NbdExport, Listener};
+        let failed = |e: String| DaemonError::Failed(e);
+        let listener = match self
+            .platforms
+            .nbd
+            .get(address)
+            .and_then(std::sync::Weak::upgrade)
+        {
+            Some(listener) => listener,
+            None => {
+                let listener = Arc::new(
+                    Listener::start(address.clone(), access)
+                        .map_err(|e| failed(format!("{}: {e}", export.transport)))?,
+                );
+                self.platforms
+                    .nbd
+                    .insert(address.clone(), Arc::downgrade(&listener));
+                listener
+            }
+        };
+        let info = nbd_info(export, device);
+        let name = info.name.clone();
+        let nbd = Arc::new(NbdExport::new(info, device.clone(), reactors));
+        if !listener.add(nbd.clone()) {
+            return Err(DaemonError::Invalid(format!(
+                "{} offers an export named {name:?} already (name= tells exports apart)",
+                export.transport
+            )));
+        }
+        Ok(Box::new(crate::frontend::NbdDisk {
+            listener,
+            export: nbd,
+        }))
+    }
+}
+
+/// Largest request an NBD client may send (NBD_INFO_BLOCK_SIZE's maximum).
+const NBD_MAX_REQUEST: u32 = 2 << 20;
+
+/// What NBD clients are told of a disk: its `name=` (or the default export ""), its size,
+/// whether it takes writes and discards.
+fn nbd_info(export: &Export, device: &BlkDevice) -> pollblk_nbd::handshake::ExportInfo {
+    let info = device.backend().info();
+    pollblk_nbd::handshake::ExportInfo {
+        name: export.name.clone().unwrap_or_default(),
+        description: format!("pollblk disk {}", device.options().name),
+        size: info.size_bytes,
+        read_only: export.readonly,
+        min_block: export.block_size,
+        preferred_block: 4096.max(export.block_size),
+        max_block: NBD_MAX_REQUEST,
+        can_trim: info.discard && !export.readonly,
+        // A FLUSH syncs the volume, whichever connection wrote.
+        multi_conn: true,
+        allocation: false,
     }
 }
 

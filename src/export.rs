@@ -62,6 +62,10 @@ pub const DEFAULT_RBD_TIMEOUT_SECS: u64 = 30;
 /// Queues a Xen disk offers unless told otherwise (multi-queue-max-queues).
 pub const DEFAULT_XEN_QUEUES: u16 = 4;
 
+/// Connections an NBD export takes at once unless told otherwise (`num-queues=`: each
+/// connection is one queue, with its own statistics).
+pub const DEFAULT_NBD_CONNECTIONS: u16 = 8;
+
 /// How guests reach a disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transport {
@@ -75,6 +79,11 @@ pub enum Transport {
     },
     /// Xen blkif on a real Xen host (a build with the `xen` feature).
     Xen { domid: u32, devid: u32 },
+    /// NBD on a Unix socket or a loopback TCP address, under the disk's name (`name=`; the
+    /// default export "" without it).
+    Nbd {
+        address: pollblk_nbd::server::Address,
+    },
 }
 
 impl std::fmt::Display for Transport {
@@ -89,6 +98,7 @@ impl std::fmt::Display for Transport {
             Transport::Xen { domid, devid } => {
                 write!(f, "xen-blkif domain {domid} device {devid}")
             }
+            Transport::Nbd { address } => write!(f, "{}", pollblk_nbd::server::describe(address)),
         }
     }
 }
@@ -208,7 +218,7 @@ fn unknown_option(part: &str) -> String {
 }
 
 /// Every option an export takes; `null` is the one without a value.
-const KNOWN_OPTIONS: [&str; 29] = [
+const KNOWN_OPTIONS: [&str; 30] = [
     "socket",
     "dir",
     "domid",
@@ -238,6 +248,7 @@ const KNOWN_OPTIONS: [&str; 29] = [
     "socket-group",
     "socket-mode",
     "format",
+    "addr",
 ];
 
 /// The `key=value` options of a spec, checked for known keys and present values up front;
@@ -317,7 +328,7 @@ impl<'a> Options<'a> {
 /// The export types this build serves.
 fn check_kind(kind: &str) -> Result<(), String> {
     match kind {
-        "vhost-user-blk" | "xen-blkif-loopback" => Ok(()),
+        "vhost-user-blk" | "xen-blkif-loopback" | "nbd" => Ok(()),
         "xen-blkif" if cfg!(feature = "xen") => Ok(()),
         "xen-blkif" => Err(
             "xen-blkif (real Xen) needs a pollblk built with the xen feature \
@@ -326,8 +337,8 @@ fn check_kind(kind: &str) -> Result<(), String> {
                 .into(),
         ),
         other => Err(format!(
-            "unknown export type {other:?}: the supported types are vhost-user-blk \
-             and xen-blkif-loopback"
+            "unknown export type {other:?}: the supported types are vhost-user-blk, \
+             nbd and xen-blkif-loopback"
         )),
     }
 }
@@ -340,6 +351,37 @@ fn vhost_user_transport(opts: &Options) -> Result<Transport, String> {
     )?;
     let socket = opts.path("socket").ok_or("socket=PATH is required")?;
     Ok(Transport::VhostUser { socket })
+}
+
+/// `nbd,socket=PATH` or `nbd,addr=HOST:PORT` (a loopback address: no TLS yet).
+fn nbd_transport(opts: &Options) -> Result<Transport, String> {
+    opts.refuse(
+        &["dir", "domid", "devid"],
+        "dir=, domid= and devid= go with the Xen exports",
+    )?;
+    opts.refuse(
+        &["guest-stats", "guest-stats-bit", "provision"],
+        "guest-stats= and provision= are virtio-blk features: not for NBD",
+    )?;
+    use pollblk_nbd::server::Address;
+    let address = match (opts.path("socket"), opts.get("addr")) {
+        (Some(socket), None) => Address::Unix(socket),
+        (None, Some(addr)) => {
+            let addr: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|_| format!("addr={addr}: expected HOST:PORT (127.0.0.1:10809)"))?;
+            if !addr.ip().is_loopback() {
+                return Err(format!(
+                    "addr={addr}: NBD over TCP is served on loopback addresses only: this \
+                     pollblk has no TLS for it yet (use socket=PATH, or 127.0.0.1)"
+                ));
+            }
+            Address::Tcp(addr)
+        }
+        (Some(_), Some(_)) => return Err("socket= or addr=, not both".into()),
+        (None, None) => return Err("socket=PATH or addr=HOST:PORT is required".into()),
+    };
+    Ok(Transport::Nbd { address })
 }
 
 /// `socket-owner=USER,socket-group=GROUP,socket-mode=0660`: who may connect.
@@ -534,11 +576,13 @@ impl std::str::FromStr for Export {
         let opts = Options::parse(parts)?;
         let transport = match kind {
             "vhost-user-blk" => vhost_user_transport(&opts)?,
+            "nbd" => nbd_transport(&opts)?,
             _ => xen_transport(kind, &opts)?,
         };
         let default_queues = match transport {
             Transport::VhostUser { .. } => DEFAULT_NUM_QUEUES,
             Transport::XenLoopback { .. } | Transport::Xen { .. } => DEFAULT_XEN_QUEUES,
+            Transport::Nbd { .. } => DEFAULT_NBD_CONNECTIONS,
         };
         let num_queues = opts
             .number(

@@ -126,3 +126,48 @@ impl Frontend for Vbd {
         Vec::new()
     }
 }
+
+/// An NBD disk: one export of a listener that may offer others.
+pub struct NbdDisk {
+    /// Kept alive by its exports: the listener closes when the last one stops.
+    pub listener: std::sync::Arc<pollblk_nbd::server::Listener>,
+    pub export: std::sync::Arc<pollblk_nbd::server::Export>,
+}
+
+const NBD_ONLY_VHOST: &str = "supported for vhost-user disks only (an NBD client learns the \
+                              size when it connects)";
+
+impl Frontend for NbdDisk {
+    fn stop(self: Box<Self>) {
+        self.listener.remove(self.export.name());
+        self.export.disconnect_all();
+    }
+
+    fn connected(&self) -> bool {
+        self.export.connected() > 0
+    }
+
+    fn detach_hint(&self) -> &'static str {
+        "disconnect its NBD clients first (or export_remove with force=true)"
+    }
+
+    fn resizes(&self) -> Result<(), Unsupported> {
+        Err(Unsupported(NBD_ONLY_VHOST))
+    }
+
+    fn announce_resize(&self) -> Result<bool, String> {
+        unreachable!("resizes() refused")
+    }
+
+    fn pause(&self, _: Option<usize>) -> Result<Vec<(usize, u16)>, Refused> {
+        Err(Refused::Unsupported(Unsupported(NBD_ONLY_VHOST)))
+    }
+
+    fn resume(&self, _: Option<usize>) -> Result<Vec<usize>, Refused> {
+        Err(Refused::Unsupported(Unsupported(NBD_ONLY_VHOST)))
+    }
+
+    fn queue_states(&self) -> Vec<serde_json::Value> {
+        vec![serde_json::json!({ "nbd_connections": self.export.connected() })]
+    }
+}

@@ -432,10 +432,16 @@ impl<R: Ring + 'static> PolledQueue for RequestQueue<R> {
 
     fn mark_broken(&mut self, why: Broken) {
         if !self.broken {
-            tracing::error!(disk = %self.volume.device().options().name, ?why,
-                "queue broken: it stops until the front end resets it");
+            if why == Broken::Disconnected {
+                // A connection's peer leaving is how its queue ends, not a fault.
+                tracing::debug!(disk = %self.volume.device().options().name,
+                    "queue's peer disconnected");
+            } else {
+                tracing::error!(disk = %self.volume.device().options().name, ?why,
+                    "queue broken: it stops until the front end resets it");
+                self.stats().set(QueueStat::Broken, 1);
+            }
             self.broken = true;
-            self.stats().set(QueueStat::Broken, 1);
             self.ring.broken(why);
         }
     }

@@ -63,6 +63,9 @@ pub enum Broken {
     BadIndirect,
     /// An indirect table whose length is 0, not a multiple of 16, or not in guest memory.
     BadIndirectTable,
+    /// A connection-based ring's peer went away or sent what cannot be answered (an NBD
+    /// client: bad magic, a write larger than the maximum, NBD_CMD_DISC).
+    Disconnected,
 }
 
 /// Why one request's buffers are unusable; the request fails with IOERR.
