@@ -919,7 +919,8 @@ fn nbd_info(export: &Export, device: &BlkDevice) -> pollblk_nbd::handshake::Expo
         can_trim: info.discard && !export.readonly,
         // A FLUSH syncs the volume, whichever connection wrote.
         multi_conn: true,
-        allocation: false,
+        // Thin volumes and files can tell their holes.
+        allocation: device.backend().allocation(0, 0, 1, &mut Vec::new()),
     }
 }
 

@@ -373,3 +373,138 @@ fn bad_nbd_exports_are_refused_with_the_reason() {
     ));
     assert!(e.contains("not both"), "{e}");
 }
+
+/// The backup workflow of the README: a served volume snapshotted, the snapshot exported
+/// over NBD read-only, copied to a qcow2 file by qemu-img (its holes skipped: `qemu-img
+/// map` sees them through base:allocation), restored into a new volume through another
+/// export, and compared.
+#[test]
+fn a_snapshot_is_backed_up_over_nbd_to_qcow2_and_restored() {
+    if !have("qemu-img") {
+        return;
+    }
+    use pollblk_driver::{BlkDriver, DriverOptions};
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let pool = d.join("pool");
+    let p = pool.to_str().unwrap();
+    run(common::BIN, &["pool", "create", p, "--size", "256M"]);
+    run(
+        common::BIN,
+        &["pool", "volume", "create", p, "vm1", "--size", "64M"],
+    );
+    let control = d.join("control.sock");
+    let vm1 = d.join("vm1.sock");
+    let args = [
+        "--control".to_string(),
+        control.display().to_string(),
+        "--export".into(),
+        format!(
+            "vhost-user-blk,socket={},pool={p},volume=vm1,name=vm1",
+            vm1.display()
+        ),
+    ];
+    let _daemon = Daemon::start(d, &args);
+    // Data in two places; the rest of the 64 MiB never written.
+    let mut guest = BlkDriver::connect(&vm1, DriverOptions::default());
+    let (a, b) = (pattern(1 << 20, 5), pattern(256 << 10, 6));
+    assert_eq!(guest.write(0, 2048, &a), 0);
+    assert_eq!(guest.write(0, 40 << 11, &b), 0);
+    let rpc = |method: &str, params: &[&str]| common::rpc(d, &control, method, params).unwrap();
+    rpc(
+        "volume_snapshot",
+        &[&format!("pool={p}"), "volume=vm1", "snapshot=vm1-backup"],
+    );
+    // The guest goes on writing; the snapshot keeps the moment.
+    assert_eq!(guest.write(0, 2048, &pattern(4096, 7)), 0);
+    let nbd = d.join("nbd.sock");
+    let spec = |volume: &str, extra: &str| {
+        format!(
+            "spec=nbd,socket={},pool={p},volume={volume},name={volume}{extra}",
+            nbd.display()
+        )
+    };
+    rpc("export_add", &[&spec("vm1-backup", ",readonly=on")]);
+    let map = run(
+        "qemu-img",
+        &[
+            "map",
+            "--output=json",
+            "-f",
+            "raw",
+            &uri(&nbd, "vm1-backup"),
+        ],
+    );
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let data: u64 = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    // The written 1.25 MiB in whole 64 KiB blocks, nothing more.
+    assert!((1280 << 10..=1536 << 10).contains(&data), "{map}");
+    let backup = d.join("backup.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &uri(&nbd, "vm1-backup"),
+            backup.to_str().unwrap(),
+        ],
+    );
+    let size = std::fs::metadata(&backup).unwrap().len();
+    assert!(size < 4 << 20, "the holes were copied: {size} bytes");
+    rpc(
+        "volume_create",
+        &[&format!("pool={p}"), "volume=restored", "size=64M"],
+    );
+    rpc("export_add", &[&spec("restored", "")]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            backup.to_str().unwrap(),
+            &uri(&nbd, "restored"),
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &uri(&nbd, "vm1-backup"),
+            &uri(&nbd, "restored"),
+        ],
+    );
+    let status = rpc("pool_status", &[&format!("pool={p}")]);
+    let restored = status["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "restored")
+        .unwrap()
+        .clone();
+    assert!(
+        restored["mapped_bytes"].as_u64().unwrap() <= 2 << 20,
+        "{restored}"
+    );
+    // nbdinfo --map agrees where it is installed.
+    if have("nbdinfo") {
+        let m = run("nbdinfo", &["--map", &uri(&nbd, "vm1-backup")]);
+        assert!(m.contains("hole,zero") && m.contains("data"), "{m}");
+    }
+}

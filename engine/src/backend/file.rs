@@ -211,6 +211,36 @@ impl Backend for FileBackend {
         Submitted::Queued
     }
 
+    fn allocation(&self, offset: u64, len: u64, max: usize, runs: &mut Vec<(u64, bool)>) -> bool {
+        if self.is_block {
+            return false;
+        }
+        let fd = self.file.as_raw_fd();
+        let end = offset
+            .saturating_add(len)
+            .min(self.size.load(Ordering::Acquire));
+        let mut at = offset;
+        while at < end && runs.len() < max {
+            let seek = |from: u64, whence| {
+                // SAFETY: lseek on our descriptor; it moves only the file offset, which no
+                // I/O of this backend uses (every read and write gives its own).
+                let r = unsafe { libc::lseek(fd, from as libc::off_t, whence) };
+                (r >= 0).then_some(r as u64)
+            };
+            // No data from here on (ENXIO): the rest is a hole.
+            let data = seek(at, libc::SEEK_DATA).unwrap_or(end).min(end);
+            if data > at {
+                runs.push((data - at, false));
+                at = data;
+                continue;
+            }
+            let hole = seek(at, libc::SEEK_HOLE).unwrap_or(end).min(end);
+            runs.push((hole.max(at + 1) - at, true));
+            at = hole.max(at + 1);
+        }
+        true
+    }
+
     fn sync_all(&self) -> io::Result<()> {
         self.file.sync_all()
     }

@@ -142,4 +142,18 @@ pub trait Backend: Send + Sync {
     /// before the request finishes. Bits 48..60 of user_data are the backend's own: it may
     /// set them on its SQEs (the reactor ignores them) to find its state here.
     fn completed(&self, _user_data: u64) {}
+
+    /// Which parts of `len` bytes at `offset` hold data: appends (length, allocated) runs in
+    /// order, covering the range (at most `max` of them; the last may end early), and
+    /// returns true; false if the volume cannot tell (everything then counts as data). For
+    /// NBD's `base:allocation`; called on the reactor, so it must not block for long.
+    fn allocation(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _max: usize,
+        _runs: &mut Vec<(u64, bool)>,
+    ) -> bool {
+        false
+    }
 }

@@ -127,6 +127,11 @@ impl Backend for ThinBackend {
             .map_err(|e| io::Error::other(e.to_string()))
     }
 
+    fn allocation(&self, offset: u64, len: u64, max: usize, runs: &mut Vec<(u64, bool)>) -> bool {
+        self.pool.allocation(&self.volume, offset, len, max, runs);
+        true
+    }
+
     fn completed(&self, user_data: u64) {
         let pin = (user_data & BACKEND_USER_DATA_MASK) >> PIN_SHIFT;
         assert!(pin == 1 || pin == 2, "thin CQE without its epoch pin");

@@ -973,6 +973,29 @@ impl Pool {
         })
     }
 
+    /// Appends the (length, mapped) runs of `len` bytes at `offset` of `v` to `runs`, at
+    /// most `max` of them (the last may end before the range does). Lock-free map reads.
+    pub fn allocation(
+        &self,
+        v: &Volume,
+        offset: u64,
+        len: u64,
+        max: usize,
+        runs: &mut Vec<(u64, bool)>,
+    ) {
+        let end = offset.saturating_add(len).min(v.size_bytes());
+        for (vb, _, n) in self.pieces(offset, end.saturating_sub(offset)) {
+            let mapped = v.lookup(vb).is_some();
+            if let Some((run, _)) = runs.last_mut().filter(|(_, m)| *m == mapped) {
+                *run += n;
+            } else if runs.len() < max {
+                runs.push((n, mapped));
+            } else {
+                return;
+            }
+        }
+    }
+
     /// Reads; unmapped blocks read as zeroes.
     pub fn read(&self, v: &Volume, offset: u64, buf: &mut [u8]) -> Result<(), ThinError> {
         self.check_range(v, offset, buf.len() as u64)?;

@@ -13,9 +13,14 @@
 //! - [`server`]: listening sockets (Unix, loopback TCP), a thread each that accepts and
 //!   haggles, and the exports they offer.
 //!
-//! Not here yet: STARTTLS (refused as unsupported), extended headers (refused as
-//! unsupported), `base:allocation` answers (the context is offered only where the export
-//! says it can tell holes).
+//! `base:allocation` is offered where the volume can tell its holes (thin volumes, files):
+//! BLOCK_STATUS answers from the thin map or SEEK_DATA, and a structured READ sends holes as
+//! OFFSET_HOLE chunks.
+//!
+//! Not here yet: TLS (STARTTLS is refused as unsupported, so TCP listens on loopback
+//! addresses only), extended headers (refused as unsupported). Replies are sent with
+//! send(2) from the reactor's thread, not through its io_uring, and a READ's data is copied
+//! into the connection's send buffer.
 
 pub mod handshake;
 pub mod request;

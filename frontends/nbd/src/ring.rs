@@ -13,6 +13,7 @@ use crate::handshake::Agreed;
 use crate::request::{check, Command, Header, Refusal};
 use crate::wire::*;
 use pollblk_engine::blk::{self, Request, RequestKind};
+use pollblk_engine::device::BlkDevice;
 use pollblk_engine::request::Status;
 use pollblk_engine::ring::{Notified, Popped, Ring};
 use pollblk_engine::virtqueue::{Broken, Segments};
@@ -24,6 +25,8 @@ pub const SLOTS: usize = 64;
 const INBUF: usize = 64 << 10;
 /// Reply bytes waiting for the socket past which no new request is taken.
 const BACKLOG_LIMIT: usize = 8 << 20;
+/// Most extents one BLOCK_STATUS reply lists.
+const MAX_EXTENTS: usize = 1024;
 
 /// What the ring keeps per slot to answer its request.
 #[derive(Default)]
@@ -47,6 +50,10 @@ struct Incoming {
 pub struct NbdRing {
     sock: OwnedFd,
     agreed: Agreed,
+    /// Answers BLOCK_STATUS and finds the holes of structured reads (its backend).
+    device: std::sync::Arc<BlkDevice>,
+    /// Allocation runs of the range being answered (kept: no allocation per request).
+    runs: Vec<(u64, bool)>,
     slots: Vec<Slot>,
     /// Received, not yet parsed: `inbuf[in_start..in_end]`.
     inbuf: Box<[u8]>,
@@ -79,6 +86,7 @@ impl NbdRing {
         sock: OwnedFd,
         early: &[u8],
         agreed: Agreed,
+        device: std::sync::Arc<BlkDevice>,
         on_close: Box<dyn FnOnce() + Send>,
     ) -> NbdRing {
         let mut inbuf = vec![0u8; INBUF.max(early.len())].into_boxed_slice();
@@ -86,6 +94,8 @@ impl NbdRing {
         NbdRing {
             sock,
             agreed,
+            device,
+            runs: Vec::with_capacity(MAX_EXTENTS),
             slots: (0..SLOTS).map(|_| Slot::default()).collect(),
             inbuf,
             in_start: 0,
@@ -203,6 +213,11 @@ impl NbdRing {
                         received: 0,
                     });
                 }
+                Ok(Command::BlockStatus {
+                    offset,
+                    length,
+                    one,
+                }) => self.block_status(header.cookie, offset, length, one),
                 Ok(command) => return Some((header, command, Vec::new())),
                 Err(Refusal::Error(errno)) => {
                     self.skip = u64::from(header.payload());
@@ -213,6 +228,61 @@ impl NbdRing {
                     return None;
                 }
             }
+        }
+    }
+
+    /// Answers BLOCK_STATUS for `base:allocation` at once (map lookups, or SEEK_DATA on a
+    /// file): holes read as zeroes.
+    fn block_status(&mut self, cookie: u64, offset: u64, length: u32, one: bool) {
+        let context = self
+            .agreed
+            .allocation_context
+            .expect("checked: a context was agreed");
+        self.runs.clear();
+        let max = if one { 1 } else { MAX_EXTENTS };
+        let backend = self.device.backend();
+        if !backend.allocation(offset, u64::from(length), max, &mut self.runs)
+            || self.runs.is_empty()
+        {
+            self.runs.clear();
+            self.runs.push((u64::from(length), true));
+        }
+        let extents = self.runs.iter().map(|&(n, data)| {
+            let state = if data { 0 } else { STATE_HOLE | STATE_ZERO };
+            (n as u32, state)
+        });
+        chunk_block_status(&mut self.out, REPLY_FLAG_DONE, cookie, context, extents);
+    }
+
+    /// A structured READ's reply: its holes as OFFSET_HOLE chunks, its data as OFFSET_DATA.
+    fn structured_read(&mut self, slot: u32, cookie: u64, offset: u64, length: u32, df: bool) {
+        self.runs.clear();
+        let backend = self.device.backend();
+        let known =
+            !df && backend.allocation(offset, u64::from(length), MAX_EXTENTS, &mut self.runs);
+        let covered: u64 = self.runs.iter().map(|r| r.0).sum();
+        if !known || covered != u64::from(length) || self.runs.iter().all(|r| r.1) {
+            chunk_data(&mut self.out, REPLY_FLAG_DONE, cookie, offset, length);
+            self.out
+                .extend_from_slice(&self.slots[slot as usize].data[..length as usize]);
+            return;
+        }
+        let mut at = 0usize;
+        for (i, &(n, data)) in self.runs.iter().enumerate() {
+            let flags = if i + 1 == self.runs.len() {
+                REPLY_FLAG_DONE
+            } else {
+                0
+            };
+            let (n32, here) = (n as u32, offset + at as u64);
+            if data {
+                chunk_data(&mut self.out, flags, cookie, here, n32);
+                self.out
+                    .extend_from_slice(&self.slots[slot as usize].data[at..at + n as usize]);
+            } else {
+                chunk_hole(&mut self.out, flags, cookie, here, n32);
+            }
+            at += n as usize;
         }
     }
 
@@ -359,14 +429,14 @@ impl Ring for NbdRing {
             {
                 self.fua_pending.push_back(cookie)
             }
-            Some(Command::Read { offset, length, .. }) if errno == 0 => {
+            Some(Command::Read { offset, length, df }) if errno == 0 => {
                 if self.agreed.structured {
-                    chunk_data(&mut self.out, REPLY_FLAG_DONE, cookie, offset, length);
+                    self.structured_read(slot, cookie, offset, length, df);
                 } else {
                     simple_reply(&mut self.out, 0, cookie);
+                    self.out
+                        .extend_from_slice(&self.slots[slot as usize].data[..length as usize]);
                 }
-                self.out
-                    .extend_from_slice(&self.slots[slot as usize].data[..length as usize]);
             }
             _ if errno != 0 => self.reply_error(cookie, errno, "I/O error"),
             _ if self.agreed.structured => {

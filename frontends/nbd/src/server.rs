@@ -93,7 +93,7 @@ impl Export {
         let id = QueueId::fresh();
         let reactor = self.reactors[q % self.reactors.len()].clone();
         let on_close = reaper.notifier(Arc::downgrade(self), q, id);
-        let ring = NbdRing::new(sock, early, agreed, on_close);
+        let ring = NbdRing::new(sock, early, agreed, self.device.clone(), on_close);
         let stats = self.device.queue_stats(q).clone();
         let queue = RequestQueue::new(self.device.clone(), ring, stats, true);
         reactor.attach_queue(id, Box::new(queue));

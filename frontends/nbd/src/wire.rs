@@ -192,7 +192,7 @@ pub fn chunk_block_status(
     flags: u16,
     cookie: u64,
     context: u32,
-    extents: &[(u32, u32)],
+    extents: impl ExactSizeIterator<Item = (u32, u32)>,
 ) {
     chunk(
         out,
@@ -202,7 +202,7 @@ pub fn chunk_block_status(
         4 + 8 * extents.len() as u32,
     );
     out.extend_from_slice(&context.to_be_bytes());
-    for &(length, state) in extents {
+    for (length, state) in extents {
         out.extend_from_slice(&length.to_be_bytes());
         out.extend_from_slice(&state.to_be_bytes());
     }
