@@ -109,7 +109,8 @@ fn man(dir: Option<PathBuf>) -> Result<(), String> {
 struct ServeArgs {
     /// A disk: vhost-user-blk,socket=PATH,file=PATH[,num-queues=N][,readonly=on]
     /// [,block-size=512|4096][,serial=ID][,provision=on], or with null,size=BYTES
-    /// [,read-zeroes=off] or pool=DIR,volume=NAME instead of file=PATH.
+    /// [,read-zeroes=off] or pool=DIR,volume=NAME instead of file=PATH; or an NBD export:
+    /// nbd,socket=PATH|addr=127.0.0.1:PORT,name=EXPORT,<volume>.
     /// Repeatable; added after the config file's disks.
     #[arg(long = "export", value_name = "SPEC", value_parser = check_spec)]
     exports: Vec<String>,
