@@ -724,7 +724,7 @@ mod tests {
     #[test]
     fn bad_exports_say_what_is_wrong() {
         let err = |s: &str| s.parse::<Export>().unwrap_err();
-        assert!(err("nbd,socket=/s,null,size=1M").contains("unknown export type"));
+        assert!(err("vfio-user,socket=/s,null,size=1M").contains("unknown export type"));
         assert!(err("vhost-user-blk,file=/f").contains("socket=PATH is required"));
         assert!(err("vhost-user-blk,socket=/s").contains("a volume is required"));
         assert!(err("vhost-user-blk,socket=/s,null").contains("null needs size"));

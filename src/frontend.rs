@@ -168,6 +168,7 @@ impl Frontend for NbdDisk {
     }
 
     fn queue_states(&self) -> Vec<serde_json::Value> {
-        vec![serde_json::json!({ "nbd_connections": self.export.connected() })]
+        // Connections come and go; export_list says whether any is attached.
+        Vec::new()
     }
 }

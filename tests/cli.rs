@@ -23,7 +23,7 @@ fn bad_arguments_say_what_is_wrong_and_exit_non_zero() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         (
-            vec!["--export", "nbd,socket=s,null,size=1M"],
+            vec!["--export", "vfio-user,socket=s,null,size=1M"],
             "unknown export type",
         ),
         (
