@@ -468,6 +468,16 @@ impl Qmp {
 /// Single-threaded it did not in 5, and pollblk's migration test failed 1 in 12 instead of
 /// 3 in 6 (same crash: the destination kernel's memory is wrong from its first instruction).
 fn guest_qemu(guest_dir: &Path, socket: &Path, log: &Path, qmp: &Path, append: &str) -> Command {
+    let mut cmd = guest_machine(guest_dir, log, qmp, append);
+    cmd.arg("-chardev")
+        .arg(format!("socket,id=vu0,path={}", socket.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=vu0,num-queues=2"]);
+    cmd
+}
+
+/// The test guest's machine without a disk: TCG, shared memory (vhost-user needs it), the
+/// kernel and initramfs, the console to `log`, QMP on `qmp`.
+fn guest_machine(guest_dir: &Path, log: &Path, qmp: &Path, append: &str) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-machine",
@@ -487,9 +497,6 @@ fn guest_qemu(guest_dir: &Path, socket: &Path, log: &Path, qmp: &Path, append: &
         GUEST_RAM >> 20
     ))
     .args(["-numa", "node,memdev=mem"])
-    .arg("-chardev")
-    .arg(format!("socket,id=vu0,path={}", socket.display()))
-    .args(["-device", "vhost-user-blk-pci,chardev=vu0,num-queues=2"])
     .args(["-nographic", "-no-reboot"])
     .arg("-qmp")
     .arg(format!("unix:{},server=on,wait=off", qmp.display()))
@@ -1352,4 +1359,48 @@ fn linux_guest_mounts_three_clones_of_an_imported_image() {
             assert!(owned > 0 && owned < shared, "{v}");
         }
     }
+}
+
+/// QEMU's own NBD client (`-drive driver=nbd`) on a pollblk NBD export, under the guest's
+/// virtio_blk driver: fio write and verify, discard, write-zeroes and flush, as on a
+/// vhost-user disk.
+#[test]
+fn linux_guest_runs_fio_verify_on_an_nbd_drive_served_by_pollblk() {
+    if !guest_available("linux_guest_runs_fio_verify_on_an_nbd_drive_served_by_pollblk") {
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let file = image(d, "nbd.img", 1 << 30);
+    let socket = d.join("nbd.sock");
+    let spec = format!(
+        "nbd,socket={},file={},name=vm1",
+        socket.display(),
+        file.display()
+    );
+    let mut daemon = Daemon::start(d, &["--export".to_string(), spec]);
+    let (_one_guest, guest_dir) = built_guest();
+    let log = d.join("console.log");
+    let started = std::time::Instant::now();
+    let mut qemu = guest_machine(&guest_dir, &log, &d.join("qmp.sock"), "");
+    qemu.arg("-drive")
+        .arg(format!(
+            "driver=nbd,server.type=unix,server.path={},export=vm1,if=none,id=d0,discard=unmap,\
+             cache.direct=on",
+            socket.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=d0,num-queues=2"]);
+    let mut qemu = Reap(qemu.spawn().unwrap());
+    wait_powered_off(
+        &mut qemu,
+        &log,
+        started + std::time::Duration::from_secs(900),
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    check_guest_log(&text, started.elapsed().as_secs());
+    assert_eq!(
+        daemon.stop(),
+        Some(0),
+        "pollblk exits cleanly after the guest"
+    );
 }

@@ -25,6 +25,8 @@ pub const SLOTS: usize = 64;
 const INBUF: usize = 64 << 10;
 /// Reply bytes waiting for the socket past which no new request is taken.
 const BACKLOG_LIMIT: usize = 8 << 20;
+/// Sent reply bytes past which the send buffer is compacted.
+const COMPACT_AFTER: usize = 1 << 20;
 /// Most extents one BLOCK_STATUS reply lists.
 const MAX_EXTENTS: usize = 1024;
 
@@ -499,6 +501,11 @@ impl NbdRing {
         }
         if self.out_sent == self.out.len() {
             self.out.clear();
+            self.out_sent = 0;
+        } else if self.out_sent >= COMPACT_AFTER {
+            // A client that keeps the socket full never lets the buffer empty: drop what
+            // was sent, or it grows (and is copied on every growth) without end.
+            self.out.drain(..self.out_sent);
             self.out_sent = 0;
         }
     }
