@@ -115,7 +115,8 @@ impl NbdRing {
         }
     }
 
-    /// Reads what the socket has into `inbuf`; false once nothing more will come.
+    /// Reads what the socket has into `inbuf`; marks the ring closed once nothing more
+    /// will come.
     fn fill(&mut self) {
         if self.in_start == self.in_end {
             (self.in_start, self.in_end) = (0, 0);
@@ -136,8 +137,8 @@ impl NbdRing {
         self.in_end - self.in_start
     }
 
-    /// Moves up to `want` buffered bytes into `to`, then reads the rest from the socket
-    /// straight into it; returns how many bytes `to` got.
+    /// Moves buffered bytes into `to` (as many as fit), then reads the rest from the socket
+    /// straight into it as far as it has them; returns how many bytes `to` got.
     fn take_into(&mut self, to: &mut [u8]) -> usize {
         let from_buf = self.buffered().min(to.len());
         to[..from_buf].copy_from_slice(&self.inbuf[self.in_start..self.in_start + from_buf]);
