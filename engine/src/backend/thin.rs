@@ -6,11 +6,12 @@
 //! The worker threads belong to the pool ([`ThinWorkers`], shared by every served volume of
 //! it): a thousand idle volumes of one pool cost no more threads than one.
 //!
-//! Fast path: a read or write (not write-through) within one block that is mapped goes
-//! straight to the reactor's io_uring on the data file, holding the pool's epoch pin until its
-//! CQE (so the block cannot be freed and reused under it). Everything else (first writes,
-//! requests spanning blocks, flush, discard, write-zeroes, provision) takes the worker path:
-//! a thread hand-off and a copy through a worker buffer.
+//! Fast path: a read or write (not write-through) whose blocks are all mapped, one after
+//! another in the data file (for a write: owned by this volume alone), goes straight to the
+//! reactor's io_uring on the data file, holding the pool's epoch pin until its CQE (so the
+//! blocks cannot be freed and reused under it). Everything else (first writes, copies on
+//! write, requests over blocks that lie apart, flush, discard, write-zeroes, provision)
+//! takes the worker path: a thread hand-off and a copy through a worker buffer.
 
 use super::{Backend, BackendInfo, Completer, IoOp, Submitted, BACKEND_USER_DATA_MASK};
 use crate::thin::{Pool, ThinError, Volume};
@@ -140,7 +141,7 @@ impl Backend for ThinBackend {
 }
 
 impl ThinBackend {
-    /// An SQE for a read or overwrite inside one mapped block, with the epoch pinned.
+    /// An SQE for a read or overwrite of mapped, contiguous blocks, with the epoch pinned.
     fn fast_path(&self, op: &IoOp, user_data: u64) -> Option<squeue::Entry> {
         debug_assert_eq!(user_data & BACKEND_USER_DATA_MASK, 0);
         let fd = types::Fd(self.pool.data_fd());

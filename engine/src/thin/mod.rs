@@ -58,11 +58,12 @@
 //!
 //! # Data path
 //!
-//! backend/thin.rs: reads inside one mapped block, and overwrites inside one block the volume
-//! owns alone, go to the reactor's io_uring on the data file, with the epoch pinned until the
-//! CQE; everything else (first writes, copies on write, writes to a volume being
-//! snapshotted) runs this module's synchronous API on worker threads and completes through
-//! the reactor's Completer. A first write punches a hole over its new block (zeroes without
+//! backend/thin.rs: reads over mapped blocks that lie one after another in the data file (up
+//! to 64 of them; a whole block, or an imported image's run), and overwrites of such blocks
+//! the volume owns alone, go to the reactor's io_uring on the data file, with the epoch pinned
+//! until the CQE; everything else (first writes, copies on write, blocks that lie apart,
+//! writes to a volume being snapshotted) runs this module's synchronous API on worker
+//! threads and completes through the reactor's Completer. A first write punches a hole over its new block (zeroes without
 //! writing them) and writes only its data.
 //!
 //! Allocation is sharded (alloc.rs): each thread allocates from its own shard of the block

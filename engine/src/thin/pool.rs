@@ -1420,29 +1420,39 @@ impl Pool {
         std::os::fd::AsRawFd::as_raw_fd(&self.data)
     }
 
-    /// For an I/O that lies within one mapped block (for a write: one this volume owns alone
-    /// and may change now): its offset in the data file and a pinned epoch slot, which the
-    /// caller must pass to `unpin` once the I/O is done (the block stays allocated to this
-    /// volume until then). None when the range is unmapped, shared, spans blocks or is out of
-    /// range, or the volume may not be written now: take the general path.
+    /// Most blocks one fast-path I/O may span.
+    const MAX_FAST_BLOCKS: u64 = 64;
+
+    /// For an I/O whose blocks are all mapped, one after another in the data file (for a
+    /// write: blocks this volume owns alone and may change now): its offset in the data file
+    /// and a pinned epoch slot, which the caller must pass to `unpin` once the I/O is done
+    /// (the blocks stay allocated to this volume until then). An imported image's blocks
+    /// usually are contiguous, so a large read of it is one I/O. None when a block is
+    /// unmapped, shared or elsewhere, the range is out of bounds or spans more than
+    /// MAX_FAST_BLOCKS blocks, or the volume may not be written now: take the general path.
     pub fn map_one(&self, v: &Volume, offset: u64, len: u64, write: bool) -> Option<(u64, usize)> {
         let bs = u64::from(self.block_size);
         if len == 0
             || self.check_range(v, offset, len).is_err()
-            || offset / bs != (offset + len - 1) / bs
+            || (offset + len - 1) / bs - offset / bs >= Self::MAX_FAST_BLOCKS
             || (write && v.snapshot)
         {
             return None;
         }
         let slot = self.epochs.pin_raw();
         // After the pin (see `pin_to_change`): a snapshot either waits for this write or
-        // this write sees the volume frozen, and then the block shared.
-        let found = match v.lookup(offset / bs) {
+        // this write sees the volume frozen, and then the blocks shared.
+        let first = offset / bs;
+        let usable = |vb: u64| match v.lookup(vb) {
             Some(_) if write && v.frozen.load(Ordering::SeqCst) => None,
             Some(p) if write && self.alloc.is_shared(p) => None,
             found => found,
         };
-        match found {
+        let start = usable(first);
+        let contiguous = start.is_some_and(|p| {
+            (first + 1..=(offset + len - 1) / bs).all(|vb| usable(vb) == Some(p + (vb - first)))
+        });
+        match start.filter(|_| contiguous) {
             Some(p) => Some((p * bs + offset % bs, slot)),
             None => {
                 self.unpin(slot);

@@ -489,3 +489,38 @@ fn a_copy_on_write_keeps_the_holes_of_the_block_it_copies() {
     let grew = allocated() - before;
     assert!(grew <= 24 << 10, "the copy took {grew} bytes");
 }
+
+#[test]
+fn the_fast_path_covers_contiguous_mapped_blocks_and_nothing_else() {
+    let (_dir, pool) = pool_with(64);
+    let v = pool.volume_create("v", 16 * B).unwrap();
+    // Blocks 0-3 written in order land on data blocks 0-3; block 5 after a gap elsewhere.
+    pool.write(&v, 0, &pattern(1, (4 * B) as usize)).unwrap();
+    let w = pool.volume_create("w", 4 * B).unwrap();
+    pool.write(&w, 0, &[1; 4096]).unwrap();
+    pool.write(&v, 5 * B, &[2; 4096]).unwrap();
+    let fast = |offset: u64, len: u64, write: bool| {
+        let got = pool.map_one(&v, offset, len, write);
+        if let Some((_, slot)) = got {
+            pool.unpin(slot);
+        }
+        got.map(|(at, _)| at)
+    };
+    assert_eq!(
+        fast(512, 4 * B - 512, false),
+        Some(512),
+        "four contiguous blocks"
+    );
+    assert_eq!(fast(0, 4 * B, true), Some(0));
+    assert_eq!(fast(3 * B, 3 * B, false), None, "block 4 is unmapped");
+    assert_eq!(fast(4 * B + 512, 2 * B, false), None);
+    assert_eq!(
+        fast(5 * B, B, false),
+        Some(5 * B),
+        "one block, wherever it is"
+    );
+    // Shared blocks: reads stay fast, writes do not.
+    pool.volume_snapshot("v", "s").unwrap();
+    assert_eq!(fast(0, 2 * B, false), Some(0));
+    assert_eq!(fast(0, 2 * B, true), None);
+}
