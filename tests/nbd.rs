@@ -508,3 +508,43 @@ fn a_snapshot_is_backed_up_over_nbd_to_qcow2_and_restored() {
         assert!(m.contains("hole,zero") && m.contains("data"), "{m}");
     }
 }
+
+/// A sparse file's holes reach NBD clients too (base:allocation from SEEK_DATA/SEEK_HOLE).
+#[test]
+fn a_sparse_files_holes_show_in_qemu_img_map() {
+    if !have("qemu-img") {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let file = d.join("sparse.raw");
+    let f = std::fs::File::create(&file).unwrap();
+    f.set_len(64 << 20).unwrap();
+    f.write_all_at(&pattern(1 << 20, 4), 8 << 20).unwrap();
+    drop(f);
+    let socket = d.join("nbd.sock");
+    let spec = format!(
+        "nbd,socket={},file={},name=sparse",
+        socket.display(),
+        file.display()
+    );
+    let _daemon = Daemon::start(d, &["--export".to_string(), spec]);
+    let map = run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", &uri(&socket, "sparse")],
+    );
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let data: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    // The one MiB written (a file system may round it to its blocks), nothing else.
+    assert_eq!(data.len(), 1, "{map}");
+    let (start, length) = data[0];
+    assert!(start <= 8 << 20 && start + length >= 9 << 20, "{map}");
+    assert!(length <= 2 << 20, "{map}");
+}
