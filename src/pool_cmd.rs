@@ -213,6 +213,22 @@ fn run_volume(command: VolumeCommand) -> Result<(), String> {
                 copied.data_bytes
             );
         }
+        copy @ (VolumeCommand::Snapshot { .. }
+        | VolumeCommand::Clone { .. }
+        | VolumeCommand::Inflate { .. }) => run_sharing(copy)?,
+        VolumeCommand::Delete { dir, name } => {
+            let pool = Pool::open(&dir).map_err(err)?;
+            pool.volume_delete(&name).map_err(err)?;
+            println!("pollblk: volume {name} deleted from {}", dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// `pollblk pool volume snapshot | clone | inflate`: the commands about shared blocks.
+fn run_sharing(command: VolumeCommand) -> Result<(), String> {
+    let err = |e: thin::ThinError| e.to_string();
+    match command {
         VolumeCommand::Snapshot {
             dir,
             volume,
@@ -243,11 +259,7 @@ fn run_volume(command: VolumeCommand) -> Result<(), String> {
                 dir.display()
             );
         }
-        VolumeCommand::Delete { dir, name } => {
-            let pool = Pool::open(&dir).map_err(err)?;
-            pool.volume_delete(&name).map_err(err)?;
-            println!("pollblk: volume {name} deleted from {}", dir.display());
-        }
+        _ => unreachable!("run_volume hands over only these"),
     }
     Ok(())
 }

@@ -41,6 +41,23 @@ fn uri(socket: &Path, name: &str) -> String {
     format!("nbd+unix:///{name}?socket={}", socket.display())
 }
 
+/// `qemu-img compare` of two raw images (paths or NBD URIs): fails the test if they differ.
+fn qemu_img_compare(a: &str, b: &str) {
+    run("qemu-img", &["compare", "-f", "raw", "-F", "raw", a, b]);
+}
+
+/// The (start, length) extents `qemu-img map` reports as data for a raw image.
+fn data_extents(image: &str) -> Vec<(u64, u64)> {
+    let map = run("qemu-img", &["map", "--output=json", "-f", "raw", image]);
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    map.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
 /// A 16 MiB raw file of pattern data.
 fn image(dir: &Path, name: &str, seed: u8) -> std::path::PathBuf {
     let path = dir.join(name);
@@ -92,18 +109,7 @@ fn qemu_img_reads_writes_and_compares_an_export() {
         ],
     );
     assert!(std::fs::read(&out).unwrap() == std::fs::read(d.join("a.raw")).unwrap());
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &uri(&socket, "vm1"),
-            d.join("a.raw").to_str().unwrap(),
-        ],
-    );
+    qemu_img_compare(&uri(&socket, "vm1"), d.join("a.raw").to_str().unwrap());
     // Written through the export, then read back from the file the daemon serves.
     let new = image(d, "new.raw", 9);
     run(
@@ -119,18 +125,7 @@ fn qemu_img_reads_writes_and_compares_an_export() {
             &uri(&socket, "vm1"),
         ],
     );
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &uri(&socket, "vm1"),
-            new.to_str().unwrap(),
-        ],
-    );
+    qemu_img_compare(&uri(&socket, "vm1"), new.to_str().unwrap());
     // The read-only export: qemu sees NBD_FLAG_READ_ONLY and will not open it for writing
     // (the protocol-level EPERM is the hand-rolled client's test below).
     if have("qemu-io") {
@@ -425,26 +420,10 @@ fn a_snapshot_is_backed_up_over_nbd_to_qcow2_and_restored() {
         )
     };
     rpc("export_add", &[&spec("vm1-backup", ",readonly=on")]);
-    let map = run(
-        "qemu-img",
-        &[
-            "map",
-            "--output=json",
-            "-f",
-            "raw",
-            &uri(&nbd, "vm1-backup"),
-        ],
-    );
-    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
-    let data: u64 = map
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["data"] == true)
-        .map(|e| e["length"].as_u64().unwrap())
-        .sum();
+    let extents = data_extents(&uri(&nbd, "vm1-backup"));
+    let data: u64 = extents.iter().map(|e| e.1).sum();
     // The written 1.25 MiB in whole 64 KiB blocks, nothing more.
-    assert!((1280 << 10..=1536 << 10).contains(&data), "{map}");
+    assert!((1280 << 10..=1536 << 10).contains(&data), "{extents:?}");
     let backup = d.join("backup.qcow2");
     run(
         "qemu-img",
@@ -478,18 +457,7 @@ fn a_snapshot_is_backed_up_over_nbd_to_qcow2_and_restored() {
             &uri(&nbd, "restored"),
         ],
     );
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &uri(&nbd, "vm1-backup"),
-            &uri(&nbd, "restored"),
-        ],
-    );
+    qemu_img_compare(&uri(&nbd, "vm1-backup"), &uri(&nbd, "restored"));
     let status = rpc("pool_status", &[&format!("pool={p}")]);
     let restored = status["volumes"]
         .as_array()
@@ -530,21 +498,10 @@ fn a_sparse_files_holes_show_in_qemu_img_map() {
         file.display()
     );
     let _daemon = Daemon::start(d, &["--export".to_string(), spec]);
-    let map = run(
-        "qemu-img",
-        &["map", "--output=json", "-f", "raw", &uri(&socket, "sparse")],
-    );
-    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
-    let data: Vec<(u64, u64)> = map
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["data"] == true)
-        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
-        .collect();
+    let data = data_extents(&uri(&socket, "sparse"));
     // The one MiB written (a file system may round it to its blocks), nothing else.
-    assert_eq!(data.len(), 1, "{map}");
+    assert_eq!(data.len(), 1, "{data:?}");
     let (start, length) = data[0];
-    assert!(start <= 8 << 20 && start + length >= 9 << 20, "{map}");
-    assert!(length <= 2 << 20, "{map}");
+    assert!(start <= 8 << 20 && start + length >= 9 << 20, "{data:?}");
+    assert!(length <= 2 << 20, "{data:?}");
 }

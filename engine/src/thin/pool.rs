@@ -354,6 +354,16 @@ fn check_volume_size(size_bytes: u64, block_size: u32) -> Result<(), ThinError> 
     Ok(())
 }
 
+/// A volume record's id and name are new among `volumes`.
+fn check_new(volumes: &[Volume], id: u32, name: &str) -> Result<(), ThinError> {
+    match volumes.iter().any(|v| v.id == id || v.name == name) {
+        true => Err(ThinError::Format(FormatError::Corrupt(
+            "volume created twice",
+        ))),
+        false => Ok(()),
+    }
+}
+
 pub(super) fn check_volume_name(name: &str) -> Result<(), ThinError> {
     if name.is_empty()
         || name.len() > format::MAX_NAME
@@ -706,9 +716,7 @@ impl Pool {
                     size_bytes,
                     name,
                 } => {
-                    if volumes.iter().any(|v| v.id == *id || v.name == *name) {
-                        return Err(corrupt("volume created twice"));
-                    }
+                    check_new(&volumes, *id, name)?;
                     volumes.push(Volume::new(*id, name.clone(), *size_bytes, self.block_size));
                 }
                 Record::VolumeCopy {
@@ -717,20 +725,8 @@ impl Pool {
                     snapshot,
                     name,
                 } => {
-                    if volumes.iter().any(|v| v.id == *id || v.name == *name) {
-                        return Err(corrupt("volume created twice"));
-                    }
-                    let copy = if *from == 0 {
-                        let mut empty = Volume::new(*id, name.clone(), 0, self.block_size);
-                        empty.snapshot = *snapshot;
-                        empty
-                    } else {
-                        let from = volumes
-                            .iter()
-                            .find(|v| v.id == *from)
-                            .ok_or(corrupt("copy of an unknown volume"))?;
-                        Volume::copy_of(from, *id, name.clone(), *snapshot, self.block_size)
-                    };
+                    check_new(&volumes, *id, name)?;
+                    let copy = self.replay_copy(&volumes, *from, *id, *snapshot, name)?;
                     volumes.push(copy);
                 }
                 Record::VolumeDelete { id } => {
@@ -783,6 +779,36 @@ impl Pool {
         }
         *self.volumes.write().unwrap() = volumes.into_iter().map(Arc::new).collect();
         Ok(())
+    }
+
+    /// The volume a `VolumeCopy` record makes: a copy of `from`, or (`from` 0) an empty
+    /// one a resize and map records fill in.
+    fn replay_copy(
+        &self,
+        volumes: &[Volume],
+        from: u32,
+        id: u32,
+        snapshot: bool,
+        name: &str,
+    ) -> Result<Volume, ThinError> {
+        if from == 0 {
+            let mut empty = Volume::new(id, name.into(), 0, self.block_size);
+            empty.snapshot = snapshot;
+            return Ok(empty);
+        }
+        let from = volumes
+            .iter()
+            .find(|v| v.id == from)
+            .ok_or(ThinError::Format(FormatError::Corrupt(
+                "copy of an unknown volume",
+            )))?;
+        Ok(Volume::copy_of(
+            from,
+            id,
+            name.into(),
+            snapshot,
+            self.block_size,
+        ))
     }
 
     pub fn block_size(&self) -> u32 {

@@ -212,13 +212,7 @@ impl Handshake {
             option_error(out, option, REP_ERR_INVALID, "malformed INFO/GO data");
             return Next::Option;
         };
-        let Some(export) = exports.find(name) else {
-            option_error(
-                out,
-                option,
-                REP_ERR_UNKNOWN,
-                &format!("no export named {name:?}"),
-            );
+        let Some(export) = find(exports, name, option, out) else {
             return Next::Option;
         };
         let mut info = INFO_EXPORT.to_be_bytes().to_vec();
@@ -272,13 +266,7 @@ impl Handshake {
             option_error(out, option, REP_ERR_INVALID, "malformed META_CONTEXT data");
             return;
         };
-        let Some(export) = exports.find(name) else {
-            option_error(
-                out,
-                option,
-                REP_ERR_UNKNOWN,
-                &format!("no export named {name:?}"),
-            );
+        let Some(export) = find(exports, name, option, out) else {
             return;
         };
         if set {
@@ -309,6 +297,20 @@ impl Handshake {
             allocation_context,
         }
     }
+}
+
+/// Export `name`, or an NBD_REP_ERR_UNKNOWN reply to `option` saying there is none.
+fn find(exports: &dyn Exports, name: &str, option: u32, out: &mut Vec<u8>) -> Option<ExportInfo> {
+    let found = exports.find(name);
+    if found.is_none() {
+        option_error(
+            out,
+            option,
+            REP_ERR_UNKNOWN,
+            &format!("no export named {name:?}"),
+        );
+    }
+    found
 }
 
 /// A protocol string: UTF-8, no NUL, at most MAX_STRING bytes.
