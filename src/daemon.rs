@@ -848,18 +848,19 @@ impl Daemon {
             }
             #[cfg(not(feature = "xen"))]
             Transport::Xen { .. } => unreachable!("xen-blkif parses only with the xen feature"),
-            Transport::Nbd { address } => {
+            Transport::Nbd { address, tls } => {
                 let access = export.socket_access.or(self.socket_access);
-                self.start_nbd(address, access, export, device, reactors)
+                self.start_nbd(address, tls, access, export, device, reactors)
             }
         }
     }
 
     /// Offers `device` as an NBD export on `address`, starting its listener unless another
-    /// export has.
+    /// export has (with the same TLS: exports on one listener share it).
     fn start_nbd(
         &mut self,
         address: &pollblk_nbd::server::Address,
+        tls: &Option<pollblk_nbd::tls::TlsOptions>,
         access: pollblk_engine::unix_socket::Access,
         export: &Export,
         device: &Arc<BlkDevice>,
@@ -873,10 +874,21 @@ impl Daemon {
             .get(address)
             .and_then(std::sync::Weak::upgrade)
         {
+            Some(listener) if listener.tls() != tls.as_ref() => {
+                return Err(DaemonError::Invalid(format!(
+                    "{} is served {} by another export: exports on one listener share its TLS \
+                     settings (tls-creds=, tls-verify-peer=)",
+                    export.transport,
+                    match listener.tls() {
+                        Some(t) => format!("with tls-creds={}", t.dir.display()),
+                        None => "without TLS".to_string(),
+                    }
+                )));
+            }
             Some(listener) => listener,
             None => {
                 let listener = Arc::new(
-                    Listener::start(address.clone(), access)
+                    Listener::start(address.clone(), access, tls.clone())
                         .map_err(|e| failed(format!("{}: {e}", export.transport)))?,
                 );
                 self.platforms

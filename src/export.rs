@@ -79,10 +79,11 @@ pub enum Transport {
     },
     /// Xen blkif on a real Xen host (a build with the `xen` feature).
     Xen { domid: u32, devid: u32 },
-    /// NBD on a Unix socket or a loopback TCP address, under the disk's name (`name=`; the
-    /// default export "" without it).
+    /// NBD on a Unix socket or a TCP address, under the disk's name (`name=`; the default
+    /// export "" without it), with TLS required when `tls` names credentials.
     Nbd {
         address: pollblk_nbd::server::Address,
+        tls: Option<pollblk_nbd::tls::TlsOptions>,
     },
 }
 
@@ -98,7 +99,9 @@ impl std::fmt::Display for Transport {
             Transport::Xen { domid, devid } => {
                 write!(f, "xen-blkif domain {domid} device {devid}")
             }
-            Transport::Nbd { address } => write!(f, "{}", pollblk_nbd::server::describe(address)),
+            Transport::Nbd { address, .. } => {
+                write!(f, "{}", pollblk_nbd::server::describe(address))
+            }
         }
     }
 }
@@ -218,7 +221,7 @@ fn unknown_option(part: &str) -> String {
 }
 
 /// Every option an export takes; `null` is the one without a value.
-const KNOWN_OPTIONS: [&str; 30] = [
+const KNOWN_OPTIONS: [&str; 32] = [
     "socket",
     "dir",
     "domid",
@@ -249,6 +252,8 @@ const KNOWN_OPTIONS: [&str; 30] = [
     "socket-mode",
     "format",
     "addr",
+    "tls-creds",
+    "tls-verify-peer",
 ];
 
 /// The `key=value` options of a spec, checked for known keys and present values up front;
@@ -353,7 +358,8 @@ fn vhost_user_transport(opts: &Options) -> Result<Transport, String> {
     Ok(Transport::VhostUser { socket })
 }
 
-/// `nbd,socket=PATH` or `nbd,addr=HOST:PORT` (a loopback address: no TLS yet).
+/// `nbd,socket=PATH` or `nbd,addr=HOST:PORT`, with `tls-creds=DIR[,tls-verify-peer=off]`
+/// (required for TCP on an address other than loopback).
 fn nbd_transport(opts: &Options) -> Result<Transport, String> {
     opts.refuse(
         &["dir", "domid", "devid"],
@@ -364,16 +370,25 @@ fn nbd_transport(opts: &Options) -> Result<Transport, String> {
         "guest-stats= and provision= are virtio-blk features: not for NBD",
     )?;
     use pollblk_nbd::server::Address;
+    let tls = match (opts.path("tls-creds"), opts.on_off("tls-verify-peer")?) {
+        (Some(dir), verify_peer) => Some(pollblk_nbd::tls::TlsOptions {
+            dir,
+            verify_peer: verify_peer.unwrap_or(true),
+        }),
+        (None, Some(_)) => return Err("tls-verify-peer= goes with tls-creds=DIR".into()),
+        (None, None) => None,
+    };
     let address = match (opts.path("socket"), opts.get("addr")) {
         (Some(socket), None) => Address::Unix(socket),
         (None, Some(addr)) => {
             let addr: std::net::SocketAddr = addr
                 .parse()
                 .map_err(|_| format!("addr={addr}: expected HOST:PORT (127.0.0.1:10809)"))?;
-            if !addr.ip().is_loopback() {
+            if !addr.ip().is_loopback() && tls.is_none() {
                 return Err(format!(
-                    "addr={addr}: NBD over TCP is served on loopback addresses only: this \
-                     pollblk has no TLS for it yet (use socket=PATH, or 127.0.0.1)"
+                    "addr={addr}: NBD over TCP on an address other than loopback needs TLS: \
+                     add tls-creds=DIR (server-cert.pem, server-key.pem and ca-cert.pem, as \
+                     for QEMU's tls-creds-x509), or listen on 127.0.0.1"
                 ));
             }
             Address::Tcp(addr)
@@ -381,7 +396,7 @@ fn nbd_transport(opts: &Options) -> Result<Transport, String> {
         (Some(_), Some(_)) => return Err("socket= or addr=, not both".into()),
         (None, None) => return Err("socket=PATH or addr=HOST:PORT is required".into()),
     };
-    Ok(Transport::Nbd { address })
+    Ok(Transport::Nbd { address, tls })
 }
 
 /// `socket-owner=USER,socket-group=GROUP,socket-mode=0660`: who may connect.
@@ -579,6 +594,12 @@ impl std::str::FromStr for Export {
             "nbd" => nbd_transport(&opts)?,
             _ => xen_transport(kind, &opts)?,
         };
+        if !matches!(transport, Transport::Nbd { .. }) {
+            opts.refuse(
+                &["addr", "tls-creds", "tls-verify-peer"],
+                "addr=, tls-creds= and tls-verify-peer= go with nbd exports",
+            )?;
+        }
         let default_queues = match transport {
             Transport::VhostUser { .. } => DEFAULT_NUM_QUEUES,
             Transport::XenLoopback { .. } | Transport::Xen { .. } => DEFAULT_XEN_QUEUES,

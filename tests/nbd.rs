@@ -175,23 +175,40 @@ fn fio_nbd_engine_writes_and_verifies() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let d = dir.path();
     let (_daemon, socket) = serve_two(d);
-    let out = run(
-        "fio",
-        &[
+    fio_verify(&uri(&socket, "vm1"), "4k/80:64k/20", None);
+}
+
+/// fio's nbd engine writes 16 MiB at random (block sizes `bssplit`, 16 in flight) to `uri`
+/// and reads every block back to verify it; `home`: its $HOME (where libnbd looks for TLS
+/// credentials, in .pki/libnbd: fio's engine refuses tls-certificates= in the URI).
+fn fio_verify(uri: &str, bssplit: &str, home: Option<&Path>) {
+    let mut fio = Command::new("fio");
+    if let Some(home) = home {
+        fio.env("HOME", home);
+    }
+    let out = fio
+        .args([
             "--name=nbd",
             "--verify_state_save=0",
             "--ioengine=nbd",
-            &format!("--uri={}", uri(&socket, "vm1")),
+            &format!("--uri={uri}"),
             "--rw=randwrite",
-            "--bssplit=4k/80:64k/20",
+            &format!("--bssplit={bssplit}"),
             "--size=16M",
             "--iodepth=16",
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
             "--output-format=json",
-        ],
+        ])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
     );
+    assert!(out.status.success(), "fio on {uri}: {stdout}{stderr}");
+    let out = stdout;
     let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
     let job = &json["jobs"][0];
     assert_eq!(job["error"], 0, "{job}");
@@ -356,7 +373,35 @@ fn bad_nbd_exports_are_refused_with_the_reason() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let e = refused(format!("nbd,addr=0.0.0.0:10809,file={}", f.display()));
-    assert!(e.contains("loopback addresses only"), "{e}");
+    assert!(e.contains("needs TLS: add tls-creds=DIR"), "{e}");
+    let e = refused(format!(
+        "nbd,socket=s,file={},tls-verify-peer=off",
+        f.display()
+    ));
+    assert!(
+        e.contains("tls-verify-peer= goes with tls-creds=DIR"),
+        "{e}"
+    );
+    let e = refused(format!(
+        "vhost-user-blk,socket=s,file={},tls-creds=/x",
+        f.display()
+    ));
+    assert!(e.contains("go with nbd exports"), "{e}");
+    // Credentials that are not there: the daemon does not start, and names the file.
+    let out = Command::new(common::BIN)
+        .current_dir(d)
+        .args(["serve", "--export"])
+        .arg(format!(
+            "nbd,addr=127.0.0.1:{},file={},tls-creds={}",
+            free_port(),
+            f.display(),
+            d.join("nothing").display()
+        ))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(e.contains("nothing/ca-cert.pem"), "{e}");
     let e = refused(format!("nbd,file={}", f.display()));
     assert!(
         e.contains("socket=PATH or addr=HOST:PORT is required"),
@@ -504,4 +549,264 @@ fn a_sparse_files_holes_show_in_qemu_img_map() {
     let (start, length) = data[0];
     assert!(start <= 8 << 20 && start + length >= 9 << 20, "{data:?}");
     assert!(length <= 2 << 20, "{data:?}");
+}
+
+/// X.509 credentials in the layout of QEMU's tls-creds-x509 (and libnbd's
+/// tls-certificates): `server/` for pollblk, `client/` signed by the same authority,
+/// `anonymous/` with the authority only (no client certificate), and `stranger/`, a client
+/// that trusts the server but whose certificate another authority signed.
+fn credentials(dir: &Path) -> std::path::PathBuf {
+    let creds = dir.join("creds");
+    let openssl = |args: &[&str], at: &Path| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for ca in ["ca", "other-ca"] {
+        let subject = format!("/CN=pollblk test {ca}");
+        let out = format!("{ca}-cert.pem");
+        let key_out = format!("{ca}-key.pem");
+        std::fs::create_dir_all(&creds).unwrap();
+        let mut args = vec!["req", "-x509", "-days", "2", "-subj", &subject];
+        args.extend(key);
+        args.extend(["-keyout", &key_out, "-out", &out]);
+        openssl(&args, &creds);
+    }
+    // (directory, certificate and key names, authority, extensions)
+    let leaves = [
+        (
+            "server",
+            "server",
+            "ca",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "client", "ca", "extendedKeyUsage=clientAuth\n"),
+        (
+            "stranger",
+            "client",
+            "other-ca",
+            "extendedKeyUsage=clientAuth\n",
+        ),
+    ];
+    for (sub, role, ca, extensions) in leaves {
+        let at = creds.join(sub);
+        std::fs::create_dir_all(&at).unwrap();
+        std::fs::write(
+            at.join("ext.cnf"),
+            format!("basicConstraints=CA:FALSE\n{extensions}"),
+        )
+        .unwrap();
+        let (cert, key_file) = (format!("{role}-cert.pem"), format!("{role}-key.pem"));
+        let subject = format!("/CN={}", if role == "server" { "localhost" } else { sub });
+        let mut args = vec!["req", "-subj", &subject];
+        args.extend(key);
+        args.extend(["-keyout", &key_file, "-out", "req.csr"]);
+        openssl(&args, &at);
+        let ca_cert = format!("../{ca}-cert.pem");
+        let ca_key = format!("../{ca}-key.pem");
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "req.csr",
+                "-CA",
+                &ca_cert,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+                "-out",
+                &cert,
+            ],
+            &at,
+        );
+        std::fs::copy(creds.join("ca-cert.pem"), at.join("ca-cert.pem")).unwrap();
+    }
+    let anonymous = creds.join("anonymous");
+    std::fs::create_dir_all(&anonymous).unwrap();
+    std::fs::copy(creds.join("ca-cert.pem"), anonymous.join("ca-cert.pem")).unwrap();
+    creds
+}
+
+/// A TCP port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// qemu-img's `--object` and `--image-opts` for export `name` at `port` with the client
+/// credentials in `creds`.
+fn tls_image(creds: &Path, port: u16, name: &str) -> [String; 4] {
+    [
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            creds.display()
+        ),
+        "--image-opts".into(),
+        format!(
+            "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},\
+             export={name},tls-creds=tls0"
+        ),
+    ]
+}
+
+/// TLS on a TCP export: qemu-img with a client certificate reads and writes it; without
+/// TLS, without a client certificate, or trusting another authority, it gets nothing; and
+/// before STARTTLS the listener names no export.
+#[test]
+fn tls_export_serves_qemu_img_with_a_client_certificate_and_no_one_else() {
+    if !have("qemu-img") || !have("openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let creds = credentials(d);
+    let (a, b) = (image(d, "a.raw", 1), image(d, "b.raw", 2));
+    let port = free_port();
+    let _daemon = Daemon::start(
+        d,
+        &[
+            "--export".into(),
+            format!(
+                "nbd,addr=127.0.0.1:{port},file={},name=vm1,tls-creds={}",
+                a.display(),
+                creds.join("server").display()
+            ),
+        ],
+    );
+    let qemu_img = |args: &[&str], creds: &Path, tail: &[&str]| {
+        let mut command = Command::new("qemu-img");
+        command
+            .args(args)
+            .args(tls_image(creds, port, "vm1"))
+            .args(tail);
+        command.output().unwrap()
+    };
+    // Read through TLS, then write b over it through TLS, then read again.
+    let copy = d.join("copy.raw");
+    let out = qemu_img(
+        &["convert", "-O", "raw"],
+        &creds.join("client"),
+        &[copy.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&a).unwrap());
+    let out = Command::new("qemu-img")
+        .args([
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "--target-image-opts",
+            b.to_str().unwrap(),
+        ])
+        .args(&tls_image(&creds.join("client"), port, "vm1")[..2])
+        .arg(&tls_image(&creds.join("client"), port, "vm1")[3])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    // No client certificate, or one from another authority: refused.
+    for who in ["anonymous", "stranger"] {
+        let out = qemu_img(&["info"], &creds.join(who), &[]);
+        assert!(!out.status.success(), "{who} was served");
+    }
+    // No TLS at all: the export is not even named.
+    let out = Command::new("qemu-img")
+        .args(["info", &format!("nbd://127.0.0.1:{port}/vm1")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("TLS"), "{e}");
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut greeting = [0u8; 18];
+    plain.read_exact(&mut greeting).unwrap();
+    plain.write_all(&1u32.to_be_bytes()).unwrap();
+    // NBD_OPT_LIST: IHAVEOPT, option 3, no data.
+    plain
+        .write_all(&0x4948_4156_454f_5054u64.to_be_bytes())
+        .unwrap();
+    plain.write_all(&[0, 0, 0, 3, 0, 0, 0, 0]).unwrap();
+    let mut reply = [0u8; 20];
+    plain.read_exact(&mut reply).unwrap();
+    let kind = u32::from_be_bytes(reply[12..16].try_into().unwrap());
+    assert_eq!(kind, (1 << 31) | 5, "NBD_REP_ERR_TLS_REQD");
+}
+
+/// `tls-verify-peer=off`: any client that completes TLS is served, here nbdinfo and fio
+/// (libnbd, GnuTLS) with the authority alone; a Unix socket can require TLS too.
+#[test]
+fn tls_without_client_verification_serves_nbdinfo_and_fio_over_tcp_and_unix() {
+    if !have("nbdinfo") || !have("fio") || !have("openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let creds = credentials(d);
+    let (port, socket) = (free_port(), d.join("nbd.sock"));
+    let server = creds.join("server");
+    let spec = |at: String, file: &str| {
+        format!(
+            "nbd,{at},file={},tls-creds={},tls-verify-peer=off",
+            image(d, file, 1).display(),
+            server.display()
+        )
+    };
+    let _daemon = Daemon::start(
+        d,
+        &[
+            "--export".into(),
+            spec(format!("addr=127.0.0.1:{port},name=vm1"), "a.raw"),
+            "--export".into(),
+            spec(format!("socket={},name=vm2", socket.display()), "b.raw"),
+        ],
+    );
+    let anonymous = creds.join("anonymous");
+    let certs = format!("tls-certificates={}", anonymous.display());
+    for uri in [
+        format!("nbds://127.0.0.1:{port}/vm1?{certs}"),
+        format!("nbds+unix:///vm2?socket={}&{certs}", socket.display()),
+    ] {
+        let info = run("nbdinfo", &["--json", &uri]);
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(info["exports"][0]["export-size"], 16 << 20, "{uri}");
+        assert_eq!(info["TLS"], true, "{uri}");
+    }
+    // Requests and replies of up to 1 MiB, 16 at once, through TLS records.
+    let home = d.join("home");
+    std::fs::create_dir_all(home.join(".pki")).unwrap();
+    std::fs::rename(&anonymous, home.join(".pki/libnbd")).unwrap();
+    let uri = format!("nbds://127.0.0.1:{port}/vm1");
+    fio_verify(&uri, "4k/60:64k/30:1m/10", Some(&home));
 }

@@ -54,11 +54,14 @@ fn check_replies(mut out: &[u8], option: u32) {
 
 fuzz_target!(|data: &[u8]| {
     let exports = Two([export("", false, true), export("ro", true, false)]);
-    let mut h = Handshake::new();
     let Some((flags, mut rest)) = data.split_first_chunk::<4>() else {
         return;
     };
-    if h.client_flags(u32::from_be_bytes(*flags)).is_err() {
+    // The top bit (never a valid client flag) picks a listener that requires TLS.
+    let mut tls_pending = flags[0] & 0x80 != 0;
+    let mut h = Handshake::new(tls_pending);
+    let flags = u32::from_be_bytes(*flags) & !(1 << 31);
+    if h.client_flags(flags).is_err() {
         return;
     }
     let mut options = 0;
@@ -80,7 +83,18 @@ fuzz_target!(|data: &[u8]| {
         let (payload, after) = after.split_at(len);
         rest = after;
         let mut out = Vec::new();
-        match h.option(option, payload, &exports, &mut out) {
+        let next = h.option(option, payload, &exports, &mut out);
+        if tls_pending && option != OPT_STARTTLS && option != OPT_ABORT {
+            // Nothing about the exports before TLS: an error that says so, or a close.
+            assert!(matches!(next, Next::Option | Next::Close));
+            assert!(out.is_empty() || u32::from_be_bytes(out[12..16].try_into().unwrap()) == REP_ERR_TLS_REQD);
+        }
+        match next {
+            Next::StartTls => {
+                assert!(tls_pending && option == OPT_STARTTLS);
+                check_replies(&out, option);
+                tls_pending = false;
+            }
             Next::Option if option == OPT_EXPORT_NAME => unreachable!("EXPORT_NAME ends haggling"),
             // An unknown name cannot be answered: closed without a word.
             Next::Close if option == OPT_EXPORT_NAME => {

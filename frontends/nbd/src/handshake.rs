@@ -4,9 +4,13 @@
 //!
 //! Served: EXPORT_NAME, ABORT, LIST, INFO, GO (with NBD_INFO_EXPORT, NAME, DESCRIPTION and
 //! BLOCK_SIZE), STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (`base:allocation`
-//! where the export can tell holes). STARTTLS and EXTENDED_HEADERS are answered as
-//! unsupported; any other option too. Limits: at most [`MAX_OPTIONS`] options and
-//! [`MAX_OPTION_DATA`] bytes in one, past which the connection is dropped.
+//! where the export can tell holes), and STARTTLS on a listener with TLS. EXTENDED_HEADERS
+//! is answered as unsupported; any other option too. Limits: at most [`MAX_OPTIONS`] options
+//! and [`MAX_OPTION_DATA`] bytes in one, past which the connection is dropped.
+//!
+//! A listener with TLS requires it (the protocol's FORCEDTLS): until STARTTLS, every option
+//! but ABORT is answered NBD_REP_ERR_TLS_REQD (EXPORT_NAME, which cannot be answered,
+//! closes), so no export is visible, not even its name, to a client without TLS.
 
 use crate::wire::*;
 
@@ -83,6 +87,9 @@ pub enum Next {
     Transmit(Agreed),
     /// Send the replies, then close the connection.
     Close,
+    /// Send the replies, then run the TLS handshake the client starts, then read the next
+    /// option through TLS.
+    StartTls,
 }
 
 /// Why a connection is dropped without a reply (the protocol gives no way to answer).
@@ -102,6 +109,10 @@ const ALLOCATION_ID: u32 = 1;
 /// One connection's haggling.
 #[derive(Default)]
 pub struct Handshake {
+    /// TLS is required and not yet started: options other than STARTTLS and ABORT wait.
+    tls_required: bool,
+    /// STARTTLS was agreed (or TLS is not offered): a STARTTLS now is a mistake.
+    tls_offered: bool,
     no_zeroes: bool,
     options: u32,
     structured: bool,
@@ -110,8 +121,13 @@ pub struct Handshake {
 }
 
 impl Handshake {
-    pub fn new() -> Handshake {
-        Handshake::default()
+    /// A handshake on a listener that does (`tls`: requires) or does not offer TLS.
+    pub fn new(tls: bool) -> Handshake {
+        Handshake {
+            tls_required: tls,
+            tls_offered: tls,
+            ..Handshake::default()
+        }
     }
 
     /// The client's flags, the 4 bytes after the greeting.
@@ -144,6 +160,9 @@ impl Handshake {
         exports: &dyn Exports,
         out: &mut Vec<u8>,
     ) -> Next {
+        if self.tls_required && option != OPT_ABORT {
+            return self.before_tls(option, data, out);
+        }
         match option {
             OPT_EXPORT_NAME => self.export_name(data, exports, out),
             OPT_ABORT => {
@@ -182,12 +201,46 @@ impl Handshake {
                 self.meta_context(option, data, exports, out);
                 Next::Option
             }
+            OPT_STARTTLS if self.tls_offered => {
+                option_error(out, option, REP_ERR_INVALID, "TLS is already on");
+                Next::Option
+            }
             OPT_STARTTLS => {
-                option_error(out, option, REP_ERR_UNSUP, "this server does not offer TLS");
+                option_error(
+                    out,
+                    option,
+                    REP_ERR_UNSUP,
+                    "this export is served without TLS",
+                );
                 Next::Option
             }
             _ => {
                 option_error(out, option, REP_ERR_UNSUP, "option not supported");
+                Next::Option
+            }
+        }
+    }
+
+    /// An option (not ABORT) while TLS is required and not yet on.
+    fn before_tls(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Next {
+        match option {
+            OPT_STARTTLS if data.is_empty() => {
+                option_reply(out, option, REP_ACK, &[]);
+                self.tls_required = false;
+                Next::StartTls
+            }
+            OPT_STARTTLS => {
+                option_error(out, option, REP_ERR_INVALID, "STARTTLS takes no data");
+                Next::Option
+            }
+            OPT_EXPORT_NAME => Next::Close,
+            _ => {
+                option_error(
+                    out,
+                    option,
+                    REP_ERR_TLS_REQD,
+                    "TLS is required: send STARTTLS first",
+                );
                 Next::Option
             }
         }
@@ -416,7 +469,7 @@ mod tests {
 
     #[test]
     fn go_after_structured_replies_and_base_allocation_agrees_on_all_three() {
-        let (exports, mut h, mut out) = (export(), Handshake::new(), Vec::new());
+        let (exports, mut h, mut out) = (export(), Handshake::new(false), Vec::new());
         h.client_flags(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
             .unwrap();
         assert_eq!(
@@ -465,7 +518,7 @@ mod tests {
 
     #[test]
     fn mistakes_get_the_documented_errors_and_the_haggling_goes_on() {
-        let (exports, mut h, mut out) = (export(), Handshake::new(), Vec::new());
+        let (exports, mut h, mut out) = (export(), Handshake::new(false), Vec::new());
         h.client_flags(CLIENT_FIXED_NEWSTYLE).unwrap();
         let cases: Vec<(u32, Vec<u8>, u32)> = vec![
             (OPT_GO, info_data("nope", &[]), REP_ERR_UNKNOWN),
@@ -523,7 +576,7 @@ mod tests {
     #[test]
     fn export_name_answers_size_and_flags_or_closes() {
         let exports = export();
-        let mut h = Handshake::new();
+        let mut h = Handshake::new(false);
         h.client_flags(CLIENT_FIXED_NEWSTYLE).unwrap();
         let mut out = Vec::new();
         assert!(matches!(
@@ -536,7 +589,7 @@ mod tests {
             "with the zeroes the client did not decline"
         );
         assert_eq!(u64_at(&out, 0), 1 << 30);
-        let mut h = Handshake::new();
+        let mut h = Handshake::new(false);
         h.client_flags(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
             .unwrap();
         out.clear();
@@ -550,8 +603,60 @@ mod tests {
     }
 
     #[test]
+    fn with_tls_required_nothing_is_told_before_starttls() {
+        let (exports, mut h, mut out) = (export(), Handshake::new(true), Vec::new());
+        h.client_flags(CLIENT_FIXED_NEWSTYLE).unwrap();
+        for option in [OPT_LIST, OPT_GO, OPT_INFO, OPT_STRUCTURED_REPLY, 77] {
+            out.clear();
+            let data = if option == OPT_GO || option == OPT_INFO {
+                info_data("vm1", &[])
+            } else {
+                vec![]
+            };
+            assert_eq!(h.option(option, &data, &exports, &mut out), Next::Option);
+            let r = replies(&out);
+            assert_eq!((r.len(), r[0].1), (1, REP_ERR_TLS_REQD), "option {option}");
+            assert!(!String::from_utf8_lossy(&r[0].2).contains("vm1"));
+        }
+        out.clear();
+        assert_eq!(
+            h.option(OPT_EXPORT_NAME, b"vm1", &exports, &mut out),
+            Next::Close
+        );
+        assert!(out.is_empty());
+        // STARTTLS with data is a mistake; without, it is agreed once.
+        assert_eq!(
+            h.option(OPT_STARTTLS, &[1], &exports, &mut out),
+            Next::Option
+        );
+        assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+        out.clear();
+        assert_eq!(
+            h.option(OPT_STARTTLS, &[], &exports, &mut out),
+            Next::StartTls
+        );
+        assert_eq!(replies(&out), vec![(OPT_STARTTLS, REP_ACK, vec![])]);
+        out.clear();
+        assert_eq!(
+            h.option(OPT_STARTTLS, &[], &exports, &mut out),
+            Next::Option
+        );
+        assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+        // Then the haggling is as without TLS.
+        out.clear();
+        h.option(OPT_LIST, &[], &exports, &mut out);
+        assert_eq!(replies(&out)[0].1, REP_SERVER);
+        let go = h.option(OPT_GO, &info_data("vm1", &[]), &exports, &mut out);
+        assert!(matches!(go, Next::Transmit(_)));
+        // ABORT before TLS is still answered.
+        let (mut h, mut out) = (Handshake::new(true), Vec::new());
+        assert_eq!(h.option(OPT_ABORT, &[], &exports, &mut out), Next::Close);
+        assert_eq!(replies(&out), vec![(OPT_ABORT, REP_ACK, vec![])]);
+    }
+
+    #[test]
     fn bad_flags_magic_and_too_many_options_drop_the_connection() {
-        let mut h = Handshake::new();
+        let mut h = Handshake::new(false);
         assert_eq!(h.client_flags(4), Err(Hangup::ClientFlags(4)));
         let mut header = [0u8; OPTION_HEADER];
         header[..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
@@ -560,7 +665,7 @@ mod tests {
             assert_eq!(h.option_header(&header), Ok((OPT_LIST, 0)));
         }
         assert_eq!(h.option_header(&header), Err(Hangup::TooMuch));
-        let mut h = Handshake::new();
+        let mut h = Handshake::new(false);
         header[12..].copy_from_slice(&(MAX_OPTION_DATA + 1).to_be_bytes());
         assert_eq!(h.option_header(&header), Err(Hangup::TooMuch));
         header[0] ^= 1;

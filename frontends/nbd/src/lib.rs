@@ -8,22 +8,28 @@
 //!   STRUCTURED_REPLY, LIST_META_CONTEXT / SET_META_CONTEXT with `base:allocation`).
 //! - [`request`]: a transmission-phase request header, checked against the export and what
 //!   the handshake agreed, into a command or the error the protocol prescribes.
+//! - [`channel`]: a connection's bytes, plain or TLS (rustls), over a non-blocking socket.
+//! - [`tls`]: a listener's credentials from a QEMU-style x509 directory.
 //! - [`ring`]: one connection after the handshake as the engine's `Ring`, polled by a
 //!   reactor like a virtqueue.
-//! - [`server`]: listening sockets (Unix, loopback TCP), a thread each that accepts and
-//!   haggles, and the exports they offer.
+//! - [`server`]: listening sockets (Unix, TCP), a thread each that accepts and haggles
+//!   (STARTTLS included), and the exports they offer.
 //!
 //! `base:allocation` is offered where the volume can tell its holes (thin volumes, files):
 //! BLOCK_STATUS answers from the thin map or SEEK_DATA, and a structured READ sends holes as
 //! OFFSET_HOLE chunks.
 //!
-//! Not here yet: TLS (STARTTLS is refused as unsupported, so TCP listens on loopback
-//! addresses only), extended headers (refused as unsupported). Replies are sent with
-//! send(2) from the reactor's thread, not through its io_uring, and a READ's data is copied
-//! into the connection's send buffer.
+//! A listener with TLS credentials requires TLS before any export is visible; TCP on an
+//! address other than loopback is served only with TLS.
+//!
+//! Not here yet: extended headers (refused as unsupported). Replies are sent with send(2)
+//! from the reactor's thread, not through its io_uring, and a READ's data is copied into
+//! the connection's send buffer.
 
+pub mod channel;
 pub mod handshake;
 pub mod request;
 pub mod ring;
 pub mod server;
+pub mod tls;
 pub mod wire;

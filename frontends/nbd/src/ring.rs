@@ -1,14 +1,16 @@
 //! One NBD connection in the transmission phase, as the engine's [`Ring`]: the reactor that
-//! owns it polls it like a virtqueue. `pop` reads request headers from the socket (never
-//! blocking) and a WRITE's data straight into the request's buffer; `complete` puts the
-//! reply (and a READ's data) in the connection's send buffer; `publish` sends it. The socket
-//! is the kick: readable means requests arrived.
+//! owns it polls it like a virtqueue. `pop` reads request headers from the connection's
+//! [`Channel`] (the socket, plain or TLS; never blocking) and a WRITE's data straight into
+//! the request's buffer; `complete` puts the reply (and a READ's data) in the connection's
+//! send buffer; `publish` sends it. The socket is the kick: readable means requests arrived
+//! (with TLS, bytes rustls decrypted already keep the ring awake instead).
 //!
 //! Requests the protocol lets the server refuse are answered here without reaching the
 //! volume (request.rs says with what). A client that sends what cannot be answered (bad
 //! magic, a WRITE larger than the maximum) or goes away breaks the ring: the queue stops
 //! once its requests are done, and `on_close` tells the server to detach it.
 
+use crate::channel::Channel;
 use crate::handshake::Agreed;
 use crate::request::{check, Command, Header, Refusal};
 use crate::wire::*;
@@ -17,7 +19,7 @@ use pollblk_engine::device::BlkDevice;
 use pollblk_engine::request::Status;
 use pollblk_engine::ring::{Notified, Popped, Ring};
 use pollblk_engine::virtqueue::{Broken, Segments};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 
 /// Requests in flight at once on one connection.
 pub const SLOTS: usize = 64;
@@ -50,7 +52,7 @@ struct Incoming {
 }
 
 pub struct NbdRing {
-    sock: OwnedFd,
+    channel: Channel,
     agreed: Agreed,
     /// Answers BLOCK_STATUS and finds the holes of structured reads (its backend).
     device: std::sync::Arc<BlkDevice>,
@@ -81,11 +83,11 @@ pub struct NbdRing {
 }
 
 impl NbdRing {
-    /// A ring over `sock` (non-blocking, past the handshake; `early`: bytes the handshake
-    /// read past its last option) for what `agreed` says; `on_close` runs once, on the
-    /// reactor, when the connection ends.
+    /// A ring over `channel` (past the handshake; `early`: bytes the handshake read past
+    /// its last option) for what `agreed` says; `on_close` runs once, on the reactor, when
+    /// the connection ends.
     pub fn new(
-        sock: OwnedFd,
+        channel: Channel,
         early: &[u8],
         agreed: Agreed,
         device: std::sync::Arc<BlkDevice>,
@@ -94,7 +96,7 @@ impl NbdRing {
         let mut inbuf = vec![0u8; INBUF.max(early.len())].into_boxed_slice();
         inbuf[..early.len()].copy_from_slice(early);
         NbdRing {
-            sock,
+            channel,
             agreed,
             device,
             runs: Vec::with_capacity(MAX_EXTENTS),
@@ -125,7 +127,7 @@ impl NbdRing {
             (self.in_start, self.in_end) = (0, self.in_end - self.in_start);
         }
         let end = self.in_end;
-        match recv(self.sock.as_raw_fd(), &mut self.inbuf[end..]) {
+        match self.channel.recv(&mut self.inbuf[end..]) {
             Ok(0) => self.closed = true,
             Ok(n) => self.in_end += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -145,7 +147,7 @@ impl NbdRing {
         self.in_start += from_buf;
         let mut got = from_buf;
         while got < to.len() {
-            match recv(self.sock.as_raw_fd(), &mut to[got..]) {
+            match self.channel.recv(&mut to[got..]) {
                 Ok(0) => {
                     self.closed = true;
                     break;
@@ -450,7 +452,7 @@ impl Ring for NbdRing {
     }
 
     fn publish(&mut self) -> Notified {
-        if self.out_sent == self.out.len() {
+        if self.out_sent == self.out.len() && !self.channel.wants_send() {
             return Notified::Nobody;
         }
         self.send_out();
@@ -460,6 +462,8 @@ impl Ring for NbdRing {
     fn enable_notification(&mut self) -> bool {
         // Stay awake while replies wait for the socket or a request is already buffered.
         self.out_sent < self.out.len()
+            || self.channel.wants_send()
+            || self.channel.has_buffered()
             || self.buffered() >= REQUEST_HEADER
             || self.closed
             || !self.fua_pending.is_empty()
@@ -468,7 +472,7 @@ impl Ring for NbdRing {
     fn disable_notification(&mut self) {}
 
     fn kick_fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
+        self.channel.fd()
     }
 
     fn ack_kick(&mut self) -> u64 {
@@ -491,7 +495,7 @@ impl NbdRing {
     /// Sends what the socket takes of the replies now.
     fn send_out(&mut self) {
         while self.out_sent < self.out.len() {
-            match send(self.sock.as_raw_fd(), &self.out[self.out_sent..]) {
+            match self.channel.send(&self.out[self.out_sent..]) {
                 Ok(n) => self.out_sent += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => {
@@ -499,6 +503,10 @@ impl NbdRing {
                     self.out_sent = self.out.len();
                 }
             }
+        }
+        match self.channel.flush() {
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => self.closed = true,
+            _ => {}
         }
         if self.out_sent == self.out.len() {
             self.out.clear();
@@ -518,36 +526,13 @@ impl NbdRing {
         self.send_out();
         let over = self.closed || self.disconnecting;
         let done = self.in_flight == 0 && self.fua_pending.is_empty();
-        if over && done && (self.closed || self.out_sent == self.out.len()) {
+        let sent = self.out_sent == self.out.len() && !self.channel.wants_send();
+        if over && done && (self.closed || sent) {
+            if !self.closed {
+                self.channel.close();
+            }
             return Err(Broken::Disconnected);
         }
         Ok(Popped::Nothing)
-    }
-}
-
-fn recv(fd: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
-    // SAFETY: recv into a buffer we own, of its length.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-fn send(fd: RawFd, buf: &[u8]) -> std::io::Result<usize> {
-    // SAFETY: send from a buffer we own, of its length; no SIGPIPE if the peer left.
-    let n = unsafe {
-        libc::send(
-            fd,
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
     }
 }

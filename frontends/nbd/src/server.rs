@@ -8,17 +8,20 @@
 //! export as many connections as it has queues (each counts into its own queue's
 //! statistics).
 
+use crate::channel::Channel;
 use crate::handshake::{Agreed, ExportInfo, Exports, Handshake, Hangup, Next};
 use crate::ring::NbdRing;
+use crate::tls::TlsOptions;
 use crate::wire::{greeting, OPTION_HEADER};
 use pollblk_engine::device::BlkDevice;
 use pollblk_engine::queue::RequestQueue;
 use pollblk_engine::reactor::{QueueId, ReactorHandle};
 use pollblk_engine::unix_socket::{self, Access};
+use rustls::ServerConfig;
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,7 +38,7 @@ const STOP_LIMIT: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Address {
     Unix(PathBuf),
-    /// TCP; only on a loopback address until TLS exists.
+    /// TCP; on an address other than loopback only with TLS.
     Tcp(std::net::SocketAddr),
 }
 
@@ -81,7 +84,7 @@ impl Export {
     /// false when every connection slot is taken.
     fn attach(
         self: &Arc<Export>,
-        sock: OwnedFd,
+        channel: Channel,
         early: &[u8],
         agreed: Agreed,
         reaper: &Reaper,
@@ -93,7 +96,7 @@ impl Export {
         let id = QueueId::fresh();
         let reactor = self.reactors[q % self.reactors.len()].clone();
         let on_close = reaper.notifier(Arc::downgrade(self), q, id);
-        let ring = NbdRing::new(sock, early, agreed, self.device.clone(), on_close);
+        let ring = NbdRing::new(channel, early, agreed, self.device.clone(), on_close);
         let stats = self.device.queue_stats(q).clone();
         let queue = RequestQueue::new(self.device.clone(), ring, stats, true);
         reactor.attach_queue(id, Box::new(queue));
@@ -187,6 +190,7 @@ impl Exports for Table<'_> {
 /// A listening socket and its thread.
 pub struct Listener {
     address: Address,
+    tls: Option<TlsOptions>,
     exports: ExportTable,
     stop: Arc<EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -198,56 +202,28 @@ enum Socket {
     Tcp(std::net::TcpListener),
 }
 
-/// One accepted connection's stream.
-enum Stream {
-    Unix(UnixStream),
-    Tcp(std::net::TcpStream),
-    /// Handed over to a reactor.
-    Closed,
-}
-
-impl Stream {
-    fn io(&mut self) -> &mut dyn ReadWrite {
-        match self {
-            Stream::Unix(s) => s,
-            Stream::Tcp(s) => s,
-            Stream::Closed => unreachable!("a handed-over stream is not used"),
-        }
-    }
-
-    fn into_fd(self) -> OwnedFd {
-        match self {
-            Stream::Unix(s) => s.into(),
-            Stream::Tcp(s) => s.into(),
-            Stream::Closed => unreachable!("handed over once"),
-        }
-    }
-
-    fn raw(&self) -> i32 {
-        match self {
-            Stream::Unix(s) => s.as_raw_fd(),
-            Stream::Tcp(s) => s.as_raw_fd(),
-            Stream::Closed => -1,
-        }
-    }
-}
-
-trait ReadWrite: Read + Write {}
-impl<T: Read + Write> ReadWrite for T {}
-
 impl Listener {
-    /// Listens on `address` (a Unix socket path is replaced if a stale socket is there).
-    pub fn start(address: Address, access: Access) -> io::Result<Listener> {
+    /// Listens on `address` (a Unix socket path is replaced if a stale socket is there),
+    /// requiring TLS with the credentials `tls` names, if it names any.
+    pub fn start(
+        address: Address,
+        access: Access,
+        tls: Option<TlsOptions>,
+    ) -> io::Result<Listener> {
+        let config = match &tls {
+            Some(options) => Some(crate::tls::server_config(options).map_err(io::Error::other)?),
+            None => None,
+        };
         let socket = match &address {
             Address::Unix(path) => Socket::Unix(
                 unix_socket::listen(path, access, 64)
                     .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?,
             ),
             Address::Tcp(addr) => {
-                if !addr.ip().is_loopback() {
+                if !addr.ip().is_loopback() && tls.is_none() {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidInput,
-                        format!("{addr}: NBD over TCP is served on loopback addresses only (no TLS yet)"),
+                        format!("{addr}: NBD over TCP on an address other than loopback needs TLS"),
                     ));
                 }
                 Socket::Tcp(std::net::TcpListener::bind(addr)?)
@@ -267,10 +243,11 @@ impl Listener {
             let (exports, stop) = (exports.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("nbd-listener".into())
-                .spawn(move || serve(socket, &exports, &stop, &reaper))?
+                .spawn(move || serve(socket, config, &exports, &stop, &reaper))?
         };
         Ok(Listener {
             address,
+            tls,
             exports,
             stop,
             thread: Some(thread),
@@ -279,6 +256,11 @@ impl Listener {
 
     pub fn address(&self) -> &Address {
         &self.address
+    }
+
+    /// The TLS this listener requires, if any.
+    pub fn tls(&self) -> Option<&TlsOptions> {
+        self.tls.as_ref()
     }
 
     /// Offers `export` under its name; false if the name is taken on this listener.
@@ -315,7 +297,8 @@ impl Drop for Listener {
 
 /// One connection haggling.
 struct Haggler {
-    stream: Stream,
+    /// None once handed over.
+    channel: Option<Channel>,
     handshake: Handshake,
     deadline: Instant,
     /// Bytes received and not yet used.
@@ -324,6 +307,8 @@ struct Haggler {
     want: Want,
     /// Replies not yet sent.
     output: Vec<u8>,
+    /// STARTTLS was agreed: once its reply is out, TLS starts, and options wait till then.
+    starting_tls: bool,
     /// Set once an export was picked: sent the last replies, then hand the socket over.
     done: Option<Result<(Arc<Export>, Agreed), ()>>,
 }
@@ -346,47 +331,35 @@ impl Want {
 }
 
 /// The listener thread: accepts, haggles, hands over, reaps.
-fn serve(socket: Socket, exports: &ExportTable, stop: &EventFd, reaper: &Reaper) {
+fn serve(
+    socket: Socket,
+    tls: Option<Arc<ServerConfig>>,
+    exports: &ExportTable,
+    stop: &EventFd,
+    reaper: &Reaper,
+) {
     let mut hagglers: Vec<Haggler> = Vec::new();
     loop {
-        let mut fds = vec![
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: reaper.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: match &socket {
-                    Socket::Unix(l) => l.as_raw_fd(),
-                    Socket::Tcp(l) => l.as_raw_fd(),
-                },
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        for h in &hagglers {
-            let events = if h.output.is_empty() {
-                libc::POLLIN
-            } else {
-                libc::POLLIN | libc::POLLOUT
-            };
-            fds.push(libc::pollfd {
-                fd: h.stream.raw(),
-                events,
-                revents: 0,
-            });
+        let listening = match &socket {
+            Socket::Unix(l) => l.as_raw_fd(),
+            Socket::Tcp(l) => l.as_raw_fd(),
+        };
+        let mut fds: Vec<libc::pollfd> = [stop.as_raw_fd(), reaper.wake.as_raw_fd(), listening]
+            .into_iter()
+            .map(|fd| pollfd(fd, false))
+            .collect();
+        let mut timeout = next_deadline(&hagglers);
+        for h in &mut hagglers {
+            let channel = h.channel.as_mut().expect("not handed over yet");
+            fds.push(pollfd(
+                channel.fd(),
+                !h.output.is_empty() || channel.wants_send(),
+            ));
+            if channel.has_buffered() {
+                // Decrypted options wait in rustls: the socket will not say so.
+                timeout = 0;
+            }
         }
-        let now = Instant::now();
-        let timeout = hagglers
-            .iter()
-            .map(|h| h.deadline.saturating_duration_since(now))
-            .min()
-            .map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32 + 1);
         // SAFETY: poll over `fds.len()` pollfds we own.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if fds[0].revents != 0 {
@@ -397,7 +370,7 @@ fn serve(socket: Socket, exports: &ExportTable, stop: &EventFd, reaper: &Reaper)
             reaper.reap();
         }
         if fds[2].revents != 0 {
-            accept_all(&socket, &mut hagglers);
+            accept_all(&socket, tls.is_some(), &mut hagglers);
         }
         let now = Instant::now();
         hagglers.retain_mut(|h| {
@@ -405,60 +378,83 @@ fn serve(socket: Socket, exports: &ExportTable, stop: &EventFd, reaper: &Reaper)
                 tracing::info!("NBD client dropped: no export picked within {HANDSHAKE_LIMIT:?}");
                 return false;
             }
-            haggle(h, exports, reaper)
+            haggle(h, tls.as_ref(), exports, reaper)
         });
     }
 }
 
-fn accept_all(socket: &Socket, hagglers: &mut Vec<Haggler>) {
-    loop {
-        let stream = match socket {
-            Socket::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
-            Socket::Tcp(l) => l.accept().map(|(s, _)| {
-                let _ = s.set_nodelay(true);
-                Stream::Tcp(s)
-            }),
-        };
-        let Ok(stream) = stream else {
-            return;
-        };
-        if hagglers.len() >= MAX_HANDSHAKES {
-            tracing::warn!("NBD client refused: {MAX_HANDSHAKES} handshakes under way");
-            continue;
-        }
-        let nonblocking = match &stream {
-            Stream::Unix(s) => s.set_nonblocking(true),
-            Stream::Tcp(s) => s.set_nonblocking(true),
-            Stream::Closed => continue,
-        };
-        if nonblocking.is_err() {
-            continue;
-        }
-        hagglers.push(Haggler {
-            stream,
-            handshake: Handshake::new(),
-            deadline: Instant::now() + HANDSHAKE_LIMIT,
-            input: Vec::new(),
-            want: Want::Flags,
-            output: greeting().to_vec(),
-            done: None,
-        });
+fn pollfd(fd: i32, out: bool) -> libc::pollfd {
+    let events = if out {
+        libc::POLLIN | libc::POLLOUT
+    } else {
+        libc::POLLIN
+    };
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
     }
 }
+
+/// poll(2)'s timeout: until the first handshake deadline (-1: none).
+fn next_deadline(hagglers: &[Haggler]) -> i32 {
+    let now = Instant::now();
+    hagglers
+        .iter()
+        .map(|h| h.deadline.saturating_duration_since(now))
+        .min()
+        .map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32 + 1)
+}
+
+fn accept_all(socket: &Socket, tls: bool, hagglers: &mut Vec<Haggler>) {
+    loop {
+        let fd: io::Result<OwnedFd> = match socket {
+            Socket::Unix(l) => l.accept().and_then(|(s, _)| {
+                s.set_nonblocking(true)?;
+                Ok(s.into())
+            }),
+            Socket::Tcp(l) => l.accept().and_then(|(s, _)| {
+                s.set_nonblocking(true)?;
+                let _ = s.set_nodelay(true);
+                Ok(s.into())
+            }),
+        };
+        match fd {
+            Ok(_) if hagglers.len() >= MAX_HANDSHAKES => {
+                tracing::warn!("NBD client refused: {MAX_HANDSHAKES} handshakes under way");
+            }
+            Ok(fd) => hagglers.push(Haggler {
+                channel: Some(Channel::plain(fd)),
+                handshake: Handshake::new(tls),
+                deadline: Instant::now() + HANDSHAKE_LIMIT,
+                input: Vec::new(),
+                want: Want::Flags,
+                output: greeting().to_vec(),
+                starting_tls: false,
+                done: None,
+            }),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            // A connection reset before accept, or a descriptor limit: the next one.
+            Err(_) => return,
+        }
+    }
+}
+
+/// Bytes of options read ahead of the one being handled, at most.
+const READ_AHEAD: usize = 64 << 10;
 
 /// Moves one connection's handshake on as far as its bytes allow; false when the listener
 /// is done with it (handed over or dropped).
-fn haggle(h: &mut Haggler, exports: &ExportTable, reaper: &Reaper) -> bool {
-    if h.done.is_none() {
-        let mut buf = [0u8; 4096];
-        match h.stream.io().read(&mut buf) {
-            Ok(0) => return false,
-            Ok(n) => h.input.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return false,
-        }
+fn haggle(
+    h: &mut Haggler,
+    tls: Option<&Arc<ServerConfig>>,
+    exports: &ExportTable,
+    reaper: &Reaper,
+) -> bool {
+    if h.done.is_none() && !receive(h) {
+        return false;
     }
-    while h.done.is_none() && h.input.len() >= h.want.bytes() {
+    while h.done.is_none() && !h.starting_tls && h.input.len() >= h.want.bytes() {
         let step: Vec<u8> = h.input.drain(..h.want.bytes()).collect();
         if let Err(why) = step_once(h, &step, exports) {
             tracing::info!(?why, "NBD client dropped during the handshake");
@@ -467,6 +463,24 @@ fn haggle(h: &mut Haggler, exports: &ExportTable, reaper: &Reaper) -> bool {
     }
     if !flush(h) {
         return false;
+    }
+    if h.starting_tls && h.output.is_empty() {
+        h.starting_tls = false;
+        let config = tls.expect("STARTTLS is agreed only with TLS").clone();
+        // What the client sent after STARTTLS is its ClientHello.
+        let early = std::mem::take(&mut h.input);
+        let channel = h.channel.as_mut().expect("not handed over yet");
+        match channel.start_tls(config, &early) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                tracing::info!("NBD client dropped: {e}");
+                return false;
+            }
+        }
+        // Again, through TLS: what arrives now may hold options as well (once: STARTTLS
+        // is agreed once).
+        return haggle(h, tls, exports, reaper);
     }
     match h.done.take() {
         None => true,
@@ -477,16 +491,34 @@ fn haggle(h: &mut Haggler, exports: &ExportTable, reaper: &Reaper) -> bool {
         }
         Some(Err(())) => false,
         Some(Ok((export, agreed))) => {
-            let stream = std::mem::replace(&mut h.stream, Stream::Closed);
+            let channel = h.channel.take().expect("handed over once");
             // Requests the client sent right behind its last option go along.
             let early = std::mem::take(&mut h.input);
-            if !export.attach(stream.into_fd(), &early, agreed, reaper) {
+            if !export.attach(channel, &early, agreed, reaper) {
                 tracing::warn!(export = %export.name(),
                     "NBD client dropped: every connection slot of the export is taken");
             }
             false
         }
     }
+}
+
+/// Reads what the connection has (up to READ_AHEAD buffered); false if it ended or broke.
+fn receive(h: &mut Haggler) -> bool {
+    let channel = h.channel.as_mut().expect("not handed over yet");
+    let mut buf = [0u8; 4096];
+    while h.input.len() < READ_AHEAD {
+        match channel.recv(&mut buf) {
+            Ok(0) => return false,
+            Ok(n) => h.input.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) => {
+                tracing::info!("NBD client dropped during the handshake: {e}");
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// One step of the handshake with the bytes it needs.
@@ -514,6 +546,7 @@ fn step_once(h: &mut Haggler, bytes: &[u8], exports: &ExportTable) -> Result<(),
             h.want = Want::Header;
             match next {
                 Next::Option => {}
+                Next::StartTls => h.starting_tls = true,
                 Next::Close => h.done = Some(Err(())),
                 Next::Transmit(agreed) => {
                     let export = table
@@ -530,8 +563,9 @@ fn step_once(h: &mut Haggler, bytes: &[u8], exports: &ExportTable) -> Result<(),
 
 /// Sends what the socket takes now; false if the peer is gone.
 fn flush(h: &mut Haggler) -> bool {
+    let channel = h.channel.as_mut().expect("not handed over yet");
     while !h.output.is_empty() {
-        match h.stream.io().write(&h.output) {
+        match channel.send(&h.output) {
             Ok(0) => return false,
             Ok(n) => {
                 h.output.drain(..n);
@@ -540,7 +574,7 @@ fn flush(h: &mut Haggler) -> bool {
             Err(_) => return false,
         }
     }
-    true
+    !matches!(channel.flush(), Err(e) if e.kind() != io::ErrorKind::WouldBlock)
 }
 
 /// Where an NBD export was asked to listen, for messages.
