@@ -7,7 +7,7 @@
 //! the socket while either holds bytes, since the socket will not say so.
 
 use rustls::{ServerConfig, ServerConnection};
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
@@ -76,11 +76,16 @@ impl Channel {
 
     /// Bytes taken from `buf` (sent, or with TLS, encrypted and queued for the socket).
     pub fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.send_vectored(&[IoSlice::new(buf)])
+    }
+
+    /// As `send`, from several buffers in order (one sendmsg without TLS).
+    pub fn send_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let fd = self.fd.as_raw_fd();
         let Some(conn) = self.tls.as_deref_mut() else {
-            return Socket(fd).write(buf);
+            return Socket(fd).write_vectored(bufs);
         };
-        let taken = conn.writer().write(buf)?;
+        let taken = conn.writer().write_vectored(bufs)?;
         match flush_tls(conn, fd) {
             Err(e) if e.kind() != ErrorKind::WouldBlock => Err(e),
             _ if taken == 0 => Err(ErrorKind::WouldBlock.into()),
@@ -162,6 +167,22 @@ impl Write for Socket {
         let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
         // SAFETY: send from a buffer we own, of its length.
         let n = unsafe { libc::send(self.0, buf.as_ptr().cast(), buf.len(), flags) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        // SAFETY: an all-zero msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        // IoSlice is ABI-compatible with iovec; sendmsg only reads through it.
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len() as _;
+        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        // SAFETY: the iovecs point into buffers borrowed for this call.
+        let n = unsafe { libc::sendmsg(self.0, &msg, flags) };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {

@@ -12,6 +12,7 @@
 //! - [`tls`]: a listener's credentials from a QEMU-style x509 directory.
 //! - [`ring`]: one connection after the handshake as the engine's `Ring`, polled by a
 //!   reactor like a virtqueue.
+//! - [`send`]: its replies in order, READ data as the volume's own buffers (no copy).
 //! - [`server`]: listening sockets (Unix, TCP), a thread each that accepts and haggles
 //!   (STARTTLS included), and the exports they offer.
 //!
@@ -22,14 +23,15 @@
 //! A listener with TLS credentials requires TLS before any export is visible; TCP on an
 //! address other than loopback is served only with TLS.
 //!
-//! Not here yet: extended headers (refused as unsupported). Replies are sent with send(2)
-//! from the reactor's thread, not through its io_uring, and a READ's data is copied into
-//! the connection's send buffer.
+//! Not here yet: extended headers (refused as unsupported). Requests are read and replies
+//! sent with recv(2) and sendmsg(2) from the reactor's thread (reads only once the
+//! reactor's poll of the socket fired), not through its io_uring.
 
 pub mod channel;
 pub mod handshake;
 pub mod request;
 pub mod ring;
+pub mod send;
 pub mod server;
 pub mod tls;
 pub mod wire;

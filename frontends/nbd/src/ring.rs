@@ -1,8 +1,8 @@
 //! One NBD connection in the transmission phase, as the engine's [`Ring`]: the reactor that
 //! owns it polls it like a virtqueue. `pop` reads request headers from the connection's
 //! [`Channel`] (the socket, plain or TLS; never blocking) and a WRITE's data straight into
-//! the request's buffer; `complete` puts the reply (and a READ's data) in the connection's
-//! send buffer; `publish` sends it. The socket is the kick: readable means requests arrived
+//! the request's buffer; `complete` queues the reply (a READ's buffer goes along as it is,
+//! send.rs); `publish` sends it. The socket is the kick: readable means requests arrived
 //! (with TLS, bytes rustls decrypted already keep the ring awake instead).
 //!
 //! Requests the protocol lets the server refuse are answered here without reaching the
@@ -13,6 +13,7 @@
 use crate::channel::Channel;
 use crate::handshake::Agreed;
 use crate::request::{check, Command, Header, Refusal};
+use crate::send::SendQueue;
 use crate::wire::*;
 use pollblk_engine::blk::{self, Request, RequestKind};
 use pollblk_engine::device::BlkDevice;
@@ -27,8 +28,6 @@ pub const SLOTS: usize = 64;
 const INBUF: usize = 64 << 10;
 /// Reply bytes waiting for the socket past which no new request is taken.
 const BACKLOG_LIMIT: usize = 8 << 20;
-/// Sent reply bytes past which the send buffer is compacted.
-const COMPACT_AFTER: usize = 1 << 20;
 /// Most extents one BLOCK_STATUS reply lists.
 const MAX_EXTENTS: usize = 1024;
 
@@ -53,6 +52,10 @@ struct Incoming {
 
 pub struct NbdRing {
     channel: Channel,
+    /// The socket may have bytes: set by the kick (the reactor's poll of the socket
+    /// fired), cleared when a read comes back short. Reads wait for it, so a polled
+    /// connection with nothing to say costs no system call.
+    readable: bool,
     agreed: Agreed,
     /// Answers BLOCK_STATUS and finds the holes of structured reads (its backend).
     device: std::sync::Arc<BlkDevice>,
@@ -64,16 +67,16 @@ pub struct NbdRing {
     in_start: usize,
     in_end: usize,
     incoming: Option<Incoming>,
-    /// Data buffers not in use (a WRITE's buffer is taken from here before it has a slot).
+    /// Data buffers not in use (a WRITE's buffer is taken from here before it has a slot;
+    /// a READ's goes out with its reply and comes back here once sent).
     spare: Vec<Vec<u8>>,
     /// Cookies of TRIM / WRITE_ZEROES with FUA that completed: each is answered by a FLUSH
     /// taken as the next request (the volume has no FUA for ranges).
     fua_pending: std::collections::VecDeque<u64>,
     /// WRITE data of a refused request still to be read and dropped.
     skip: u64,
-    /// Replies not yet sent: `out[out_sent..]`.
-    out: Vec<u8>,
-    out_sent: usize,
+    /// Replies not yet sent.
+    send: SendQueue,
     in_flight: usize,
     /// NBD_CMD_DISC arrived: no more requests; close once the replies are out.
     disconnecting: bool,
@@ -97,6 +100,7 @@ impl NbdRing {
         inbuf[..early.len()].copy_from_slice(early);
         NbdRing {
             channel,
+            readable: true,
             agreed,
             device,
             runs: Vec::with_capacity(MAX_EXTENTS),
@@ -108,8 +112,7 @@ impl NbdRing {
             spare: Vec::new(),
             fua_pending: std::collections::VecDeque::new(),
             skip: 0,
-            out: Vec::new(),
-            out_sent: 0,
+            send: SendQueue::default(),
             in_flight: 0,
             disconnecting: false,
             closed: false,
@@ -127,12 +130,12 @@ impl NbdRing {
             (self.in_start, self.in_end) = (0, self.in_end - self.in_start);
         }
         let end = self.in_end;
-        match self.channel.recv(&mut self.inbuf[end..]) {
-            Ok(0) => self.closed = true,
-            Ok(n) => self.in_end += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => self.closed = true,
-        }
+        self.in_end += receive(
+            &mut self.channel,
+            &mut self.readable,
+            &mut self.closed,
+            &mut self.inbuf[end..],
+        );
     }
 
     fn buffered(&self) -> usize {
@@ -147,17 +150,11 @@ impl NbdRing {
         self.in_start += from_buf;
         let mut got = from_buf;
         while got < to.len() {
-            match self.channel.recv(&mut to[got..]) {
-                Ok(0) => {
-                    self.closed = true;
-                    break;
-                }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    self.closed = true;
-                    break;
-                }
+            let (channel, readable, closed) =
+                (&mut self.channel, &mut self.readable, &mut self.closed);
+            match receive(channel, readable, closed, &mut to[got..]) {
+                0 => break,
+                n => got += n,
             }
         }
         got
@@ -256,7 +253,7 @@ impl NbdRing {
             let state = if data { 0 } else { STATE_HOLE | STATE_ZERO };
             (n as u32, state)
         });
-        chunk_block_status(&mut self.out, REPLY_FLAG_DONE, cookie, context, extents);
+        chunk_block_status(self.send.bytes(), REPLY_FLAG_DONE, cookie, context, extents);
     }
 
     /// A structured READ's reply: its holes as OFFSET_HOLE chunks, its data as OFFSET_DATA.
@@ -267,9 +264,8 @@ impl NbdRing {
             !df && backend.allocation(offset, u64::from(length), MAX_EXTENTS, &mut self.runs);
         let covered: u64 = self.runs.iter().map(|r| r.0).sum();
         if !known || covered != u64::from(length) || self.runs.iter().all(|r| r.1) {
-            chunk_data(&mut self.out, REPLY_FLAG_DONE, cookie, offset, length);
-            self.out
-                .extend_from_slice(&self.slots[slot as usize].data[..length as usize]);
+            chunk_data(self.send.bytes(), REPLY_FLAG_DONE, cookie, offset, length);
+            self.send_data(slot, length);
             return;
         }
         let mut at = 0usize;
@@ -281,11 +277,12 @@ impl NbdRing {
             };
             let (n32, here) = (n as u32, offset + at as u64);
             if data {
-                chunk_data(&mut self.out, flags, cookie, here, n32);
-                self.out
-                    .extend_from_slice(&self.slots[slot as usize].data[at..at + n as usize]);
+                // Copied: the buffer's other runs are holes, not sent.
+                let data = &self.slots[slot as usize].data[at..at + n as usize];
+                chunk_data(self.send.bytes(), flags, cookie, here, n32);
+                self.send.bytes().extend_from_slice(data);
             } else {
-                chunk_hole(&mut self.out, flags, cookie, here, n32);
+                chunk_hole(self.send.bytes(), flags, cookie, here, n32);
             }
             at += n as usize;
         }
@@ -293,9 +290,9 @@ impl NbdRing {
 
     fn reply_error(&mut self, cookie: u64, errno: u32, why: &str) {
         if self.agreed.structured {
-            chunk_error(&mut self.out, cookie, errno, why);
+            chunk_error(self.send.bytes(), cookie, errno, why);
         } else {
-            simple_reply(&mut self.out, errno, cookie);
+            simple_reply(self.send.bytes(), errno, cookie);
         }
     }
 
@@ -393,7 +390,7 @@ impl Ring for NbdRing {
             self.in_flight += 1;
             return Ok(Popped::Request);
         }
-        if self.out.len() - self.out_sent > BACKLOG_LIMIT || self.disconnecting {
+        if self.send.unsent() > BACKLOG_LIMIT || self.disconnecting {
             return self.closing();
         }
         let Some((header, command, data)) = (if self.closed {
@@ -438,21 +435,26 @@ impl Ring for NbdRing {
                 if self.agreed.structured {
                     self.structured_read(slot, cookie, offset, length, df);
                 } else {
-                    simple_reply(&mut self.out, 0, cookie);
-                    self.out
-                        .extend_from_slice(&self.slots[slot as usize].data[..length as usize]);
+                    simple_reply(self.send.bytes(), 0, cookie);
+                    self.send_data(slot, length);
                 }
             }
             _ if errno != 0 => self.reply_error(cookie, errno, "I/O error"),
             _ if self.agreed.structured => {
-                chunk(&mut self.out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
+                chunk(
+                    self.send.bytes(),
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_NONE,
+                    cookie,
+                    0,
+                );
             }
-            _ => simple_reply(&mut self.out, 0, cookie),
+            _ => simple_reply(self.send.bytes(), 0, cookie),
         }
     }
 
     fn publish(&mut self) -> Notified {
-        if self.out_sent == self.out.len() && !self.channel.wants_send() {
+        if self.send.unsent() == 0 && !self.channel.wants_send() {
             return Notified::Nobody;
         }
         self.send_out();
@@ -461,7 +463,7 @@ impl Ring for NbdRing {
 
     fn enable_notification(&mut self) -> bool {
         // Stay awake while replies wait for the socket or a request is already buffered.
-        self.out_sent < self.out.len()
+        self.send.unsent() > 0
             || self.channel.wants_send()
             || self.channel.has_buffered()
             || self.buffered() >= REQUEST_HEADER
@@ -477,6 +479,7 @@ impl Ring for NbdRing {
 
     fn ack_kick(&mut self) -> u64 {
         // Level-triggered: the data itself is the notification, read by `pop`.
+        self.readable = true;
         1
     }
 
@@ -494,29 +497,23 @@ impl Ring for NbdRing {
 impl NbdRing {
     /// Sends what the socket takes of the replies now.
     fn send_out(&mut self) {
-        while self.out_sent < self.out.len() {
-            match self.channel.send(&self.out[self.out_sent..]) {
-                Ok(n) => self.out_sent += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    self.closed = true;
-                    self.out_sent = self.out.len();
-                }
-            }
+        let sent = self.send.send(&mut self.channel, &mut self.spare);
+        let flushed = sent.and_then(|()| match self.channel.flush() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            other => other,
+        });
+        if flushed.is_err() {
+            self.closed = true;
+            self.send.discard(&mut self.spare);
         }
-        match self.channel.flush() {
-            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => self.closed = true,
-            _ => {}
-        }
-        if self.out_sent == self.out.len() {
-            self.out.clear();
-            self.out_sent = 0;
-        } else if self.out_sent >= COMPACT_AFTER {
-            // A client that keeps the socket full never lets the buffer empty: drop what
-            // was sent, or it grows (and is copied on every growth) without end.
-            self.out.drain(..self.out_sent);
-            self.out_sent = 0;
-        }
+    }
+
+    /// A READ's reply data: the slot's buffer goes to the socket as it is, and the slot
+    /// takes a spare one for its next request.
+    fn send_data(&mut self, slot: u32, length: u32) {
+        let spare = self.spare.pop().unwrap_or_default();
+        let data = std::mem::replace(&mut self.slots[slot as usize].data, spare);
+        self.send.push_data(data, length as usize);
     }
 
     /// Nothing to take: once the connection is over and every reply is out, the ring is
@@ -526,7 +523,7 @@ impl NbdRing {
         self.send_out();
         let over = self.closed || self.disconnecting;
         let done = self.in_flight == 0 && self.fua_pending.is_empty();
-        let sent = self.out_sent == self.out.len() && !self.channel.wants_send();
+        let sent = self.send.unsent() == 0 && !self.channel.wants_send();
         if over && done && (self.closed || sent) {
             if !self.closed {
                 self.channel.close();
@@ -534,5 +531,32 @@ impl NbdRing {
             return Err(Broken::Disconnected);
         }
         Ok(Popped::Nothing)
+    }
+}
+
+/// Reads what the connection has into `buf` (0: nothing now, or it ended: `closed`), without
+/// a system call while it is known to have nothing (`readable` clear, no TLS plaintext
+/// waiting). A short read clears `readable`: the socket is drained until its next kick.
+fn receive(channel: &mut Channel, readable: &mut bool, closed: &mut bool, buf: &mut [u8]) -> usize {
+    if *closed || buf.is_empty() || !(*readable || channel.has_buffered()) {
+        return 0;
+    }
+    match channel.recv(buf) {
+        Ok(0) => {
+            *closed = true;
+            0
+        }
+        Ok(n) => {
+            *readable = n == buf.len();
+            n
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            *readable = false;
+            0
+        }
+        Err(_) => {
+            *closed = true;
+            0
+        }
     }
 }
