@@ -168,7 +168,8 @@ impl Frontend for NbdDisk {
     }
 
     fn queue_states(&self) -> Vec<serde_json::Value> {
-        // Connections come and go; export_list says whether any is attached.
-        Vec::new()
+        // One queue per connection slot: a client holds it, or it waits for one.
+        let state = |held| serde_json::json!(if held { "connected" } else { "idle" });
+        self.export.slots().into_iter().map(state).collect()
     }
 }

@@ -465,6 +465,33 @@ fn a_snapshot_is_backed_up_over_nbd_to_qcow2_and_restored() {
         )
     };
     rpc("export_add", &[&spec("vm1-backup", ",readonly=on")]);
+    // export_list shows a client's connection while it holds it, and its slot free after.
+    let slots = || {
+        let list = rpc("export_list", &[]);
+        let backup = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "vm1-backup");
+        backup.unwrap()["queues"].clone()
+    };
+    let held = Client::connect(&nbd, "vm1-backup");
+    let states = slots();
+    assert_eq!(states.as_array().unwrap().len(), 8, "{states}");
+    assert_eq!(states[0], "connected", "{states}");
+    assert!(
+        states.as_array().unwrap()[1..].iter().all(|s| s == "idle"),
+        "{states}"
+    );
+    drop(held);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while slots()[0] != "idle" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot stayed taken"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let extents = data_extents(&uri(&nbd, "vm1-backup"));
     let data: u64 = extents.iter().map(|e| e.1).sum();
     // The written 1.25 MiB in whole 64 KiB blocks, nothing more.

@@ -80,6 +80,12 @@ impl Export {
         self.connections.lock().unwrap().iter().flatten().count()
     }
 
+    /// Per connection slot (= queue): whether a client holds it.
+    pub fn slots(&self) -> Vec<bool> {
+        let connections = self.connections.lock().unwrap();
+        connections.iter().map(Option::is_some).collect()
+    }
+
     /// Starts serving a connection that agreed on this export, as a queue on a reactor;
     /// false when every connection slot is taken.
     fn attach(
