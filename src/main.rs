@@ -110,7 +110,8 @@ struct ServeArgs {
     /// A disk: vhost-user-blk,socket=PATH,file=PATH[,num-queues=N][,readonly=on]
     /// [,block-size=512|4096][,serial=ID][,provision=on], or with null,size=BYTES
     /// [,read-zeroes=off] or pool=DIR,volume=NAME instead of file=PATH; or an NBD export:
-    /// nbd,socket=PATH|addr=127.0.0.1:PORT,name=EXPORT,<volume>.
+    /// nbd,socket=PATH|addr=HOST:PORT,name=EXPORT,<volume>[,tls-creds=DIR] (TLS is required
+    /// for TCP on an address other than loopback).
     /// Repeatable; added after the config file's disks.
     #[arg(long = "export", value_name = "SPEC", value_parser = check_spec)]
     exports: Vec<String>,
