@@ -276,8 +276,16 @@ fn linux_guest_keeps_its_data_across_daemon_kills_and_restarts() {
         // Once fio is writing and verifying: two SIGKILLs and a SIGTERM, a few seconds apart.
         wait_for_marker(log, "POLLBLK-GUEST: vda rc=0");
         let mut resubmitted = 0;
-        for signal in [libc::SIGKILL, libc::SIGKILL, libc::SIGTERM] {
-            std::thread::sleep(std::time::Duration::from_secs(4));
+        // A request seen in flight may complete before the kill lands: when none of the
+        // three caught one, up to four more SIGKILLs (a second apart) try again.
+        let extra = std::iter::repeat(libc::SIGKILL).take(4);
+        let signals = [libc::SIGKILL, libc::SIGKILL, libc::SIGTERM];
+        for (round, signal) in signals.into_iter().chain(extra).enumerate() {
+            if round >= 3 && resubmitted > 0 {
+                break;
+            }
+            let pause = if round < 3 { 4 } else { 1 };
+            std::thread::sleep(std::time::Duration::from_secs(pause));
             // Kill while requests are in flight in the daemon when it can be caught (its
             // in_flight gauge), so the new one has something to resubmit.
             let catch = std::time::Instant::now() + std::time::Duration::from_secs(5);
