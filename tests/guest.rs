@@ -278,7 +278,7 @@ fn linux_guest_keeps_its_data_across_daemon_kills_and_restarts() {
         let mut resubmitted = 0;
         // A request seen in flight may complete before the kill lands: when none of the
         // three caught one, up to four more SIGKILLs (a second apart) try again.
-        let extra = std::iter::repeat(libc::SIGKILL).take(4);
+        let extra = [libc::SIGKILL; 4];
         let signals = [libc::SIGKILL, libc::SIGKILL, libc::SIGTERM];
         for (round, signal) in signals.into_iter().chain(extra).enumerate() {
             if round >= 3 && resubmitted > 0 {
