@@ -3,6 +3,10 @@
 //! with a deadline. A connection that picks an export becomes a queue on one of the
 //! export's reactors ([`NbdRing`]); the thread only reaps it when it ends.
 //!
+//! A listener with TLS credentials requires TLS: the handshake refuses everything but
+//! STARTTLS (handshake.rs), after which the TLS handshake and the rest of the haggling run
+//! over the connection's [`Channel`], which the ring then keeps.
+//!
 //! Several exports may share a listener: the client picks one by name. Limits: at most
 //! [`MAX_HANDSHAKES`] connections haggling at once, [`HANDSHAKE_LIMIT`] to finish, and per
 //! export as many connections as it has queues (each counts into its own queue's
