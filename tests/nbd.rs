@@ -584,18 +584,7 @@ fn a_sparse_files_holes_show_in_qemu_img_map() {
 /// that trusts the server but whose certificate another authority signed.
 fn credentials(dir: &Path) -> std::path::PathBuf {
     let creds = dir.join("creds");
-    let openssl = |args: &[&str], at: &Path| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(at)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let path = |name: String| creds.join(name).to_str().unwrap().to_string();
     let key = [
         "-newkey",
         "ec",
@@ -603,15 +592,17 @@ fn credentials(dir: &Path) -> std::path::PathBuf {
         "ec_paramgen_curve:prime256v1",
         "-nodes",
     ];
+    std::fs::create_dir_all(&creds).unwrap();
     for ca in ["ca", "other-ca"] {
         let subject = format!("/CN=pollblk test {ca}");
-        let out = format!("{ca}-cert.pem");
-        let key_out = format!("{ca}-key.pem");
-        std::fs::create_dir_all(&creds).unwrap();
+        let (cert, ca_key) = (
+            path(format!("{ca}-cert.pem")),
+            path(format!("{ca}-key.pem")),
+        );
         let mut args = vec!["req", "-x509", "-days", "2", "-subj", &subject];
         args.extend(key);
-        args.extend(["-keyout", &key_out, "-out", &out]);
-        openssl(&args, &creds);
+        args.extend(["-keyout", &ca_key, "-out", &cert]);
+        run("openssl", &args);
     }
     // (directory, certificate and key names, authority, extensions)
     let leaves = [
@@ -630,27 +621,28 @@ fn credentials(dir: &Path) -> std::path::PathBuf {
         ),
     ];
     for (sub, role, ca, extensions) in leaves {
-        let at = creds.join(sub);
-        std::fs::create_dir_all(&at).unwrap();
-        std::fs::write(
-            at.join("ext.cnf"),
-            format!("basicConstraints=CA:FALSE\n{extensions}"),
-        )
-        .unwrap();
-        let (cert, key_file) = (format!("{role}-cert.pem"), format!("{role}-key.pem"));
+        std::fs::create_dir_all(creds.join(sub)).unwrap();
+        let in_sub = |name: &str| path(format!("{sub}/{name}"));
+        let (ext, csr) = (in_sub("ext.cnf"), in_sub("req.csr"));
+        std::fs::write(&ext, format!("basicConstraints=CA:FALSE\n{extensions}")).unwrap();
+        let cert = in_sub(&format!("{role}-cert.pem"));
+        let leaf_key = in_sub(&format!("{role}-key.pem"));
         let subject = format!("/CN={}", if role == "server" { "localhost" } else { sub });
         let mut args = vec!["req", "-subj", &subject];
         args.extend(key);
-        args.extend(["-keyout", &key_file, "-out", "req.csr"]);
-        openssl(&args, &at);
-        let ca_cert = format!("../{ca}-cert.pem");
-        let ca_key = format!("../{ca}-key.pem");
-        openssl(
+        args.extend(["-keyout", &leaf_key, "-out", &csr]);
+        run("openssl", &args);
+        let (ca_cert, ca_key) = (
+            path(format!("{ca}-cert.pem")),
+            path(format!("{ca}-key.pem")),
+        );
+        run(
+            "openssl",
             &[
                 "x509",
                 "-req",
                 "-in",
-                "req.csr",
+                &csr,
                 "-CA",
                 &ca_cert,
                 "-CAkey",
@@ -659,13 +651,16 @@ fn credentials(dir: &Path) -> std::path::PathBuf {
                 "-days",
                 "2",
                 "-extfile",
-                "ext.cnf",
+                &ext,
                 "-out",
                 &cert,
             ],
-            &at,
         );
-        std::fs::copy(creds.join("ca-cert.pem"), at.join("ca-cert.pem")).unwrap();
+        std::fs::copy(
+            creds.join("ca-cert.pem"),
+            creds.join(sub).join("ca-cert.pem"),
+        )
+        .unwrap();
     }
     let anonymous = creds.join("anonymous");
     std::fs::create_dir_all(&anonymous).unwrap();
